@@ -1,0 +1,79 @@
+"""``inlaid quantize`` and ``inlaid add-task``: flags -> QuantConfig -> inlaid.quant.pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from inlaid.cli.progress import RichReporter, console, summary_table
+from inlaid.config import QuantConfig, TaskSpec
+from inlaid.quant import pipeline
+
+TaskOpt = Annotated[list[str], typer.Option(
+    "--task", "-t", help="NAME=ADAPTER_DIR:DATA_FILE (repeatable). ADAPTER_DIR may be 'none'.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    "--device", help="Compute device (default: cuda when available, else cpu).")]
+
+
+def _report(report) -> None:
+    if report.errors:
+        console.print(summary_table(report))
+    console.print(f"wrote {report.out_dir} (tasks: {', '.join(report.tasks)}) in "
+                  f"{report.total_seconds:.1f}s; incremental state {report.state_bytes / 2**20:.1f} MiB")
+
+
+def quantize_cmd(
+    base: Annotated[str, typer.Argument(help="HF safetensors dir, .gguf file, hub id, or 'default'.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output checkpoint directory.")],
+    task: TaskOpt,
+    bits: Annotated[int, typer.Option(help="2, 3, 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="-1 (per row), 32, 64 or 128.")] = 128,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.")] = True,
+    desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="Act-order.")] = False,
+    static_groups: Annotated[bool, typer.Option(help="Fix group grids before act-order.")] = False,
+    damp: Annotated[float, typer.Option(help="Damping as a fraction of mean(diag H).")] = 0.01,
+    method: Annotated[str, typer.Option(help="gptq, or rtn (round-to-nearest baseline).")] = "gptq",
+    aggregation: Annotated[str, typer.Option(help="max, mean or mix (pooled = plain GPTQ).")] = "max",
+    propagation: Annotated[str, typer.Option(help="fp (exact add-task) or quantized.")] = "fp",
+    with_adapters: Annotated[bool, typer.Option(
+        "--with-adapters/--without-adapters",
+        help="Calibrate with each task's adapter active (MLGPTQ) or on the base alone.")] = True,
+    samples: Annotated[int, typer.Option(help="Calibration sequences per task.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Max tokens per calibration sequence.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for sampling calibration rows.")] = 0,
+    device: DeviceOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
+) -> None:
+    """Quantize BASE once for all tasks (multi-task GPTQ) into OUT_DIR."""
+    cfg = QuantConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
+                      static_groups=static_groups, damp_percent=damp, method=method,
+                      aggregation=aggregation, propagation=propagation, with_adapters=with_adapters,
+                      samples=samples, seq_len=seq_len, seed=seed)
+    specs = [TaskSpec.parse(t) for t in task]
+    with RichReporter() as reporter:
+        report = pipeline.quantize(base, out_dir, specs, cfg, device=device, overwrite=overwrite,
+                                   reporter=reporter)
+    _report(report)
+
+
+def add_task_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="An existing inlaid checkpoint.")],
+    task: TaskOpt,
+    base: Annotated[Optional[str], typer.Option(
+        help="Base model (default: the one recorded in the checkpoint).")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Must match the checkpoint if given.")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Must match if given.")] = None,
+    aggregation: Annotated[Optional[str], typer.Option(help="Must match if given.")] = None,
+    propagation: Annotated[Optional[str], typer.Option(help="Must match if given.")] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Fold new tasks into OUT_DIR incrementally (forwards for the new tasks only)."""
+    specs = [TaskSpec.parse(t) for t in task]
+    overrides = {"bits": bits, "group_size": group_size, "aggregation": aggregation,
+                 "propagation": propagation}
+    with RichReporter() as reporter:
+        report = pipeline.add_task(out_dir, specs, base_source=base, overrides=overrides,
+                                   device=device, reporter=reporter)
+    _report(report)

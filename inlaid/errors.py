@@ -1,0 +1,29 @@
+"""The error family users see. The CLI prints any InlaidError as one line and exits 1."""
+
+
+class InlaidError(Exception):
+    """A known failure caused by input or environment, reported without a traceback."""
+
+
+class ConfigError(InlaidError):
+    """Invalid option values (bits, group size, aggregation, ...)."""
+
+
+class ModelLoadError(InlaidError):
+    """The base model cannot be found, read or is not a supported architecture."""
+
+
+class AdapterError(InlaidError):
+    """A LoRA adapter is unreadable, unsafe (pickled) or does not fit the base model."""
+
+
+class DataError(InlaidError):
+    """Calibration data is missing, unreadable, empty or too short."""
+
+
+class CheckpointError(InlaidError):
+    """A directory is not an inlaid checkpoint, or was made with incompatible settings."""
+
+
+class NotBuiltError(InlaidError):
+    """A command that exists in the CLI but is not implemented yet."""

@@ -1,0 +1,1 @@
+"""Models: base-model loading (HF dir, GGUF, embedded default, dummy shapes) and PEFT LoRA adapters."""

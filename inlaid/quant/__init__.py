@@ -1,0 +1,1 @@
+"""Quantization: primitives (the reference), GPTQ solver, Hessians, calibration driver, checkpoint."""

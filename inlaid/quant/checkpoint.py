@@ -1,0 +1,212 @@
+"""The inlaid checkpoint: a GPTQ v1 model directory with every task's adapter inlaid.
+
+```
+OUT/
+  config.json             base config + quantization_config (gptq fields + an "inlaid" block)
+  quantize_config.json    the same quantization fields (AutoGPTQ/GPTQModel convention)
+  model.safetensors       qweight/qzeros/scales/g_idx per projection; embeddings, norms, lm_head fp16
+  tokenizer files
+  tasks.json              per task: adapter path + sha256, data path + sha256, samples, tokens
+  adapters/<task>/        PEFT copies (adapter_config.json + adapter_model.safetensors)
+  state/layer_NNN.safetensors   aggregation state per Hessian group (upper triangle, fp32)
+  report.json             per-layer, per-task reconstruction error and timings of the last run
+```
+Writes go to a hidden temp directory beside OUT and are renamed into place at the end, so an
+interrupted or failed run leaves OUT as it was (absent, or the previous checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from inlaid.config import QuantConfig
+from inlaid.errors import CheckpointError
+from inlaid.quant.hessian import AggregationState
+from inlaid.quant.primitives import PackedLinear, dequantize_linear
+
+WEIGHTS = "model.safetensors"
+TASKS = "tasks.json"
+STATE_DIR = "state"
+ADAPTERS_DIR = "adapters"
+REPORT = "report.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointWriter:
+    """Stage a checkpoint in a temp dir; ``commit`` swaps it into place, anything else removes it."""
+
+    def __init__(self, out_dir: Path, *, replace: bool):
+        self.out_dir = Path(out_dir)
+        self.replace = replace
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.inlaid-tmp-",
+                                          dir=self.out_dir.parent))
+        (self.path / STATE_DIR).mkdir()
+        self.committed = False
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def write_state(self, layer: int, states: dict[str, AggregationState]) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for group, state in states.items():
+            tensors.update(state.to_tensors(group))
+        save_file(tensors, str(self.path / STATE_DIR / f"layer_{layer:03d}.safetensors"))
+
+    def commit(self) -> None:
+        if self.out_dir.exists():
+            if not self.replace:
+                raise CheckpointError(f"{self.out_dir} already exists")
+            backup = self.out_dir.with_name(f".{self.out_dir.name}.inlaid-old")
+            shutil.rmtree(backup, ignore_errors=True)
+            self.out_dir.rename(backup)
+            self.path.rename(self.out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            self.path.rename(self.out_dir)
+        self.committed = True
+
+
+def quantization_config(cfg: QuantConfig, inlaid_block: dict) -> dict:
+    return {
+        "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size,
+        "desc_act": cfg.desc_act, "sym": cfg.sym, "static_groups": cfg.static_groups,
+        "damp_percent": cfg.damp_percent, "true_sequential": cfg.true_sequential,
+        "checkpoint_format": "gptq", "inlaid": inlaid_block,
+    }
+
+
+def write_model(path: Path, model, packed: dict[str, PackedLinear], qconfig: dict) -> None:
+    """model.safetensors + config.json + quantize_config.json into ``path``."""
+    tensors: dict[str, torch.Tensor] = {}
+    quantized_weights = {f"{name}.weight" for name in packed}
+    quantized_biases = {f"{name}.bias" for name in packed}
+    for name, tensor in model.state_dict().items():
+        if name in quantized_weights or name in quantized_biases:
+            continue
+        if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+            continue
+        tensors[name] = tensor.detach().to("cpu", torch.float16).contiguous()
+    for name, p in packed.items():
+        tensors.update({k: v.contiguous() for k, v in p.tensors(name).items()})
+    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = qconfig
+    config["torch_dtype"] = "float16"
+    config["dtype"] = "float16"
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    quantize_config = {k: v for k, v in qconfig.items() if k != "quant_method"}
+    (path / "quantize_config.json").write_text(json.dumps(quantize_config, indent=2, sort_keys=True))
+
+
+@dataclass
+class Checkpoint:
+    """Read side of an inlaid checkpoint."""
+
+    path: Path
+    config: dict
+    tasks: list[dict]
+
+    @property
+    def qconfig(self) -> dict:
+        return self.config["quantization_config"]
+
+    @property
+    def inlaid(self) -> dict:
+        return self.qconfig["inlaid"]
+
+    @property
+    def bits(self) -> int:
+        return int(self.qconfig["bits"])
+
+    def quant_config(self) -> QuantConfig:
+        settings = dict(self.inlaid["settings"])
+        return QuantConfig(**settings)
+
+    def packed(self) -> dict[str, PackedLinear]:
+        tensors = load_file(str(self.path / WEIGHTS))
+        out = {}
+        for key in tensors:
+            if key.endswith(".qweight"):
+                name = key[: -len(".qweight")]
+                out[name] = PackedLinear(
+                    qweight=tensors[f"{name}.qweight"], qzeros=tensors[f"{name}.qzeros"],
+                    scales=tensors[f"{name}.scales"], g_idx=tensors[f"{name}.g_idx"], bits=self.bits,
+                    bias=tensors.get(f"{name}.bias"))
+        return out
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight as a dense fp32 tensor (quantized projections dequantized)."""
+        dense = {}
+        with safe_open(str(self.path / WEIGHTS), framework="pt") as fh:
+            for key in fh.keys():
+                if not key.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                    dense[key] = fh.get_tensor(key).float()
+        for name, p in self.packed().items():
+            dense[f"{name}.weight"] = dequantize_linear(p)
+            if p.bias is not None:
+                dense[f"{name}.bias"] = p.bias.float()
+        return dense
+
+    def load_state(self, layer: int, device="cpu") -> dict[str, AggregationState]:
+        file = self.path / STATE_DIR / f"layer_{layer:03d}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"{self.path}: incremental state for layer {layer} is missing")
+        tensors = load_file(str(file))
+        rule = self.inlaid["settings"]["aggregation"]
+        groups = {k.split(".")[0] for k in tensors}
+        return {g: AggregationState.from_tensors(rule, tensors, g, device) for g in groups}
+
+    def state_bytes(self) -> int:
+        return sum(f.stat().st_size for f in (self.path / STATE_DIR).glob("*.safetensors"))
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    try:
+        config = json.loads((path / "config.json").read_text())
+        tasks = json.loads((path / TASKS).read_text())["tasks"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{path} is not an inlaid checkpoint (config.json / tasks.json missing "
+                              "or unreadable)") from None
+    qconfig = config.get("quantization_config") or {}
+    if qconfig.get("quant_method") != "gptq" or "inlaid" not in qconfig:
+        raise CheckpointError(f"{path} is not an inlaid checkpoint (no inlaid quantization_config)")
+    if qconfig["inlaid"].get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported inlaid format version "
+                              f"{qconfig['inlaid'].get('format_version')!r}")
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing")
+    return Checkpoint(path=path, config=config, tasks=tasks)
+
+
+def load_dense_model(path: Path, dtype: torch.dtype = torch.float32):
+    """An HF model whose quantized projections hold the dequantized weights (eval and tests)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = read_checkpoint(path)
+    config_dict = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(ckpt.dense_state_dict(), strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype).eval()

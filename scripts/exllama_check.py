@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Check our GPTQ v1 checkpoint layout against exllamav2 0.3.2's 4-bit GPTQ kernel (GPU only).
+
+Run on a CUDA machine with exllamav2 importable (its extension JIT-builds on first import, ~2-3 min):
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site python3 scripts/exllama_check.py
+Writes $OUT/exllama_check.md when OUT is set; exits 1 if any case misses the error bound.
+
+Facts of exllamav2 0.3.2 this relies on (read from exllamav2/ext.py, exllamav2_ext/ext_qmatrix.cpp,
+cuda/q_matrix.cu, cuda/q_gemm.cu of the 0.3.2 wheel):
+- the GPTQ path is 4-bit only (height = qweight.size(0) * 8) and derives the group size as the smallest
+  power of two with groupsize * groups >= in_features, so only power-of-two group sizes work;
+- qzeros are read as v1 (stored zero - 1; the kernel adds the 1 back);
+- make_q_matrix rewrites qweight in place (act-order row sort, then a nibble shuffle) and keeps raw
+  pointers to qweight/qzeros/scales/q_perm/q_invperm/temp_dq, so we pass clones and keep them alive;
+- g_idx is read on the host (must be a CPU int32 tensor); q_perm/q_invperm are int16 CUDA buffers that
+  make_q_matrix fills itself with the stable sort of g_idx;
+- absent tensors are passed as a (1, 1) tensor on the "meta" device ("none_tensor");
+- for M > 32 gemm_half_q_half dequantizes into temp_dq and calls cuBLAS, unless force_cuda is set.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, no install
+from inlaid.quant.primitives import PackedLinear, dequantize_linear, pack_linear, rtn_quantize  # noqa: E402
+
+DEV = "cuda"
+BITS, GROUP = 4, 128
+TOL = 1e-2
+MS = (1, 16, 64)
+# (label, in_features, out_features, sym, act_order, pass_g_idx)
+CASES = [
+    ("sym", 4096, 4096, True, False, False),
+    ("sym", 4096, 11008, True, False, False),
+    ("sym", 11008, 4096, True, False, False),
+    ("asym", 4096, 11008, False, False, False),
+    # exllamav2's own loader sends any g_idx that is not all zeros down the act-order path, so a real
+    # checkpoint with natural-order g_idx goes through make_sequential with an identity permutation.
+    ("sym, natural g_idx", 4096, 4096, True, False, True),
+    ("sym, act-order", 11008, 4096, True, True, True),
+]
+
+
+def load_ext():
+    """Import the compiled exllamav2 extension (JIT build on first use)."""
+    os.environ.setdefault("MAX_JOBS", "16")  # the JIT build is ~45 CUDA files; default parallelism is low
+    try:
+        from exllamav2.ext import exllamav2_ext
+        return exllamav2_ext
+    except ModuleNotFoundError as err:
+        if err.name == "exllamav2":
+            raise SystemExit("exllamav2 is not importable: install the 0.3.2 wheel first") from err
+        # The package __init__ also pulls in the model and vision code (Pillow, tokenizers...), none of
+        # which ext.py needs (it needs torch and rich). If ext itself already loaded, reuse it; otherwise
+        # load ext.py under a bare package object so the __init__ never runs.
+        loaded = sys.modules.get("exllamav2.ext")
+        if loaded is not None and hasattr(loaded, "exllamav2_ext"):
+            return loaded.exllamav2_ext
+        spec = importlib.util.find_spec("exllamav2")
+        print(f"note: 'import exllamav2' failed ({err}); loading exllamav2.ext without the package __init__")
+        pkg = types.ModuleType("exllamav2")
+        pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules["exllamav2"] = pkg
+        return importlib.import_module("exllamav2.ext").exllamav2_ext
+
+
+def bench(fn, iters: int = 100, warmup: int = 10) -> float:
+    """Median microseconds per call, one CUDA event pair per call (medians ignore launch hiccups)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+
+
+def build_case(in_f: int, out_f: int, sym: bool, act_order: bool, gen: torch.Generator):
+    """Random fp16 weight -> packed layer, plus our own dequantization for the layout self-check."""
+    weight = (torch.randn(out_f, in_f, generator=gen) * 0.02).half()
+    if not act_order:
+        deq, codes, scales, zeros, g_idx = rtn_quantize(weight, BITS, GROUP, sym)
+    else:
+        # GPTQ act-order quantizes columns in a permuted order, so column perm[j] lands in group j // 128:
+        # quantize the permuted matrix, then scatter codes and groups back to the original columns.
+        perm = torch.randperm(in_f, generator=gen)
+        deq_p, codes_p, scales, zeros, g_p = rtn_quantize(weight[:, perm], BITS, GROUP, sym)
+        codes, g_idx, deq = torch.empty_like(codes_p), torch.empty_like(g_p), torch.empty_like(deq_p)
+        codes[:, perm], g_idx[perm], deq[:, perm] = codes_p, g_p, deq_p
+    packed = pack_linear(codes, scales, zeros, g_idx, BITS)
+    layout_ok = torch.equal(dequantize_linear(packed), deq)
+    return packed, layout_ok
+
+
+def to_dev(p: PackedLinear) -> PackedLinear:
+    return PackedLinear(p.qweight.to(DEV), p.qzeros.to(DEV), p.scales.to(DEV), p.g_idx.to(DEV), p.bits)
+
+
+def make_qmatrix(ext, p: PackedLinear, pass_g_idx: bool):
+    """Build exllamav2's QMatrix; returns (handle, buffers to keep alive, perm check or None)."""
+    none = torch.empty((1, 1), device="meta")  # exllamav2's "absent tensor" marker
+    height, width = p.in_features, p.out_features
+    keep = {
+        "qweight": p.qweight.clone().contiguous(),  # rewritten in place by make_q_matrix
+        "qzeros": p.qzeros.contiguous(),
+        "scales": p.scales.contiguous(),
+        # 1-D fp16 buffer for the M > 32 dequantize+cuBLAS path; ext checks size(0) >= width * max_dq_rows.
+        "temp_dq": torch.empty(height * width, dtype=torch.half, device=DEV),
+    }
+    if pass_g_idx:
+        keep["q_perm"] = torch.empty(height, dtype=torch.int16, device=DEV)
+        keep["q_invperm"] = torch.empty(height, dtype=torch.int16, device=DEV)
+        keep["g_idx"] = p.g_idx.to("cpu", torch.int32).contiguous()  # dereferenced on the host
+    # make_q_matrix(q_weight, q_perm, q_invperm, q_scale, q_scale_max, q_groups, q_group_map,
+    #               gptq_qzeros, gptq_scales, gptq_g_idx, bias, temp_dq, max_dq_rows)
+    handle = ext.make_q_matrix(
+        keep["qweight"], keep.get("q_perm", none), keep.get("q_invperm", none),
+        none, none, none, none,  # EXL2-only tensors
+        keep["qzeros"], keep["scales"], keep.get("g_idx", none),
+        none,  # bias
+        keep["temp_dq"], height,  # max_dq_rows = all rows: dequantize the whole matrix in one chunk
+    )
+    torch.cuda.synchronize()
+    perm_ok = None
+    if pass_g_idx:
+        # exllamav2 sorts rows by group itself; it must be the stable sort we would build ourselves.
+        ours = torch.sort(p.g_idx.cpu().long(), stable=True).indices
+        got_perm = keep["q_perm"].cpu().long() & 0xFFFF
+        got_inv = keep["q_invperm"].cpu().long() & 0xFFFF
+        perm_ok = torch.equal(got_perm, ours) and torch.equal(got_inv, torch.argsort(ours))
+    return handle, keep, perm_ok
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def run_case(ext, case, gen, rows, notes) -> None:
+    label, in_f, out_f, sym, act_order, pass_g_idx = case
+    packed, layout_ok = build_case(in_f, out_f, sym, act_order, gen)
+    p = to_dev(packed)
+    handle, keep, perm_ok = make_qmatrix(ext, p, pass_g_idx)
+    w_ref = dequantize_linear(p)  # fp32 [out, in]
+    w16 = w_ref.half()
+    notes.append(f"- {label} {in_f}->{out_f}: groups={p.scales.shape[0]}, our pack->dequant round trip "
+                 f"{'exact' if layout_ok else 'MISMATCH'}"
+                 + ("" if perm_ok is None else f", exllamav2 q_perm/q_invperm == stable sort of g_idx: {perm_ok}"))
+    for m in MS:
+        x = torch.randn(m, in_f, generator=gen).half().to(DEV)
+        ref = x.float() @ w_ref.t()
+        cublas_err = rel_err(x @ w16.t(), ref)
+        t_cublas = bench(lambda: x @ w16.t())
+        t_ref = bench(lambda: x.float() @ dequantize_linear(p).t())
+        # Above 32 rows exllamav2 switches to dequantize+cuBLAS; also time its kernel there (force_cuda).
+        for force in ((False, True) if m > 32 else (False,)):
+            out = torch.full((m, out_f), float("nan"), dtype=torch.half, device=DEV)  # catch unwritten cells
+            ext.gemm_half_q_half(x, handle, out, force)
+            torch.cuda.synchronize()
+            err = rel_err(out, ref)
+            path = "kernel" if (m <= 32 or force) else "dq+cuBLAS"
+            t_exl = bench(lambda: ext.gemm_half_q_half(x, handle, out, force))
+            ok = err < TOL and layout_ok and perm_ok is not False
+            rows.append((f"{label}", f"{in_f}->{out_f}", m, path + (" (forced)" if force else ""),
+                         err, cublas_err, t_exl, t_cublas, t_ref, ok))
+    ext.free_q_matrix(handle)
+    del keep
+
+
+def table(rows) -> str:
+    head = ("| case | in->out | M | exllamav2 path | rel err | cuBLAS fp16 rel err | exllamav2 us "
+            "| cuBLAS fp16 us | deq+matmul ref us | ok |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {c} | {s} | {m} | {pth} | {e:.2e} | {ce:.2e} | {te:.1f} | {tc:.1f} | {tr:.1f} | "
+                   f"{'PASS' if ok else 'FAIL'} |\n" for c, s, m, pth, e, ce, te, tc, tr, ok in rows)
+    return head + body
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("exllama_check: no CUDA, skipping (this check needs a GPU and exllamav2 0.3.2)")
+        return 0
+    ext = load_ext()
+    try:
+        exl_version = importlib.import_module("exllamav2.version").__version__
+    except Exception:  # noqa: BLE001 - version is informational only
+        exl_version = "unknown"
+    gen = torch.Generator().manual_seed(0)
+    rows, notes = [], []
+    for case in CASES:
+        run_case(ext, case, gen, rows, notes)
+        torch.cuda.empty_cache()
+    md = table(rows)
+    failed = [r for r in rows if not r[-1]]
+    print(md)
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        env = (f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}; "
+               f"exllamav2 {exl_version}\n- {BITS}-bit, group {GROUP}, random N(0, 0.02) fp16 weights quantized "
+               f"with rtn_quantize, x ~ N(0, 1) fp16; reference = x.float() @ dequantize_linear(p).t() in fp32; "
+               f"pass = rel err < {TOL}; times are the median of 100 CUDA-event-timed calls after 10 warm-ups\n")
+        text = (f"# exllamav2 GPTQ v1 layout check\n\n{env}\n## Results\n\n{md}\n"
+                f"{len(rows) - len(failed)} passed, {len(failed)} failed\n\n## Per-case checks\n\n"
+                + "\n".join(notes) + "\n")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "exllama_check.md").write_text(text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
