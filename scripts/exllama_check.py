@@ -56,17 +56,17 @@ def load_ext():
     try:
         from exllamav2.ext import exllamav2_ext
         return exllamav2_ext
-    except ModuleNotFoundError as err:
+    except ImportError as err:
         if err.name == "exllamav2":
             raise SystemExit("exllamav2 is not importable: install the 0.3.2 wheel first") from err
         # The package __init__ also pulls in the model and vision code (Pillow, tokenizers...), none of
         # which ext.py needs (it needs torch and rich). If ext itself already loaded, reuse it; otherwise
         # load ext.py under a bare package object so the __init__ never runs.
+        print(f"note: 'import exllamav2' failed ({err!r}); using exllamav2.ext without the package __init__")
         loaded = sys.modules.get("exllamav2.ext")
         if loaded is not None and hasattr(loaded, "exllamav2_ext"):
             return loaded.exllamav2_ext
         spec = importlib.util.find_spec("exllamav2")
-        print(f"note: 'import exllamav2' failed ({err}); loading exllamav2.ext without the package __init__")
         pkg = types.ModuleType("exllamav2")
         pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
         sys.modules["exllamav2"] = pkg
@@ -149,6 +149,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_case(ext, case, gen, rows, notes) -> None:
     label, in_f, out_f, sym, act_order, pass_g_idx = case
+    print(f"case {label} {in_f}->{out_f} ...", flush=True)
     packed, layout_ok = build_case(in_f, out_f, sym, act_order, gen)
     p = to_dev(packed)
     handle, keep, perm_ok = make_qmatrix(ext, p, pass_g_idx)
@@ -190,6 +191,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("exllama_check: no CUDA, skipping (this check needs a GPU and exllamav2 0.3.2)")
         return 0
+    print("loading exllamav2 extension (the first import JIT-builds it, a few minutes)...", flush=True)
     ext = load_ext()
     try:
         exl_version = importlib.import_module("exllamav2.version").__version__
@@ -197,13 +199,18 @@ def main() -> int:
         exl_version = "unknown"
     gen = torch.Generator().manual_seed(0)
     rows, notes = [], []
+    errors = []
     for case in CASES:
-        run_case(ext, case, gen, rows, notes)
+        try:
+            run_case(ext, case, gen, rows, notes)
+        except Exception as exc:  # noqa: BLE001 - one case the kernel rejects must not hide the others
+            errors.append(f"- {case[0]} {case[1]}->{case[2]}: {type(exc).__name__}: {exc}")
+            print(errors[-1], file=sys.stderr, flush=True)
         torch.cuda.empty_cache()
     md = table(rows)
     failed = [r for r in rows if not r[-1]]
     print(md)
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    print(f"{len(rows) - len(failed)} passed, {len(failed) + len(errors)} failed")
     out_dir = os.environ.get("OUT")
     if out_dir:
         env = (f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}; "
@@ -211,11 +218,11 @@ def main() -> int:
                f"with rtn_quantize, x ~ N(0, 1) fp16; reference = x.float() @ dequantize_linear(p).t() in fp32; "
                f"pass = rel err < {TOL}; times are the median of 100 CUDA-event-timed calls after 10 warm-ups\n")
         text = (f"# exllamav2 GPTQ v1 layout check\n\n{env}\n## Results\n\n{md}\n"
-                f"{len(rows) - len(failed)} passed, {len(failed)} failed\n\n## Per-case checks\n\n"
-                + "\n".join(notes) + "\n")
+                f"{len(rows) - len(failed)} passed, {len(failed) + len(errors)} failed\n\n## Per-case checks\n\n"
+                + "\n".join(notes + errors) + "\n")
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "exllama_check.md").write_text(text)
-    return 1 if failed else 0
+    return 1 if failed or errors else 0
 
 
 if __name__ == "__main__":

@@ -135,7 +135,9 @@ def check_architecture(config) -> None:
 def load_base(source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load the base model on the CPU (the calibration driver moves one layer at a time)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bars cover the long work
     resolved = resolve_source(source)
     try:
         config = AutoConfig.from_pretrained(resolved)

@@ -23,7 +23,7 @@ import torch
 from inlaid.config import QuantConfig
 from inlaid.model.arch import HESSIAN_GROUPS, PROJECTIONS, get_projection, module_path
 from inlaid.model.lora import LoraAdapter, lora_active
-from inlaid.quant.gptq import gptq_quantize
+from inlaid.quant.gptq import factorize, gptq_quantize
 from inlaid.quant.hessian import AggregationState, HessianAccumulator, relative_error
 from inlaid.quant.primitives import PackedLinear, pack_linear
 
@@ -145,9 +145,10 @@ def calibrate(model, tasks: list[CalibTask], cfg: QuantConfig, *, device: str | 
                     task_h[task.name][g] = acc.hessian()
                 reporter.task_done(index, task.name)
             for g in pass_groups:
-                hessian = states[g].hessian()
+                factor = factorize(states[g].hessian(), damp_percent=cfg.damp_percent,
+                                   desc_act=cfg.desc_act)
                 for proj in dict(HESSIAN_GROUPS)[g]:
-                    q = _solve(layer, index, proj, originals[proj], hessian, cfg, result)
+                    q = _solve(layer, index, proj, originals[proj], factor, cfg, result)
                     quantized[proj] = q
                     if cfg.propagation == "quantized":
                         get_projection(layer, proj).weight.data.copy_(q.to(dtype))
@@ -171,10 +172,9 @@ def calibrate(model, tasks: list[CalibTask], cfg: QuantConfig, *, device: str | 
     return result
 
 
-def _solve(layer, index, proj, weight, hessian, cfg: QuantConfig, result: CalibrationResult):
-    solved = gptq_quantize(weight, hessian, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
-                           desc_act=cfg.desc_act, static_groups=cfg.static_groups,
-                           damp_percent=cfg.damp_percent, block_size=cfg.block_size)
+def _solve(layer, index, proj, weight, factor, cfg: QuantConfig, result: CalibrationResult):
+    solved = gptq_quantize(weight, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+                           static_groups=cfg.static_groups, block_size=cfg.block_size, factor=factor)
     bias = get_projection(layer, proj).bias
     result.packed[module_path(index, proj)] = pack_linear(
         solved.codes.cpu(), solved.scales.cpu(), solved.zeros.cpu(), solved.g_idx.cpu(), cfg.bits,

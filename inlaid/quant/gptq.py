@@ -50,7 +50,8 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp_percent: float) -> tuple[torch
 
     An aggregated Hessian need not be PSD: the element-wise max of PSD matrices can be indefinite.
     The first retry shifts by just past the most negative eigenvalue (a blind tenfold increase would
-    over-damp and blur the Hessian); later retries grow tenfold as the reference does.
+    over-damp and blur the Hessian; 5% margin for fp32 eigenvalue error); later retries grow tenfold as
+    the reference does.
     """
     mean_diag = torch.mean(torch.diag(h)).item()
     damp = damp_percent * mean_diag
@@ -63,7 +64,7 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp_percent: float) -> tuple[torch
             if info.item() == 0:
                 return upper, damp
         if attempt == 0:
-            min_eig = torch.linalg.eigvalsh(h.double()).min().item()
+            min_eig = torch.linalg.eigvalsh(h).min().item()
             new_damp = damp + max(0.0, -min_eig) * 1.05 if min_eig < 0 else damp * 10
         else:
             new_damp = damp * 10
@@ -72,38 +73,57 @@ def _inverse_cholesky_upper(h: torch.Tensor, damp_percent: float) -> tuple[torch
     raise torch.linalg.LinAlgError("Hessian is not positive definite even after damping retries")
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int = 128,
-                  sym: bool = True, desc_act: bool = False, static_groups: bool = False,
-                  damp_percent: float = 0.01, block_size: int = 128) -> GPTQResult:
-    """Quantize ``weight[out, in]`` minimising ||(W - Q) X||^2 for the Hessian ``H = 2/n X X^T``."""
+@dataclass
+class HessianFactor:
+    """What the solver needs from H, computed once and shared by every linear that reads the same
+    input (q/k/v, gate/up): the dead columns, the act-order permutation and chol(H^-1)^T."""
+
+    hinv: torch.Tensor  # upper Cholesky factor of (H + damp I)^-1, in permuted order
+    dead: torch.Tensor  # bool [in]
+    perm: torch.Tensor | None  # act-order permutation (None without desc_act)
+    damp: float
+
+
+def factorize(hessian: torch.Tensor, *, damp_percent: float = 0.01, desc_act: bool = False,
+              device: torch.device | str | None = None) -> HessianFactor:
     with _no_tf32():
-        return _solve(weight, hessian, bits, group_size, sym, desc_act, static_groups,
-                      damp_percent, block_size)
+        h = hessian.detach().float().clone().to(device or hessian.device)
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1
+        perm = None
+        if desc_act:
+            perm = torch.argsort(torch.diag(h), descending=True)
+            h = h[perm][:, perm]
+        hinv, damp = _inverse_cholesky_upper(h, damp_percent)
+    return HessianFactor(hinv=hinv, dead=dead, perm=perm, damp=damp)
 
 
-def _solve(weight, hessian, bits, group_size, sym, desc_act, static_groups, damp_percent, block_size):
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None = None, *, bits: int,
+                  group_size: int = 128, sym: bool = True, desc_act: bool = False,
+                  static_groups: bool = False, damp_percent: float = 0.01, block_size: int = 128,
+                  factor: HessianFactor | None = None) -> GPTQResult:
+    """Quantize ``weight[out, in]`` minimising ||(W - Q) X||^2 for the Hessian ``H = 2/n X X^T``
+    (or its precomputed ``factor``, which must come from the same desc_act and damping)."""
+    if factor is None:
+        factor = factorize(hessian, damp_percent=damp_percent, desc_act=desc_act, device=weight.device)
+    with _no_tf32():
+        return _solve(weight, factor, bits, group_size, sym, static_groups, block_size)
+
+
+def _solve(weight, factor: HessianFactor, bits, group_size, sym, static_groups, block_size):
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone().to(w.device)
     columns = w.shape[1]
     gs = columns if group_size == -1 else group_size
-
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    w[:, factor.dead] = 0
 
     # Static groups fix every group's grid from the unpermuted, un-updated weight (as AutoGPTQ does),
     # so act-order can reorder columns while g_idx stays monotonic.
     static = [compute_qparams(w[:, s:s + gs], bits, sym) for s in range(0, columns, gs)] \
         if static_groups else None
 
-    perm = None
-    if desc_act:
-        perm = torch.argsort(torch.diag(h), descending=True)
+    perm, hinv, damp = factor.perm, factor.hinv, factor.damp
+    if perm is not None:
         w = w[:, perm]
-        h = h[perm][:, perm]
-
-    hinv, damp = _inverse_cholesky_upper(h, damp_percent)
-    del h
 
     q = torch.zeros_like(w)
     codes = torch.zeros_like(w)

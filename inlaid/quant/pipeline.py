@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from inlaid.config import QuantConfig, TaskSpec
+from inlaid.config import SUPPORTED_GROUP_SIZES, QuantConfig, TaskSpec
 from inlaid.errors import CheckpointError, ConfigError
 from inlaid.model.arch import PROJECTIONS, get_projection, module_path, projection_shapes
 from inlaid.model.loader import LoadedModel, fingerprint, load_base
@@ -60,9 +60,12 @@ def check_task_specs(specs: list[TaskSpec], existing: tuple[str, ...] = ()) -> N
 
 
 def check_shapes(config, cfg: QuantConfig) -> None:
-    for proj, (out_f, in_f) in projection_shapes(config).items():
+    shapes = projection_shapes(config)
+    for proj, (out_f, in_f) in shapes.items():
         if cfg.group_size != -1 and in_f % cfg.group_size:
-            raise ConfigError(f"--group-size {cfg.group_size} does not divide {proj} in_features {in_f}")
+            fits = [g for g in SUPPORTED_GROUP_SIZES if g == -1 or all(i % g == 0 for _, i in shapes.values())]
+            raise ConfigError(f"--group-size {cfg.group_size} does not divide {proj} in_features {in_f} "
+                              f"(group sizes that fit this model: {', '.join(map(str, fits))})")
         if in_f % 32 or out_f % 32:
             raise ConfigError(f"{proj} is {out_f}x{in_f}: the GPTQ layout needs multiples of 32")
 
