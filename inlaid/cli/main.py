@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import typer
@@ -39,26 +40,40 @@ def _root(
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def main() -> None:
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM takes the same clean-up path as Ctrl-C (temp checkpoint dirs removed)."""
+
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt
+
     try:
-        app(standalone_mode=False)
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. embedded use): leave signals alone
+        pass
+
+
+def main() -> None:
+    _interrupt_on_sigterm()
+    try:
+        # Non-standalone mode lets InlaidError reach us; Typer turns Ctrl-C into exit code 130 and
+        # returns exit codes of typer.Exit instead of raising them.
+        code = app(standalone_mode=False)
     except InlaidError as exc:
         if os.environ.get("INLAID_DEBUG"):
             raise
         typer.secho(f"error: {exc}", err=True, fg="red")
         sys.exit(1)
     except KeyboardInterrupt:
-        typer.secho("interrupted: nothing was written", err=True, fg="yellow")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = 130
     except typer.Abort:
         typer.secho("aborted", err=True)
         sys.exit(1)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # usage errors: Click's own message and exit code
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:
+        typer.secho("interrupted: nothing was written", err=True, fg="yellow")
+    if isinstance(code, int) and code:
+        sys.exit(code)

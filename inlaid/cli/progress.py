@@ -20,13 +20,15 @@ class RichReporter(Reporter):
         self.layers = self.tasks = None
 
     def __enter__(self) -> "RichReporter":
-        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.layers is not None:
+            self.progress.stop()
 
     def start(self, num_layers: int, num_tasks: int) -> None:
+        # Started only here, once inputs are validated: an early error stays a single clean line.
+        self.progress.start()
         self.layers = self.progress.add_task("layers", total=num_layers)
         self.tasks = self.progress.add_task("tasks in layer 0", total=num_tasks)
 
