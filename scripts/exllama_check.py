@@ -104,6 +104,19 @@ def build_case(in_f: int, out_f: int, sym: bool, act_order: bool, gen: torch.Gen
     return packed, layout_ok
 
 
+def exported_cases() -> list[tuple[str, PackedLinear]]:
+    """GPTQ-solved layers that gpu_quant_timing.py exported from a real calibration run."""
+    path = os.environ.get("INLAID_EXPORTED_LAYER")
+    if not path or not Path(path).is_file():
+        return []
+    from safetensors.torch import load_file
+
+    t = load_file(path)
+    names = sorted(k[: -len(".qweight")] for k in t if k.endswith(".qweight"))
+    return [(n, PackedLinear(t[f"{n}.qweight"], t[f"{n}.qzeros"], t[f"{n}.scales"], t[f"{n}.g_idx"], BITS))
+            for n in names]
+
+
 def to_dev(p: PackedLinear) -> PackedLinear:
     return PackedLinear(p.qweight.to(DEV), p.qzeros.to(DEV), p.scales.to(DEV), p.g_idx.to(DEV), p.bits)
 
@@ -148,9 +161,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(ext, case, gen, rows, notes) -> None:
-    label, in_f, out_f, sym, act_order, pass_g_idx = case
+    label, in_f, out_f, sym, act_order, pass_g_idx = case[:6]
     print(f"case {label} {in_f}->{out_f} ...", flush=True)
-    packed, layout_ok = build_case(in_f, out_f, sym, act_order, gen)
+    if len(case) > 6:  # an exported checkpoint layer
+        packed, layout_ok = case[6], True
+    else:
+        packed, layout_ok = build_case(in_f, out_f, sym, act_order, gen)
     p = to_dev(packed)
     handle, keep, perm_ok = make_qmatrix(ext, p, pass_g_idx)
     w_ref = dequantize_linear(p)  # fp32 [out, in]
@@ -200,7 +216,9 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     rows, notes = [], []
     errors = []
-    for case in CASES:
+    cases = CASES + [(f"exported GPTQ {name.split('.')[-1]}", p.in_features, p.out_features, True, False,
+                      True, p) for name, p in exported_cases()]
+    for case in cases:
         try:
             run_case(ext, case, gen, rows, notes)
         except Exception as exc:  # noqa: BLE001 - one case the kernel rejects must not hide the others

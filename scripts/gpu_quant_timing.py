@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+from safetensors.torch import save_file
 
 from inlaid.config import QuantConfig
 from inlaid.model.dummy import dummy_model, random_adapter
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--export", default=os.environ.get("INLAID_EXPORTED_LAYER"),
+                        help="write layer 0's packed q_proj/down_proj here (safetensors)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: skipping GPU quantization timing")
@@ -46,6 +49,13 @@ def main() -> None:
         result = calibrate(model, tasks, cfg, device="cuda", dtype=torch.float16)
         torch.cuda.synchronize()
         total = time.perf_counter() - started
+        if propagation == "fp" and args.export:
+            # Hand one GPTQ-solved layer to exllama_check.py: real solver output, not RTN.
+            tensors = {}
+            for name, packed in result.packed.items():
+                if name.startswith("model.layers.0.") and name.endswith(("q_proj", "down_proj")):
+                    tensors.update(packed.tensors(name))
+            save_file(tensors, args.export)
         for layer, seconds in enumerate(result.layer_seconds):
             errs = result.errors[layer]
             rows.append((propagation, layer, seconds, min(errs.values()), max(errs.values())))
