@@ -84,7 +84,18 @@ def capture_inputs(model, samples: list[torch.Tensor], device, dtype) -> list[tu
     finally:
         handle.remove()
         inner.embed_tokens.to("cpu")
-    return [(h.to(dtype), kw) for h, kw in captured]
+    return [(h.to(dtype), _cast_floats(kw, dtype)) for h, kw in captured]
+
+
+def _cast_floats(value, dtype):
+    """Rotary cos/sin are computed in the model's load dtype; the layer runs in the compute dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
 
 
 @torch.no_grad()

@@ -121,8 +121,13 @@ def _rtn(model, cfg: QuantConfig) -> CalibrationResult:
     return result
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """fp16 layer forwards on GPU (as the GPTQ reference), fp32 on CPU (fp16 matmuls are slow there)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def _run(base: LoadedModel, tasks, cfg, writer, device, reporter, prior_states=None):
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)
     if cfg.method == "rtn":
         return _rtn(base.model, cfg)
     return calibrate(base.model, tasks, cfg, device=device, dtype=dtype, prior_states=prior_states,
@@ -157,7 +162,7 @@ def quantize(base_source: str, out_dir: Path, specs: list[TaskSpec], cfg: QuantC
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
     dev = pick_device(device)
-    base = load_base(base_source)
+    base = load_base(base_source, dtype=compute_dtype(dev))
     check_shapes(base.config, cfg)
     adapters, tasks = _prepare_tasks(specs, base, cfg)
     base_info = {"source": base_source, "path": str(base.path.resolve()) if base.path else None,
@@ -184,7 +189,7 @@ def add_task(out_dir: Path, specs: list[TaskSpec], *, base_source: str | None = 
     check_task_specs(specs, existing=tuple(t["name"] for t in ckpt.tasks))
     base_info = ckpt.inlaid["base_model"]
     dev = pick_device(device)
-    base = load_base(base_source or base_info["source"])
+    base = load_base(base_source or base_info["source"], dtype=compute_dtype(dev))
     if base_info.get("sha256") and fingerprint(base.path) != base_info["sha256"]:
         raise CheckpointError(f"base model {base.source!r} differs from the one {out_dir} was made "
                               "from (weights sha256 mismatch)")
