@@ -21,56 +21,31 @@ cuda/q_matrix.cu, cuda/q_gemm.cu of the 0.3.2 wheel):
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import statistics
 import sys
-import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout, no install
+from inlaid.kernels.exllama import ExllamaMatrix, load_extension  # noqa: E402
+from inlaid.kernels.quant_matmul import prepare  # noqa: E402
 from inlaid.quant.primitives import PackedLinear, dequantize_linear, pack_linear, rtn_quantize  # noqa: E402
 
 DEV = "cuda"
 BITS, GROUP = 4, 128
 TOL = 1e-2
 MS = (1, 16, 64)
-# (label, in_features, out_features, sym, act_order, pass_g_idx)
+# (label, in_features, out_features, sym, act_order). g_idx is always passed, as our backend does:
+# exllamav2 then takes its act-order path (an identity permutation for natural order).
 CASES = [
-    ("sym", 4096, 4096, True, False, False),
-    ("sym", 4096, 11008, True, False, False),
-    ("sym", 11008, 4096, True, False, False),
-    ("asym", 4096, 11008, False, False, False),
-    # exllamav2's own loader sends any g_idx that is not all zeros down the act-order path, so a real
-    # checkpoint with natural-order g_idx goes through make_sequential with an identity permutation.
-    ("sym, natural g_idx", 4096, 4096, True, False, True),
-    ("sym, act-order", 11008, 4096, True, True, True),
+    ("sym", 4096, 4096, True, False),
+    ("sym", 4096, 11008, True, False),
+    ("sym", 11008, 4096, True, False),
+    ("asym", 4096, 11008, False, False),
+    ("sym, act-order", 11008, 4096, True, True),
 ]
-
-
-def load_ext():
-    """Import the compiled exllamav2 extension (JIT build on first use)."""
-    os.environ.setdefault("MAX_JOBS", "16")  # the JIT build is ~45 CUDA files; default parallelism is low
-    try:
-        from exllamav2.ext import exllamav2_ext
-        return exllamav2_ext
-    except ImportError as err:
-        if err.name == "exllamav2":
-            raise SystemExit("exllamav2 is not importable: install the 0.3.2 wheel first") from err
-        # The package __init__ also pulls in the model and vision code (Pillow, tokenizers...), none of
-        # which ext.py needs (it needs torch and rich). If ext itself already loaded, reuse it; otherwise
-        # load ext.py under a bare package object so the __init__ never runs.
-        print(f"note: 'import exllamav2' failed ({err!r}); using exllamav2.ext without the package __init__")
-        loaded = sys.modules.get("exllamav2.ext")
-        if loaded is not None and hasattr(loaded, "exllamav2_ext"):
-            return loaded.exllamav2_ext
-        spec = importlib.util.find_spec("exllamav2")
-        pkg = types.ModuleType("exllamav2")
-        pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
-        sys.modules["exllamav2"] = pkg
-        return importlib.import_module("exllamav2.ext").exllamav2_ext
 
 
 def bench(fn, iters: int = 100, warmup: int = 10) -> float:
@@ -121,39 +96,16 @@ def to_dev(p: PackedLinear) -> PackedLinear:
     return PackedLinear(p.qweight.to(DEV), p.qzeros.to(DEV), p.scales.to(DEV), p.g_idx.to(DEV), p.bits)
 
 
-def make_qmatrix(ext, p: PackedLinear, pass_g_idx: bool):
-    """Build exllamav2's QMatrix; returns (handle, buffers to keep alive, perm check or None)."""
-    none = torch.empty((1, 1), device="meta")  # exllamav2's "absent tensor" marker
-    height, width = p.in_features, p.out_features
-    keep = {
-        "qweight": p.qweight.clone().contiguous(),  # rewritten in place by make_q_matrix
-        "qzeros": p.qzeros.contiguous(),
-        "scales": p.scales.contiguous(),
-        # 1-D fp16 buffer for the M > 32 dequantize+cuBLAS path; ext checks size(0) >= width * max_dq_rows.
-        "temp_dq": torch.empty(height * width, dtype=torch.half, device=DEV),
-    }
-    if pass_g_idx:
-        keep["q_perm"] = torch.empty(height, dtype=torch.int16, device=DEV)
-        keep["q_invperm"] = torch.empty(height, dtype=torch.int16, device=DEV)
-        keep["g_idx"] = p.g_idx.to("cpu", torch.int32).contiguous()  # dereferenced on the host
-    # make_q_matrix(q_weight, q_perm, q_invperm, q_scale, q_scale_max, q_groups, q_group_map,
-    #               gptq_qzeros, gptq_scales, gptq_g_idx, bias, temp_dq, max_dq_rows)
-    handle = ext.make_q_matrix(
-        keep["qweight"], keep.get("q_perm", none), keep.get("q_invperm", none),
-        none, none, none, none,  # EXL2-only tensors
-        keep["qzeros"], keep["scales"], keep.get("g_idx", none),
-        none,  # bias
-        keep["temp_dq"], height,  # max_dq_rows = all rows: dequantize the whole matrix in one chunk
-    )
+def make_qmatrix(p: PackedLinear):
+    """exllamav2's q-matrix through our backend; checks the row permutation it derived from g_idx."""
+    matrix = ExllamaMatrix(prepare(p, DEV))
     torch.cuda.synchronize()
-    perm_ok = None
-    if pass_g_idx:
-        # exllamav2 sorts rows by group itself; it must be the stable sort we would build ourselves.
-        ours = torch.sort(p.g_idx.cpu().long(), stable=True).indices
-        got_perm = keep["q_perm"].cpu().long() & 0xFFFF
-        got_inv = keep["q_invperm"].cpu().long() & 0xFFFF
-        perm_ok = torch.equal(got_perm, ours) and torch.equal(got_inv, torch.argsort(ours))
-    return handle, keep, perm_ok
+    # exllamav2 sorts rows by group itself; it must be the stable sort we would build ourselves.
+    ours = torch.sort(p.g_idx.cpu().long(), stable=True).indices
+    got_perm = matrix.buffers["q_perm"].cpu().long() & 0xFFFF
+    got_inv = matrix.buffers["q_invperm"].cpu().long() & 0xFFFF
+    perm_ok = torch.equal(got_perm, ours) and torch.equal(got_inv, torch.argsort(ours))
+    return matrix, perm_ok
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -161,14 +113,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(ext, case, gen, rows, notes) -> None:
-    label, in_f, out_f, sym, act_order, pass_g_idx = case[:6]
+    label, in_f, out_f, sym, act_order = case[:5]
     print(f"case {label} {in_f}->{out_f} ...", flush=True)
-    if len(case) > 6:  # an exported checkpoint layer
-        packed, layout_ok = case[6], True
+    if len(case) > 5:  # an exported checkpoint layer
+        packed, layout_ok = case[5], True
     else:
         packed, layout_ok = build_case(in_f, out_f, sym, act_order, gen)
     p = to_dev(packed)
-    handle, keep, perm_ok = make_qmatrix(ext, p, pass_g_idx)
+    matrix, perm_ok = make_qmatrix(p)
     w_ref = dequantize_linear(p)  # fp32 [out, in]
     w16 = w_ref.half()
     notes.append(f"- {label} {in_f}->{out_f}: groups={p.scales.shape[0]}, our pack->dequant round trip "
@@ -183,16 +135,15 @@ def run_case(ext, case, gen, rows, notes) -> None:
         # Above 32 rows exllamav2 switches to dequantize+cuBLAS; also time its kernel there (force_cuda).
         for force in ((False, True) if m > 32 else (False,)):
             out = torch.full((m, out_f), float("nan"), dtype=torch.half, device=DEV)  # catch unwritten cells
-            ext.gemm_half_q_half(x, handle, out, force)
+            ext.gemm_half_q_half(x, matrix.handle, out, force)
             torch.cuda.synchronize()
             err = rel_err(out, ref)
             path = "kernel" if (m <= 32 or force) else "dq+cuBLAS"
-            t_exl = bench(lambda: ext.gemm_half_q_half(x, handle, out, force))
+            t_exl = bench(lambda: ext.gemm_half_q_half(x, matrix.handle, out, force))
             ok = err < TOL and layout_ok and perm_ok is not False
             rows.append((f"{label}", f"{in_f}->{out_f}", m, path + (" (forced)" if force else ""),
                          err, cublas_err, t_exl, t_cublas, t_ref, ok))
-    ext.free_q_matrix(handle)
-    del keep
+    del matrix
 
 
 def table(rows) -> str:
@@ -208,7 +159,7 @@ def main() -> int:
         print("exllama_check: no CUDA, skipping (this check needs a GPU and exllamav2 0.3.2)")
         return 0
     print("loading exllamav2 extension (the first import JIT-builds it, a few minutes)...", flush=True)
-    ext = load_ext()
+    ext = load_extension()
     try:
         exl_version = importlib.import_module("exllamav2.version").__version__
     except Exception:  # noqa: BLE001 - version is informational only
@@ -216,8 +167,8 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     rows, notes = [], []
     errors = []
-    cases = CASES + [(f"exported GPTQ {name.split('.')[-1]}", p.in_features, p.out_features, True, False,
-                      True, p) for name, p in exported_cases()]
+    cases = CASES + [(f"exported GPTQ {name.split('.')[-1]}", p.in_features, p.out_features, True, False, p)
+                      for name, p in exported_cases()]
     for case in cases:
         try:
             run_case(ext, case, gen, rows, notes)

@@ -139,13 +139,18 @@ def unpack_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_rows(qzeros.t().contiguous(), bits).t() + 1
 
 
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      g_idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 weight [out, in] from packed codes and *real* (unpacked) zero points [groups, out]."""
+    codes = unpack_rows(qweight, bits).float()  # [in, out]
+    g = g_idx.long()
+    w = scales.float()[g] * (codes - zeros.float()[g])
+    return w.t().contiguous()
+
+
 def dequantize_linear(p: PackedLinear) -> torch.Tensor:
     """The weight [out, in] in fp32 that a packed layer represents (the reference for every kernel)."""
-    codes = unpack_rows(p.qweight, p.bits).float()  # [in, out]
-    zeros = unpack_zeros(p.qzeros, p.bits).float()  # [groups, out]
-    g = p.g_idx.long()
-    w = p.scales.float()[g] * (codes - zeros[g])
-    return w.t().contiguous()
+    return dequantize_weight(p.qweight, p.scales, unpack_zeros(p.qzeros, p.bits), p.g_idx, p.bits)
 
 
 def group_index(in_features: int, group_size: int) -> torch.Tensor:

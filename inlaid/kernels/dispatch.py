@@ -1,0 +1,51 @@
+"""One table decides which backend runs an op; every choice is logged once.
+
+Rules are read top to bottom; the first whose conditions hold wins. The M thresholds come from the
+kernel benchmark (``scripts/bench_kernels.py``, results in docs/results/kernels.md). Users force a
+backend with the ``backend=`` argument of an op or ``INLAID_BACKEND_<OP>=ref|triton|exllama``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# (op, backend, condition on facts) — facts: cuda, bits, m, group_size, has_triton, has_exllama
+TABLE = (
+    ("quant_matmul", "exllama", lambda f: f["cuda"] and f["has_exllama"] and f["bits"] == 4
+     and f["group_size"] in (32, 64, 128) and f["m"] <= 1),
+    ("quant_matmul", "triton", lambda f: f["cuda"] and f["has_triton"]),
+    ("quant_matmul", "ref", lambda f: True),
+    ("lora", "triton", lambda f: f["cuda"] and f["has_triton"]),
+    ("lora", "ref", lambda f: True),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(op: str, backend: str, reason: str) -> None:
+    log.info("%s: using the %s backend (%s)", op, backend, reason)
+
+
+def choose(op: str, device: torch.device, **facts) -> str:
+    forced = os.environ.get(f"INLAID_BACKEND_{op.upper()}")
+    if forced:
+        _log_once(op, forced, "forced by environment")
+        return forced
+    f = {"cuda": device.type == "cuda", "has_triton": has_module("triton"),
+         "has_exllama": has_module("exllamav2"), "bits": None, "m": 0, "group_size": -1, **facts}
+    for name, backend, rule in TABLE:
+        if name == op and rule(f):
+            _log_once(op, backend, f"device={device.type}")
+            return backend
+    raise ValueError(f"no backend for op {op!r}")

@@ -1,0 +1,160 @@
+"""Triton W{2,3,4,8}A16 GEMM reading the GPTQ v1 layout directly.
+
+Each program computes a [BLOCK_M, BLOCK_N] tile of y = x @ W^T. Per K-step it loads the packed
+words that hold its BLOCK_K x BLOCK_N codes, unpacks them in registers, looks up each row's group
+(g_idx, so act-order needs no permutation), dequantizes to fp16/bf16 and feeds ``tl.dot``.
+For small M the weight read is the whole cost, so the K loop is split over SPLIT_K programs that
+add their partial tiles atomically: enough programs to cover every SM even when N is small.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from inlaid.kernels.quant_matmul import PreparedQuant
+
+
+@triton.jit
+def _unpack_gather(qw_ptr, offs_k, offs_n, wmask, stride_qk, stride_qn, BITS: tl.constexpr):
+    """Codes [BLOCK_K, BLOCK_N] for any bit width by per-row word gather (3 bits: codes 10 and 21
+    of each 32 straddle two words, so their high bits come from the next word)."""
+    bit = offs_k * BITS
+    word = bit // 32
+    shift = (bit % 32).to(tl.uint32)
+    packed = tl.load(qw_ptr + word[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                     mask=wmask, other=0).to(tl.uint32, bitcast=True)
+    codes = packed >> shift[:, None]
+    straddle = (shift > 32 - BITS)[:, None] & wmask
+    nxt = tl.load(qw_ptr + (word[:, None] + 1) * stride_qk + offs_n[None, :] * stride_qn,
+                  mask=straddle, other=0).to(tl.uint32, bitcast=True)
+    return codes | tl.where(straddle, nxt << ((32 - shift) % 32)[:, None], 0)
+
+
+@triton.jit
+def _quant_matmul_kernel(
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, gidx_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_ym,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: programs that share weight columns run close together (L2 reuse at large M).
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    MASK: tl.constexpr = (1 << BITS) - 1
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wmask = mask_k[:, None] & mask_n[None, :]
+        if BITS == 3:
+            codes = _unpack_gather(qw_ptr, offs_k, offs_n, wmask, stride_qk, stride_qn, BITS)
+        else:
+            # 32/BITS codes share a word: load each word once, then fan it out in registers.
+            PER_WORD: tl.constexpr = 32 // BITS
+            offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+            words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                            mask=(offs_w < K // PER_WORD)[:, None] & mask_n[None, :],
+                            other=0).to(tl.uint32, bitcast=True)
+            shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+            codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, BLOCK_N))
+        codes = (codes & MASK).to(tl.float32)
+        if GROUP_SIZE > 0:
+            # Natural order and BLOCK_K divides the group: one scale/zero row per K step.
+            soff = (k0 // GROUP_SIZE) * stride_sg + offs_n
+            scale = tl.load(scales_ptr + soff, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            zero = tl.load(zeros_ptr + soff, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        else:
+            g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
+            soff = g[:, None] * stride_sg + offs_n[None, :]
+            scale = tl.load(scales_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + soff, mask=wmask, other=0.0).to(tl.float32)
+        w = ((codes - zero) * scale).to(x.dtype)
+        acc = tl.dot(x, w, acc)
+
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=out_mask)
+
+
+def _config(m: int, n: int, k: int, sms: int) -> dict:
+    """Block shapes by M regime (tuned by scripts/bench_kernels.py on an H100)."""
+    if m <= 16:
+        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
+    elif m <= 64:
+        block_m, block_n, block_k, warps, stages = 64, 64, 64, 4, 4
+    else:
+        block_m, block_n, block_k, warps, stages = 128, 128, 32, 8, 4
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split_k = 1
+    while tiles * split_k < sms and k // (block_k * split_k * 2) >= 2 and split_k < 16:
+        split_k *= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=8,
+                num_warps=warps, num_stages=stages)
+
+
+_SMS: dict[int, int] = {}
+
+
+def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] fp16/bf16 (CUDA); p: prepared layer on the same device -> y [M, N] in x's dtype
+    (written into ``out`` when given)."""
+    if x.dim() != 2 or x.shape[1] != p.in_features:
+        raise ValueError(f"x must be [M, {p.in_features}], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16) or p.scales.dtype != x.dtype:
+        raise ValueError(f"x ({x.dtype}) and scales ({p.scales.dtype}) must be the same fp16/bf16 dtype")
+    if p.qweight.dtype != torch.int32 or p.g_idx.dtype != torch.int32:
+        raise ValueError("qweight and g_idx must be int32")
+    m, k = x.shape
+    n = p.out_features
+    dev = x.device.index or 0
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    cfg = dict(config or _config(m, n, k, _SMS[dev]))
+    group_size = p.group_size
+    if group_size > 0:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+    split_k = cfg["SPLIT_K"]
+    # Split-K partial sums meet in an fp32 buffer (atomics); one cast at the end.
+    if split_k > 1:
+        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    else:
+        y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
+    bias = p.bias if p.bias is not None else p.scales  # any pointer; unused without HAS_BIAS
+    _quant_matmul_kernel[grid](
+        x, p.qweight, p.scales, p.zeros, p.g_idx, bias, y,
+        m, n, k,
+        x.stride(0), x.stride(1), p.qweight.stride(0), p.qweight.stride(1), p.scales.stride(0),
+        y.stride(0),
+        BITS=p.bits, GROUP_SIZE=max(group_size, 0), HAS_BIAS=p.bias is not None, **cfg)
+    if split_k == 1:
+        return y
+    return out.copy_(y) if out is not None else y.to(x.dtype)

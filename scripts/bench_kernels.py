@@ -1,0 +1,135 @@
+"""quant_matmul benchmark: Triton and exllamav2 vs fp16 cuBLAS on Llama-2-7B shapes (GPU only).
+
+    python scripts/bench_kernels.py [--quick]
+
+Weights are rotated among enough copies to exceed L2 (50 MB on an H100), so each call reads its
+weight from HBM as in a real forward. Time = median over repetitions of (CUDA-event time of one call
+on every copy) / copies. Columns: µs, effective GB/s over the bytes each call must read (packed
+weight + scales + zeros + x + y), % of the 4-bit weight-read floor at the measured HBM bandwidth,
+speedups vs fp16 cuBLAS (`x @ W`) and vs exllamav2. Writes $OUT/kernels.md when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+
+from inlaid.kernels.quant_matmul import prepare
+from inlaid.quant.primitives import group_index, pack_linear
+
+SHAPES = [(4096, 4096, "attn o / q"), (4096, 12288, "fused qkv"), (4096, 22016, "fused gate/up"),
+          (11008, 4096, "down")]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048]
+L2_BYTES = 50 * 2**20
+
+
+def hbm_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = timed(lambda i: dst.copy_(src), 1, reps=10)
+    return 2 * src.numel() / (times * 1e-6)
+
+
+def timed(fn, copies: int, reps: int = 25) -> float:
+    """Median µs per call; fn(i) runs on copy i."""
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(copies):
+            fn(i)
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / copies)
+    return statistics.median(samples)
+
+
+def random_packed(k: int, n: int, bits: int, gen):
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    groups = k // 128
+    scales = (torch.rand(groups, n, generator=gen) * 0.01 + 1e-3)
+    zeros = torch.full((groups, n), float(2 ** (bits - 1)))
+    return pack_linear(codes, scales, zeros, group_index(k, 128), bits)
+
+
+def bench_shape(k, n, bits, ms, bw, exllama):
+    from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
+
+    gen = torch.Generator().manual_seed(k + n + bits)
+    packed = random_packed(k, n, bits, gen)
+    weight_bytes = packed.qweight.numel() * 4 + packed.scales.numel() * 4  # + fp16 zeros
+    copies = max(2, -(-3 * L2_BYTES // weight_bytes))
+    layers = [prepare(packed, "cuda") for _ in range(copies)]
+    fp16_copies = max(2, -(-3 * L2_BYTES // (k * n * 2)))
+    dense = [torch.randn(k, n, device="cuda", dtype=torch.float16) * 0.01 for _ in range(fp16_copies)]
+    floor_us = k * n * bits / 8 / bw * 1e6
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        t_tri = timed(lambda i: quant_matmul_triton(x, layers[i]), copies)
+        t_cub = timed(lambda i: x @ dense[i], fp16_copies)
+        t_exl = None
+        if exllama is not None and bits == 4:
+            t_exl = timed(lambda i: exllama(x, layers[i]), copies)
+        moved = weight_bytes + (m * k + m * n) * 2
+        rows.append(dict(k=k, n=n, bits=bits, m=m, triton=t_tri, cublas=t_cub, exllama=t_exl,
+                         gbs=moved / (t_tri * 1e-6) / 1e9, roof=floor_us / t_tri))
+    del layers, dense
+    torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows, bw) -> str:
+    out = [f"HBM copy bandwidth measured in this run: {bw / 1e12:.2f} TB/s", "",
+           "| K x N | bits | M | triton µs | cuBLAS fp16 µs | exllamav2 µs | GB/s | % 4-bit floor "
+           "| vs cuBLAS | vs exllamav2 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        exl = "–" if r["exllama"] is None else f"{r['exllama']:.1f}"
+        vs_exl = "–" if r["exllama"] is None else f"{r['exllama'] / r['triton']:.2f}x"
+        out.append(f"| {r['k']}x{r['n']} | {r['bits']} | {r['m']} | {r['triton']:.1f} | {r['cublas']:.1f} "
+                   f"| {exl} | {r['gbs']:.0f} | {100 * r['roof']:.0f}% | {r['cublas'] / r['triton']:.2f}x "
+                   f"| {vs_exl} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer M values")
+    parser.add_argument("--no-exllama", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: skipping the kernel benchmark")
+        return
+    exllama = None
+    if not args.no_exllama:
+        try:
+            from inlaid.kernels.exllama import exllama_matmul, load_extension
+
+            load_extension()
+            exllama = exllama_matmul
+        except Exception as exc:  # noqa: BLE001 - the benchmark still runs without exllamav2
+            print(f"exllamav2 unavailable ({exc}); its column stays empty")
+    bw = hbm_bandwidth()
+    ms = [1, 16, 64, 256] if args.quick else MS
+    rows = []
+    for k, n, name in SHAPES:
+        print(f"{k}x{n} ({name}) ...", flush=True)
+        rows += bench_shape(k, n, 4, ms, bw, exllama)
+    for bits in (2, 3, 8):
+        rows += bench_shape(4096, 12288, bits, [1, 16, 64], bw, None)
+    text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + table(rows, bw))
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "kernels.md"), "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

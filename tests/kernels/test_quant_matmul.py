@@ -1,0 +1,60 @@
+"""quant_matmul reference against float64 math, and the dispatch table (CPU)."""
+
+import pytest
+import torch
+
+from inlaid.kernels import dispatch
+from inlaid.kernels.quant_matmul import prepare, quant_matmul, quant_matmul_ref
+from inlaid.quant.primitives import group_index, pack_linear
+
+
+def random_layer(k, n, bits, group_size, sym, act_order, bias, seed):
+    """Random codes/scales/zeros packed into the GPTQ layout, and the same weight in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    g_idx = group_index(k, group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    groups = int(g_idx.max()) + 1
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 1e-3).half().float()
+    if sym:
+        zeros = torch.full((groups, n), float(2 ** (bits - 1)))
+    else:
+        zeros = torch.randint(1, 2**bits, (groups, n), generator=gen).float()
+    b = torch.randn(n, generator=gen).half().float() if bias else None
+    packed = pack_linear(codes, scales, zeros, g_idx, bits, b)
+    g = g_idx.long()
+    w64 = scales.double().t()[:, g] * (codes.double() - zeros.double().t()[:, g])
+    return packed, w64, b
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (32, False), (128, False), (32, True)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_reference_matches_float64(bits, group_size, act_order, sym):
+    packed, w64, b = random_layer(256, 96, bits, group_size, sym, act_order, bias=not sym, seed=bits)
+    p = prepare(packed, "cpu", torch.float32)
+    x = torch.randn(5, 256)
+    expect = x.double() @ w64.t() + (0 if b is None else b.double())
+    got = quant_matmul_ref(x, p)
+    assert torch.allclose(got.double(), expect, rtol=1e-5, atol=1e-5)
+    assert torch.equal(quant_matmul(x.reshape(1, 5, 256), p).reshape(5, 96), got)
+
+
+def test_prepared_group_size_detects_act_order():
+    natural, _, _ = random_layer(256, 32, 4, 64, True, False, False, 0)
+    shuffled, _, _ = random_layer(256, 32, 4, 64, True, True, False, 0)
+    assert prepare(natural, "cpu").group_size == 64
+    assert prepare(shuffled, "cpu").group_size == -1
+
+
+def test_dispatch_table(monkeypatch):
+    cpu = torch.device("cpu")
+    assert dispatch.choose("quant_matmul", cpu, bits=4, m=1, group_size=128) == "ref"
+    assert dispatch.choose("lora", cpu) == "ref"
+    monkeypatch.setattr(dispatch, "has_module", lambda name: True)
+    cuda = torch.device("cuda")
+    assert dispatch.choose("quant_matmul", cuda, bits=3, m=1, group_size=128) == "triton"
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=4096, group_size=128) == "triton"
+    monkeypatch.setenv("INLAID_BACKEND_QUANT_MATMUL", "ref")
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=1, group_size=128) == "ref"

@@ -1,0 +1,65 @@
+"""Triton and exllamav2 quant_matmul against the fp32 reference on fresh random inputs (GPU only).
+
+Bound: ||y - y_ref|| / ||y_ref|| < 1e-2 with y_ref = x.float() @ W_fp32^T (fp16/bf16 inputs and
+outputs; the kernels accumulate in fp32, so the error is the output rounding, ~1e-3)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from inlaid.kernels.quant_matmul import prepare, quant_matmul_ref
+
+from .test_quant_matmul import random_layer
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
+TOL = 1e-2
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size,act_order,sym", [(128, False, True), (32, False, False),
+                                                       (-1, False, True), (64, True, True)])
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 128, 300])
+def test_triton_matches_reference(bits, group_size, act_order, sym, m):
+    from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
+
+    packed, _, _ = random_layer(512, 384, bits, group_size, sym, act_order, bias=(m == 7), seed=m + bits)
+    p = prepare(packed, "cuda", torch.float16)
+    x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
+    ref = quant_matmul_ref(x.float(), prepare(packed, "cuda", torch.float32))
+    out = torch.full((m, 384), float("nan"), device="cuda", dtype=torch.float16)
+    got = quant_matmul_triton(x, p, out=out)
+    assert not torch.isnan(got).any()
+    assert rel(got, ref) < TOL
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_triton_bf16_and_split_k(split_k):
+    from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
+
+    packed, _, _ = random_layer(1024, 256, 4, 128, True, False, bias=True, seed=1)
+    p = prepare(packed, "cuda", torch.bfloat16)
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = quant_matmul_ref(x.float(), prepare(packed, "cuda", torch.float32))
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split_k, GROUP_M=8, num_warps=4, num_stages=3)
+    assert rel(quant_matmul_triton(x, p, config=cfg), ref) < TOL
+
+
+@pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="needs exllamav2")
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_exllama_matches_reference(m, act_order):
+    from inlaid.kernels.exllama import exllama_matmul
+
+    packed, _, _ = random_layer(1024, 512, 4, 128, True, act_order, bias=True, seed=m)
+    p = prepare(packed, "cuda", torch.float16)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
+    ref = quant_matmul_ref(x.float(), prepare(packed, "cuda", torch.float32))
+    assert rel(exllama_matmul(x, p), ref) < TOL
+    assert rel(exllama_matmul(x, p, force_cuda=True), ref) < TOL
