@@ -3,8 +3,9 @@
     python scripts/bench_kernels.py [--quick]
 
 Weights are rotated among enough copies to exceed L2 (50 MB on an H100), so each call reads its
-weight from HBM as in a real forward. Time = median over repetitions of (CUDA-event time of one call
-on every copy) / copies. Columns: µs, effective GB/s over the bytes each call must read (packed
+weight from HBM as in a real forward. Time = median over repetitions of (CUDA-event time of one
+CUDA-graph replay that calls the op once on every copy) / copies: GPU time without Python launch
+overhead, as a decode step under CUDA graphs sees it. Columns: µs, effective GB/s over the bytes each call must read (packed
 weight + scales + zeros + x + y), % of the 4-bit weight-read floor at the measured HBM bandwidth,
 speedups vs fp16 cuBLAS (`x @ W`) and vs exllamav2. Writes $OUT/kernels.md when OUT is set.
 """
@@ -34,17 +35,26 @@ def hbm_bandwidth() -> float:
     return 2 * src.numel() / (times * 1e-6)
 
 
-def timed(fn, copies: int, reps: int = 25) -> float:
-    """Median µs per call; fn(i) runs on copy i."""
-    for i in range(copies):
-        fn(i)
+def timed(fn, copies: int, reps: int = 20) -> float:
+    """Median µs per call of fn(i) (i = weight copy), measured on CUDA-graph replays: a graph of one
+    call per copy, so Python launch overhead (tens of µs for a Triton launch) stays out."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):  # warm-up: compile, autotune, allocate outside the capture
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    graph.replay()
     torch.cuda.synchronize()
     samples = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for i in range(copies):
-            fn(i)
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
         samples.append(start.elapsed_time(end) * 1e3 / copies)
@@ -86,6 +96,35 @@ def bench_shape(k, n, bits, ms, bw, exllama):
     return rows
 
 
+def sweep(k: int, n: int, ms) -> str:
+    """Block-shape sweep for the Triton kernel (to tune `_config`): best configs per M."""
+    import itertools
+
+    from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
+
+    packed = random_packed(k, n, 4, torch.Generator().manual_seed(0))
+    copies = max(2, -(-3 * L2_BYTES // (packed.qweight.numel() * 4)))
+    layers = [prepare(packed, "cuda") for _ in range(copies)]
+    lines = [f"sweep {k}x{n} 4-bit: M, best µs, config (then the next two)"]
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        results = []
+        bm = 16 if m <= 16 else 64 if m <= 64 else 128
+        for bn, bk, sk in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8)):
+            warps, stages = (4, 3) if bm < 128 else (8, 3)
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
+                       num_stages=stages)
+            try:
+                t = timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5)
+            except Exception as exc:  # noqa: BLE001 - configs that do not compile are skipped
+                continue
+            results.append((t, cfg))
+        results.sort(key=lambda r: r[0])
+        for t, cfg in results[:3]:
+            lines.append(f"  M={m}: {t:.1f} µs  {cfg}")
+    return "\n".join(lines)
+
+
 def table(rows, bw) -> str:
     out = [f"HBM copy bandwidth measured in this run: {bw / 1e12:.2f} TB/s", "",
            "| K x N | bits | M | triton µs | cuBLAS fp16 µs | exllamav2 µs | GB/s | % 4-bit floor "
@@ -103,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer M values")
     parser.add_argument("--no-exllama", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="tune Triton block shapes first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: skipping the kernel benchmark")
@@ -116,6 +156,8 @@ def main() -> None:
             exllama = exllama_matmul
         except Exception as exc:  # noqa: BLE001 - the benchmark still runs without exllamav2
             print(f"exllamav2 unavailable ({exc}); its column stays empty")
+    if args.sweep:
+        print(sweep(4096, 12288, [1, 16, 64, 256]), flush=True)
     bw = hbm_bandwidth()
     ms = [1, 16, 64, 256] if args.quick else MS
     rows = []

@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 
 # (op, backend, condition on facts) — facts: cuda, bits, m, group_size, has_triton, has_exllama
 TABLE = (
+    # exllamav2 is fastest for 4-bit at M <= 8 (1.5-3x our Triton kernel there, H100 run of
+    # docs/results/kernels.md); from M = 16 our kernel is faster than it.
     ("quant_matmul", "exllama", lambda f: f["cuda"] and f["has_exllama"] and f["bits"] == 4
-     and f["group_size"] in (32, 64, 128) and f["m"] <= 1),
+     and f["m"] <= 8),
     ("quant_matmul", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("quant_matmul", "ref", lambda f: True),
     ("lora", "triton", lambda f: f["cuda"] and f["has_triton"]),

@@ -104,19 +104,21 @@ def _quant_matmul_kernel(
 
 
 def _config(m: int, n: int, k: int, sms: int) -> dict:
-    """Block shapes by M regime (tuned by scripts/bench_kernels.py on an H100)."""
+    """Block shapes by M regime, from the sweep in scripts/bench_kernels.py --sweep (H100, 4096x12288,
+    4-bit g128; docs/results/kernels.md)."""
     if m <= 16:
-        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
+        block_m, block_n, block_k, warps = 16, 128, 64, 4
     elif m <= 64:
-        block_m, block_n, block_k, warps, stages = 64, 64, 64, 4, 4
+        block_m, block_n, block_k, warps = 64, 64, 128, 4
     else:
-        block_m, block_n, block_k, warps, stages = 128, 128, 32, 8, 4
+        block_m, block_n, block_k, warps = 128, 64, 64, 8
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    # Split K until every SM has a program (small M: the weight read is all the work).
     split_k = 1
-    while tiles * split_k < sms and k // (block_k * split_k * 2) >= 2 and split_k < 16:
+    while tiles * split_k < sms and k // (block_k * split_k * 2) >= 2 and split_k < 8:
         split_k *= 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=8,
-                num_warps=warps, num_stages=stages)
+                num_warps=warps, num_stages=3)
 
 
 _SMS: dict[int, int] = {}
