@@ -96,6 +96,10 @@ def bench_shape(k, n, bits, ms, bw, exllama):
     return rows
 
 
+def triton_pow2(m: int) -> int:
+    return 1 << (m - 1).bit_length()
+
+
 def sweep(k: int, n: int, ms) -> str:
     """Block-shape sweep for the Triton kernel (to tune `_config`): best configs per M."""
     import itertools
@@ -109,10 +113,19 @@ def sweep(k: int, n: int, ms) -> str:
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         results = []
+        if m <= 8:
+            for bn, bk, sk, warps in itertools.product((64, 128, 256), (64, 128), (1, 2, 4, 8, 16), (4, 8)):
+                cfg = dict(kernel="gemv", BLOCK_M=triton_pow2(m), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
+                           num_warps=warps, num_stages=3)
+                try:
+                    results.append((timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies,
+                                          reps=5), cfg))
+                except Exception:  # noqa: BLE001 - configs that do not compile are skipped
+                    continue
         bm = 16 if m <= 16 else 64 if m <= 64 else 128
         for bn, bk, sk in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8)):
             warps, stages = (4, 3) if bm < 128 else (8, 3)
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
+            cfg = dict(kernel="mma", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
                        num_stages=stages)
             try:
                 t = timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5)
@@ -157,7 +170,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - the benchmark still runs without exllamav2
             print(f"exllamav2 unavailable ({exc}); its column stays empty")
     if args.sweep:
-        print(sweep(4096, 12288, [1, 16, 64, 256]), flush=True)
+        print(sweep(4096, 12288, [1, 4, 8, 16, 64, 256]), flush=True)
     bw = hbm_bandwidth()
     ms = [1, 16, 64, 256] if args.quick else MS
     rows = []

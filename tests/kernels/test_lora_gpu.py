@@ -1,0 +1,158 @@
+"""Triton multi-LoRA shrink/expand against float64 oracles on fresh random inputs (GPU only).
+
+Bounds: shrink ||buf - ref|| / ||ref|| < 1e-3 (fp16/bf16 inputs are exact in the fp32-accumulating
+dot); shrink + expand, on the added part, ||(y - y0) - delta_ref|| / ||delta_ref|| < 1e-2 (tf32 dot on
+the fp32 buf, then one rounding to fp16/bf16). The oracle runs on the same rounded inputs upcast to
+float64. Adapter entries past each slot's rank are NaN, so a kernel that reads them fails; rows of
+tokens without an adapter (and y columns outside the slices) must stay bit-identical."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from inlaid.kernels.lora import LoraBatchMeta, lora_apply_ref, lora_expand, lora_shrink, lora_shrink_ref
+
+from .test_lora import check_meta, make_adapters, make_slots
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
+SHRINK_TOL, TOL = 1e-3, 1e-2
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def rel(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def problem(dtype, num_tokens, num_loras, in_features, widths, pattern, max_rank=64, seed=0):
+    lora_a, lora_b, ranks, scalings = make_adapters(num_loras, in_features, widths, max_rank, dtype,
+                                                    "cuda", seed)
+    slots = make_slots(pattern, num_tokens, num_loras, seed, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(num_tokens, in_features, device="cuda", generator=gen).to(dtype)
+    # y small next to the update, so y's own rounding does not mask errors in the update
+    y = (0.25 * torch.randn(num_tokens, sum(widths), device="cuda", generator=gen)).to(dtype)
+    return x, y, lora_a, lora_b, slots, ranks, scalings
+
+
+def oracle(x, y, lora_a, lora_b, slots, ranks, scalings, offsets=None):
+    up = [t.double() for t in lora_a], [t.double() for t in lora_b]
+    return lora_apply_ref(x.double(), y.double(), *up, slots, ranks, scalings, offsets)
+
+
+def check_y(y0, y, want, slots):
+    absent = slots < 0
+    assert torch.equal(y[absent], y0[absent]), "rows without an adapter changed"
+    assert not y.isnan().any()
+    if (~absent).any():
+        delta_ref = want - y0.double()
+        assert rel(y.double() - y0.double(), delta_ref) < TOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", ["distinct", "uniform", "identical", "mixed", "none"])
+@pytest.mark.parametrize("num_tokens,num_loras,widths", [
+    (1, 4, (512, 128, 128)),  # decode, fused q/k/v under GQA
+    (7, 8, (1000,)),  # widths and K off every block multiple
+    (32, 32, (384, 384)),
+    (300, 6, (512, 128, 128)),  # prefill tiles
+])
+def test_triton_matches_oracle(dtype, pattern, num_tokens, num_loras, widths):
+    in_features = 1000 if widths == (1000,) else 512
+    x, y0, lora_a, lora_b, slots, ranks, scalings = problem(dtype, num_tokens, num_loras, in_features,
+                                                            widths, pattern, seed=num_tokens)
+    meta = LoraBatchMeta(num_tokens + 5, num_loras, "cuda").prepare(slots)
+    buf = lora_shrink(x, lora_a, meta, ranks, scalings, backend="triton")
+    ref_buf = lora_shrink_ref(x.double(), [a.double() for a in lora_a], meta, ranks, scalings)
+    assert not buf[ref_buf == 0].any()  # zeros for absent tokens and past each rank
+    if ref_buf.any():
+        assert rel(buf, ref_buf) < SHRINK_TOL
+    y = lora_expand(buf, lora_b, meta, ranks, y0.clone(), backend="triton")
+    check_y(y0, y, oracle(x, y0, lora_a, lora_b, slots, ranks, scalings), slots)
+
+
+@pytest.mark.parametrize("block_m", [32, 64])
+def test_taller_token_tiles(block_m):
+    x, y0, lora_a, lora_b, slots, ranks, scalings = problem(torch.bfloat16, 300, 5, 256, (192, 64),
+                                                            "mixed", seed=block_m)
+    meta = LoraBatchMeta(300, 5, "cuda", block_m=block_m).prepare(slots)
+    buf = lora_shrink(x, lora_a, meta, ranks, scalings, backend="triton")
+    y = lora_expand(buf, lora_b, meta, ranks, y0.clone(), backend="triton")
+    check_y(y0, y, oracle(x, y0, lora_a, lora_b, slots, ranks, scalings), slots)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expand_alone_with_offsets_and_rank_128(dtype):
+    """Expand from an exact buf, into a wider y with slices out of order; max_rank 128."""
+    widths, offsets = (256, 96), [130, 8]
+    lora_a, lora_b, ranks, scalings = make_adapters(5, 64, widths, 128, dtype, "cuda", seed=11)
+    ranks[0] = 128  # slot 0 uses every column: give it finite weights throughout
+    for t in lora_a + lora_b:
+        t[0] = torch.randn_like(t[0]) / 8
+    slots = make_slots("mixed", 20, 5, 11, "cuda")
+    x = torch.randn(20, 64, device="cuda").to(dtype)
+    y0 = (0.25 * torch.randn(20, 400, device="cuda")).to(dtype)
+    meta = LoraBatchMeta(20, 5, "cuda").prepare(slots)
+    buf = lora_shrink_ref(x, lora_a, meta, ranks, scalings)
+    y = lora_expand(buf, lora_b, meta, ranks, y0.clone(), offsets, backend="triton")
+    want = oracle(x, y0, lora_a, lora_b, slots, ranks, scalings, offsets)
+    check_y(y0, y, want, slots)
+    for cols in (slice(0, 8), slice(104, 130), slice(386, 400)):
+        assert torch.equal(y[:, cols], y0[:, cols])
+
+
+def test_shrink_zeroes_a_poisoned_out_buffer():
+    x, _, lora_a, _, slots, ranks, scalings = problem(torch.float16, 40, 6, 256, (64, 64), "mixed", seed=2)
+    meta = LoraBatchMeta(40, 6, "cuda").prepare(slots)
+    out = torch.full((2, 40, 64), float("nan"), device="cuda")
+    got = lora_shrink(x, lora_a, meta, ranks, scalings, out=out, backend="triton")
+    assert got is out and not out.isnan().any()
+    assert not out[:, slots < 0].any()
+
+
+def test_dispatch_picks_triton_on_cuda(monkeypatch):
+    import inlaid.kernels.triton.lora_shrink as mod
+
+    calls = []
+    real = mod.lora_shrink_triton
+    monkeypatch.setattr(mod, "lora_shrink_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, _, lora_a, _, slots, ranks, scalings = problem(torch.float16, 4, 2, 64, (32,), "uniform")
+    lora_shrink(x, lora_a, LoraBatchMeta(4, 2, "cuda").prepare(slots), ranks, scalings)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepare_and_kernels_replay_in_a_cuda_graph(dtype):
+    """Capture prepare + shrink + expand once; replay with new slot contents in the static input."""
+    num_tokens, num_loras, widths = 24, 8, (256, 64, 64)
+    x, y0, lora_a, lora_b, slots, ranks, scalings = problem(dtype, num_tokens, num_loras, 128, widths,
+                                                            "uniform", seed=5)
+    meta = LoraBatchMeta(32, num_loras, "cuda")
+    static_slots, y = slots.clone(), y0.clone()
+    buf = torch.empty(len(widths), num_tokens, 64, device="cuda")
+
+    def step():
+        meta.prepare(static_slots)
+        lora_shrink(x, lora_a, meta, ranks, scalings, out=buf, backend="triton")
+        lora_expand(buf, lora_b, meta, ranks, y, backend="triton")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm the allocator outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed, pattern in enumerate(["distinct", "identical", "mixed", "none", "uniform"]):
+        new = make_slots(pattern, num_tokens, num_loras, seed=100 + seed, device="cuda")
+        static_slots.copy_(new)
+        y.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        check_y(y0, y, oracle(x, y0, lora_a, lora_b, new, ranks, scalings), new)
+        check_meta(meta, new)
+
