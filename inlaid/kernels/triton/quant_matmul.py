@@ -34,6 +34,21 @@ def _unpack_gather(qw_ptr, offs_k, offs_n, wmask, stride_qk, stride_qn, BITS: tl
 
 
 @triton.jit
+def _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Bias (added once, by the first K split), then a plain store or an fp32 atomic add."""
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
 def _quant_matmul_kernel(
     x_ptr, qw_ptr, scales_ptr, zeros_ptr, gidx_ptr, bias_ptr, y_ptr,
     M, N, K,
@@ -93,15 +108,7 @@ def _quant_matmul_kernel(
         w = ((codes - zero) * scale).to(x.dtype)
         acc = tl.dot(x, w, acc)
 
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=out_mask)
+    _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -146,15 +153,7 @@ def _quant_gemv_kernel(
             part += tl.sum(xj[:, :, None] * codes[None, :, :], axis=1)
             xsum += tl.sum(xj, axis=1)
         acc += scale[None, :] * (part - zero[None, :] * xsum[:, None])
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=out_mask)
+    _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def use_gemv(m: int, p: PreparedQuant) -> bool:
