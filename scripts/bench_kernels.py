@@ -96,12 +96,8 @@ def bench_shape(k, n, bits, ms, bw, exllama):
     return rows
 
 
-def triton_pow2(m: int) -> int:
-    return 1 << (m - 1).bit_length()
-
-
-def sweep(k: int, n: int, ms) -> str:
-    """Block-shape sweep for the Triton kernel (to tune `_config`): best configs per M."""
+def sweep(k: int, n: int, ms) -> None:
+    """Block-shape sweep of the Triton kernel, printed as it goes (how `_config` was tuned)."""
     import itertools
 
     from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
@@ -109,33 +105,14 @@ def sweep(k: int, n: int, ms) -> str:
     packed = random_packed(k, n, 4, torch.Generator().manual_seed(0))
     copies = max(2, -(-3 * L2_BYTES // (packed.qweight.numel() * 4)))
     layers = [prepare(packed, "cuda") for _ in range(copies)]
-    lines = [f"sweep {k}x{n} 4-bit: M, best µs, config (then the next two)"]
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        results = []
-        if m <= 8:
-            for bn, bk, sk, warps in itertools.product((64, 128, 256), (64, 128), (1, 2, 4, 8, 16), (4, 8)):
-                cfg = dict(kernel="gemv", BLOCK_M=triton_pow2(m), BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
-                           num_warps=warps, num_stages=3)
-                try:
-                    results.append((timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies,
-                                          reps=5), cfg))
-                except Exception:  # noqa: BLE001 - configs that do not compile are skipped
-                    continue
-        bm = 16 if m <= 16 else 64 if m <= 64 else 128
+        bm, warps = (16, 4) if m <= 16 else (64, 4) if m <= 64 else (128, 8)
         for bn, bk, sk in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8)):
-            warps, stages = (4, 3) if bm < 128 else (8, 3)
-            cfg = dict(kernel="mma", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
-                       num_stages=stages)
-            try:
-                t = timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5)
-            except Exception as exc:  # noqa: BLE001 - configs that do not compile are skipped
-                continue
-            results.append((t, cfg))
-        results.sort(key=lambda r: r[0])
-        for t, cfg in results[:3]:
-            lines.append(f"  M={m}: {t:.1f} µs  {cfg}")
-    return "\n".join(lines)
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
+                       num_stages=3)
+            t = timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5)
+            print(f"sweep {k}x{n} M={m}: {t:.1f} µs {cfg}", flush=True)
 
 
 def table(rows, bw) -> str:
@@ -155,10 +132,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer M values")
     parser.add_argument("--no-exllama", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="tune Triton block shapes first")
+    parser.add_argument("--sweep", type=int, nargs="*", metavar="M",
+                        help="only sweep Triton block shapes on 4096x12288 at these M")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: skipping the kernel benchmark")
+        return
+    if args.sweep:
+        sweep(4096, 12288, args.sweep)
         return
     exllama = None
     if not args.no_exllama:
@@ -169,14 +150,13 @@ def main() -> None:
             exllama = exllama_matmul
         except Exception as exc:  # noqa: BLE001 - the benchmark still runs without exllamav2
             print(f"exllamav2 unavailable ({exc}); its column stays empty")
-    if args.sweep:
-        print(sweep(4096, 12288, [1, 4, 8, 16, 64, 256]), flush=True)
     bw = hbm_bandwidth()
     ms = [1, 16, 64, 256] if args.quick else MS
     rows = []
     for k, n, name in SHAPES:
         print(f"{k}x{n} ({name}) ...", flush=True)
         rows += bench_shape(k, n, 4, ms, bw, exllama)
+        print(table(rows[-len(ms):], bw).split("\n", 2)[2], flush=True)  # progress, in case of a time-out
     for bits in (2, 3, 8):
         rows += bench_shape(4096, 12288, bits, [1, 16, 64], bw, None)
     text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + table(rows, bw))

@@ -47,28 +47,9 @@ def test_triton_bf16_and_split_k(split_k):
     p = prepare(packed, "cuda", torch.bfloat16)
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
     ref = quant_matmul_ref(x.float(), prepare(packed, "cuda", torch.float32))
-    cfg = dict(kernel="mma", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split_k, GROUP_M=8, num_warps=4,
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split_k, GROUP_M=8, num_warps=4,
                num_stages=3)
     assert rel(quant_matmul_triton(x, p, config=cfg), ref) < TOL
-    gemv = dict(kernel="gemv", BLOCK_M=4, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=3)
-    assert rel(quant_matmul_triton(x, p, config=gemv), ref) < TOL
-
-
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
-def test_gemv_and_mma_paths_agree(bits, m):
-    """Both kernels on the same small-M inputs: each against the reference (M <= 8 runs the gemv
-    path by default; the mma path is forced)."""
-    from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
-
-    packed, _, _ = random_layer(2048, 640, bits, 64, bits == 4, False, bias=True, seed=bits * m)
-    p = prepare(packed, "cuda", torch.float16)
-    x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
-    ref = quant_matmul_ref(x.float(), prepare(packed, "cuda", torch.float32))
-    mma = dict(kernel="mma", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, num_warps=4,
-               num_stages=3)
-    assert rel(quant_matmul_triton(x, p), ref) < TOL
-    assert rel(quant_matmul_triton(x, p, config=mma), ref) < TOL
 
 
 @pytest.mark.skipif(importlib.util.find_spec("exllamav2") is None, reason="needs exllamav2")

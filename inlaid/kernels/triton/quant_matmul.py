@@ -5,7 +5,7 @@ words that hold its BLOCK_K x BLOCK_N codes, unpacks them in registers, looks up
 (g_idx, so act-order needs no permutation), dequantizes to fp16/bf16 and feeds ``tl.dot``.
 For small M the weight read is the whole cost, so the K loop is split over SPLIT_K programs that
 add their partial tiles atomically: enough programs to cover every SM even when N is small.
-For M <= 8 a second kernel skips tensor cores altogether (see ``_quant_gemv_kernel``).
+(A tensor-core-free GEMV variant for M <= 8 was tried and measured slower: docs/results/kernels.md.)
 """
 
 from __future__ import annotations
@@ -111,67 +111,9 @@ def _quant_matmul_kernel(
     _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
 
 
-@triton.jit
-def _quant_gemv_kernel(
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, bias_ptr, y_ptr,
-    M, N, K,
-    stride_xm, stride_qk, stride_sg, stride_ym,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Small-M path (M <= 8, 2/4/8 bits, natural groups): no tensor cores, which would waste 15/16
-    of a 16-row tile. Each packed word is read once; code j of every word meets x[k0 + j + PER_WORD*w]
-    so the codes never need reordering, and the group's scale/zero are applied once per K-step:
-    sum_k s (q_k - z) x_k = s (sum_k q_k x_k - z sum_k x_k)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    PER_WORD: tl.constexpr = 32 // BITS
-    WORDS: tl.constexpr = BLOCK_K // PER_WORD
-    MASK: tl.constexpr = (1 << BITS) - 1
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        offs_w = k0 // PER_WORD + tl.arange(0, WORDS)
-        words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :],
-                        mask=(offs_w < K // PER_WORD)[:, None] & mask_n[None, :],
-                        other=0).to(tl.uint32, bitcast=True)
-        soff = (k0 // GROUP_SIZE) * stride_sg + offs_n
-        scale = tl.load(scales_ptr + soff, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + soff, mask=mask_n, other=0.0).to(tl.float32)
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for j in tl.static_range(PER_WORD):
-            codes = ((words >> (j * BITS)) & MASK).to(tl.float32)  # [WORDS, BLOCK_N]
-            offs_k = k0 + j + PER_WORD * tl.arange(0, WORDS)
-            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-            part += tl.sum(xj[:, :, None] * codes[None, :, :], axis=1)
-            xsum += tl.sum(xj, axis=1)
-        acc += scale[None, :] * (part - zero[None, :] * xsum[:, None])
-    _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
-
-
-def use_gemv(m: int, p: PreparedQuant) -> bool:
-    return m <= 8 and p.bits != 3 and p.group_size > 0
-
-
-def _gemv_config(m: int, n: int, k: int, sms: int, group_size: int) -> dict:
-    block_n, block_k = 128, min(128, group_size)
-    split_k = 1
-    while triton.cdiv(n, block_n) * split_k < 2 * sms and k // (block_k * split_k * 2) >= 1 and split_k < 16:
-        split_k *= 2
-    return dict(BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                num_warps=4, num_stages=3)
-
-
 def _config(m: int, n: int, k: int, sms: int) -> dict:
-    """Block shapes by M regime, from the sweep in scripts/bench_kernels.py --sweep (H100, 4096x12288,
-    4-bit g128; docs/results/kernels.md)."""
+    """Block shapes by M regime, from `scripts/bench_kernels.py --sweep 1 16 64 256` (H100,
+    4096x12288, 4-bit g128; docs/results/kernels.md)."""
     if m <= 16:
         block_m, block_n, block_k, warps = 16, 128, 64, 4
     elif m <= 64:
@@ -179,9 +121,10 @@ def _config(m: int, n: int, k: int, sms: int) -> dict:
     else:
         block_m, block_n, block_k, warps = 128, 64, 64, 8
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    # Split K until every SM has a program (small M: the weight read is all the work).
+    # Split K until each SM has ~4 programs (small M: the weight read is all the work, and more
+    # loads in flight hide HBM latency); the sweep's best at M <= 16 was split 4-8.
     split_k = 1
-    while tiles * split_k < sms and k // (block_k * split_k * 2) >= 2 and split_k < 8:
+    while tiles * split_k < 4 * sms and k // (block_k * split_k * 2) >= 2 and split_k < 8:
         split_k *= 2
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=8,
                 num_warps=warps, num_stages=3)
@@ -205,12 +148,7 @@ def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None =
     dev = x.device.index or 0
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    if config is not None:  # explicit (tests, the benchmark sweep): {"kernel": "gemv"|"mma", ...}
-        cfg = dict(config)
-        gemv = cfg.pop("kernel", "mma") == "gemv"
-    else:
-        gemv = use_gemv(m, p)
-        cfg = _gemv_config(m, n, k, _SMS[dev], p.group_size) if gemv else _config(m, n, k, _SMS[dev])
+    cfg = dict(config) if config is not None else _config(m, n, k, _SMS[dev])
     group_size = p.group_size
     if group_size > 0:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
@@ -221,22 +159,13 @@ def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None =
     else:
         y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     bias = p.bias if p.bias is not None else p.scales  # any pointer; unused without HAS_BIAS
-    if gemv:
-        if x.stride(1) != 1 or p.qweight.stride(1) != 1:
-            raise ValueError("the small-M path needs x and qweight contiguous in their last dim")
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k)
-        _quant_gemv_kernel[grid](
-            x, p.qweight, p.scales, p.zeros, bias, y, m, n, k,
-            x.stride(0), p.qweight.stride(0), p.scales.stride(0), y.stride(0),
-            BITS=p.bits, GROUP_SIZE=group_size, HAS_BIAS=p.bias is not None, **cfg)
-    else:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
-        _quant_matmul_kernel[grid](
-            x, p.qweight, p.scales, p.zeros, p.g_idx, bias, y,
-            m, n, k,
-            x.stride(0), x.stride(1), p.qweight.stride(0), p.qweight.stride(1), p.scales.stride(0),
-            y.stride(0),
-            BITS=p.bits, GROUP_SIZE=max(group_size, 0), HAS_BIAS=p.bias is not None, **cfg)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
+    _quant_matmul_kernel[grid](
+        x, p.qweight, p.scales, p.zeros, p.g_idx, bias, y,
+        m, n, k,
+        x.stride(0), x.stride(1), p.qweight.stride(0), p.qweight.stride(1), p.scales.stride(0),
+        y.stride(0),
+        BITS=p.bits, GROUP_SIZE=max(group_size, 0), HAS_BIAS=p.bias is not None, **cfg)
     if split_k == 1:
         return y
     return out.copy_(y) if out is not None else y.to(x.dtype)
