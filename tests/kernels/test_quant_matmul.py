@@ -37,7 +37,8 @@ def test_reference_matches_float64(bits, group_size, act_order, sym):
     x = torch.randn(5, 256)
     expect = x.double() @ w64.t() + (0 if b is None else b.double())
     got = quant_matmul_ref(x, p)
-    assert torch.allclose(got.double(), expect, rtol=1e-5, atol=1e-5)
+    # fp32 accumulation over K=256 terms: relative error ~1e-7, bounded here at 1e-6.
+    assert ((got.double() - expect).norm() / expect.norm()).item() < 1e-6
     assert torch.equal(quant_matmul(x.reshape(1, 5, 256), p).reshape(5, 96), got)
 
 
