@@ -47,7 +47,7 @@ class QuantConfig:
     block_size: int = 128
     true_sequential: bool = True
     method: str = "gptq"
-    aggregation: str = "max"
+    aggregation: str = "mean"  # measured best with mix; max loses 4x (docs/results/quantize.md)
     propagation: str = "fp"
     with_adapters: bool = True
     samples: int = 128

@@ -10,7 +10,7 @@ python scripts/make_demo_tasks.py "$DEMO" > /dev/null
 task() { echo "--task $1=$DEMO/$1/adapter:$DEMO/$1.jsonl"; }
 # shellcheck disable=SC2046
 inlaid quantize default "$OUT/smollm2-w4" $(task arithmetic) $(task dates) $(task sorting) \
-    --bits 4 --group-size 64 --aggregation max --samples 32 --seq-len 256 --overwrite "$@"
+    --bits 4 --group-size 64 --aggregation mean --samples 32 --seq-len 256 --overwrite "$@"
 # shellcheck disable=SC2046
 inlaid add-task "$OUT/smollm2-w4" $(task capitals)
 echo "checkpoint: $OUT/smollm2-w4 (tasks.json lists the tasks; adapters/ holds their adapters)"

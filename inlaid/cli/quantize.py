@@ -13,6 +13,7 @@ from inlaid.quant import pipeline
 
 TaskOpt = Annotated[list[str], typer.Option(
     "--task", "-t", help="NAME=ADAPTER_DIR:DATA_FILE (repeatable). ADAPTER_DIR may be 'none'.")]
+_D = QuantConfig()  # flag defaults come from the config, so the two cannot drift apart
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="Compute device (default: cuda when available, else cpu).")]
 
@@ -28,21 +29,22 @@ def quantize_cmd(
     base: Annotated[str, typer.Argument(help="HF safetensors dir, .gguf file, hub id, or 'default'.")],
     out_dir: Annotated[Path, typer.Argument(help="Output checkpoint directory.")],
     task: TaskOpt,
-    bits: Annotated[int, typer.Option(help="2, 3, 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="-1 (per row), 32, 64 or 128.")] = 128,
-    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.")] = True,
-    desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="Act-order.")] = False,
-    static_groups: Annotated[bool, typer.Option(help="Fix group grids before act-order.")] = False,
-    damp: Annotated[float, typer.Option(help="Damping as a fraction of mean(diag H).")] = 0.01,
-    method: Annotated[str, typer.Option(help="gptq, or rtn (round-to-nearest baseline).")] = "gptq",
-    aggregation: Annotated[str, typer.Option(help="max, mean or mix (pooled = plain GPTQ).")] = "max",
-    propagation: Annotated[str, typer.Option(help="fp (exact add-task) or quantized.")] = "fp",
+    bits: Annotated[int, typer.Option(help="2, 3, 4 or 8.")] = _D.bits,
+    group_size: Annotated[int, typer.Option(help="-1 (per row), 32, 64 or 128.")] = _D.group_size,
+    sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric or asymmetric grid.")] = _D.sym,
+    desc_act: Annotated[bool, typer.Option("--desc-act/--no-desc-act", help="Act-order.")] = _D.desc_act,
+    static_groups: Annotated[bool, typer.Option(help="Fix group grids before act-order.")] = _D.static_groups,
+    damp: Annotated[float, typer.Option(help="Damping as a fraction of mean(diag H).")] = _D.damp_percent,
+    method: Annotated[str, typer.Option(help="gptq, or rtn (round-to-nearest baseline).")] = _D.method,
+    aggregation: Annotated[str, typer.Option(
+        help="mean (task-balanced), mix (pooled = plain GPTQ) or max (LoRA-Inlaid).")] = _D.aggregation,
+    propagation: Annotated[str, typer.Option(help="fp (exact add-task) or quantized.")] = _D.propagation,
     with_adapters: Annotated[bool, typer.Option(
         "--with-adapters/--without-adapters",
-        help="Calibrate with each task's adapter active (MLGPTQ) or on the base alone.")] = True,
-    samples: Annotated[int, typer.Option(help="Calibration sequences per task.")] = 128,
-    seq_len: Annotated[int, typer.Option(help="Max tokens per calibration sequence.")] = 512,
-    seed: Annotated[int, typer.Option(help="Seed for sampling calibration rows.")] = 0,
+        help="Calibrate with each task's adapter active (MLGPTQ) or on the base alone.")] = _D.with_adapters,
+    samples: Annotated[int, typer.Option(help="Calibration sequences per task.")] = _D.samples,
+    seq_len: Annotated[int, typer.Option(help="Max tokens per calibration sequence.")] = _D.seq_len,
+    seed: Annotated[int, typer.Option(help="Seed for sampling calibration rows.")] = _D.seed,
     device: DeviceOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
 ) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from inlaid.quant.gptq import gptq_quantize
-from inlaid.quant.hessian import AggregationState, HessianAccumulator, relative_error
+from inlaid.quant.hessian import AggregationState, HessianAccumulator, nearest_psd, relative_error
 from inlaid.quant.primitives import compute_qparams, dequantize_codes, quantize_codes, rtn_quantize
 
 
@@ -133,3 +133,21 @@ def test_state_round_trip_is_lossless():
         state.fold(acc)
         back = AggregationState.from_tensors(rule, state.to_tensors("g"), "g")
         assert torch.equal(back.matrix, state.matrix) and back.count == state.count
+
+
+def test_max_aggregation_is_projected_to_psd():
+    x1, x2 = correlated_inputs(200, 48, seed=11), correlated_inputs(200, 48, seed=12)
+    x1[:, 3] = x2[:, 3] = 0
+    h1, h2 = hessian_of(x1), hessian_of(x2)
+    raw = torch.maximum(h1, h2)
+    assert torch.linalg.eigvalsh(raw).min() < 0
+    state = AggregationState("max")
+    for x in (x1, x2):
+        acc = HessianAccumulator(48, "cpu")
+        acc.add(x)
+        state.fold(acc)
+    h = state.hessian()
+    assert torch.equal(state.matrix, raw.triu() + raw.triu(1).t())  # the stored state stays raw
+    assert torch.linalg.eigvalsh(h.double()).min() > -1e-5 * h.diag().mean()
+    assert h[3].abs().max() == 0 and h[:, 3].abs().max() == 0  # dead input stays dead
+    assert torch.allclose(nearest_psd(h1), h1, atol=1e-5)  # PSD input: unchanged

@@ -27,7 +27,7 @@ def test_checkpoint_layout_and_manifest(tmp_path, tiny_model, tiny_tasks):
     report = pipeline.quantize(str(tiny_model), out, specs(tiny_tasks, ["sql", "math"]), QuantConfig(**CFG))
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["bits"] == 4 and cfg["checkpoint_format"] == "gptq"
-    assert cfg["inlaid"]["tasks"] == ["sql", "math"] and cfg["inlaid"]["aggregation"] == "max"
+    assert cfg["inlaid"]["tasks"] == ["sql", "math"] and cfg["inlaid"]["aggregation"] == "mean"
     assert json.loads((out / "quantize_config.json").read_text())["group_size"] == 32
     tensors = load_file(str(out / "model.safetensors"))
     q = "model.layers.0.self_attn.q_proj"
