@@ -60,11 +60,13 @@ def prepare(p: PackedLinear, device, dtype=torch.float16) -> PreparedQuant:
 
 
 def quant_matmul_ref(x: torch.Tensor, p: PreparedQuant) -> torch.Tensor:
-    """fp32 reference: dequantize every weight, then matmul; returns x's dtype."""
-    w = dequantize_weight(p.qweight, p.scales, p.zeros, p.g_idx, p.bits)
-    out = x.float() @ w.t()
+    """Reference: dequantize every weight, then matmul in fp32 (float64 for float64 x); returns
+    x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = dequantize_weight(p.qweight, p.scales, p.zeros, p.g_idx, p.bits).to(acc)
+    out = x.to(acc) @ w.t()
     if p.bias is not None:
-        out = out + p.bias.float().to(x.device)
+        out = out + p.bias.to(device=x.device, dtype=acc)
     return out.to(x.dtype)
 
 
