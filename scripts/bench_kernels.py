@@ -13,10 +13,11 @@ speedups vs fp16 cuBLAS (`x @ W`) and vs exllamav2. Writes $OUT/kernels.md when 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
+
+from inlaid.bench.report import emit
 
 from inlaid.kernels.quant_matmul import prepare
 from inlaid.quant.primitives import group_index, pack_linear
@@ -160,10 +161,7 @@ def main() -> None:
     for bits in (2, 3, 8):
         rows += bench_shape(4096, 12288, bits, [1, 16, 64], bw, None)
     text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + table(rows, bw))
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "kernels.md"), "w") as fh:
-            fh.write(text + "\n")
+    emit(text, "kernels.md")
 
 
 if __name__ == "__main__":

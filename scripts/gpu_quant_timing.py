@@ -16,6 +16,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
+from inlaid.bench.report import emit
 from inlaid.config import QuantConfig
 from inlaid.model.dummy import dummy_model, random_adapter
 from inlaid.quant.calib_data import random_calibration
@@ -68,10 +69,7 @@ def main() -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {p} | {l} | {s:.2f} | {a:.3e} | {b:.3e} |" for p, l, s, a, b in rows]
     text = "\n".join(lines)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "quant_timing.md"), "w") as fh:
-            fh.write(text + "\n")
+    emit(text, "quant_timing.md")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from inlaid.kernels import dispatch
-from inlaid.quant.primitives import PackedLinear, dequantize_weight, unpack_zeros
+from inlaid.quant.primitives import LinearShape, PackedLinear, dequantize_weight, unpack_zeros
 
 
 @dataclass
-class PreparedQuant:
+class PreparedQuant(LinearShape):
     """Device-resident tensors a fast kernel reads (built once per layer at load time)."""
 
     qweight: torch.Tensor  # int32 [K*bits/32, N]
@@ -30,14 +30,6 @@ class PreparedQuant:
     qzeros: torch.Tensor  # int32 [G, N*bits/32], v1 packed (what exllamav2 reads)
     # Per-backend load-time state (e.g. exllamav2's q-matrix handle), built on first use.
     backend_state: dict = field(default_factory=dict)
-
-    @property
-    def in_features(self) -> int:
-        return self.g_idx.numel()
-
-    @property
-    def out_features(self) -> int:
-        return self.scales.shape[1]
 
 
 def natural_group_size(g_idx: torch.Tensor, groups: int) -> int:

@@ -97,16 +97,11 @@ def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(nw // bits * 32, m)
 
 
-@dataclass
-class PackedLinear:
-    """One quantized linear layer in the GPTQ v1 layout (tensors as stored in the checkpoint)."""
+class LinearShape:
+    """in/out features of a layer stored in the GPTQ layout (g_idx [in], scales [groups, out])."""
 
-    qweight: torch.Tensor  # int32 [in*bits/32, out]
-    qzeros: torch.Tensor  # int32 [groups, out*bits/32]
-    scales: torch.Tensor  # fp16 [groups, out]
-    g_idx: torch.Tensor  # int32 [in]
-    bits: int
-    bias: torch.Tensor | None = None  # fp16 [out]
+    g_idx: torch.Tensor
+    scales: torch.Tensor
 
     @property
     def in_features(self) -> int:
@@ -115,6 +110,18 @@ class PackedLinear:
     @property
     def out_features(self) -> int:
         return self.scales.shape[1]
+
+
+@dataclass
+class PackedLinear(LinearShape):
+    """One quantized linear layer in the GPTQ v1 layout (tensors as stored in the checkpoint)."""
+
+    qweight: torch.Tensor  # int32 [in*bits/32, out]
+    qzeros: torch.Tensor  # int32 [groups, out*bits/32]
+    scales: torch.Tensor  # fp16 [groups, out]
+    g_idx: torch.Tensor  # int32 [in]
+    bits: int
+    bias: torch.Tensor | None = None  # fp16 [out]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.qweight": self.qweight, f"{prefix}.qzeros": self.qzeros,

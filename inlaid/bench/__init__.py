@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, load generation, metrics and reports."""

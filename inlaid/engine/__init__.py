@@ -1,0 +1,1 @@
+"""Serving engine (continuous batching, paged KV cache, adapter manager, scheduler): not built yet."""

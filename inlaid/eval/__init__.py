@@ -1,0 +1,1 @@
+"""Task suite, metrics and lm-eval integration: not built yet."""

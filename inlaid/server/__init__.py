@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server: not built yet."""
