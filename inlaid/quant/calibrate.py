@@ -128,59 +128,60 @@ def calibrate(model, tasks: list[CalibTask], cfg: QuantConfig, *, device: str | 
     """Quantize every decoder layer of ``model`` against the tasks' aggregated Hessians."""
     reporter = reporter or Reporter()
     layers = model.model.layers
-    reporter.start(len(layers), len(tasks))
-    result = CalibrationResult()
-    inputs = {t.name: capture_inputs(model, t.samples, device, dtype) for t in tasks}
     group_names = [g for g, _ in HESSIAN_GROUPS]
     sequential = cfg.propagation == "quantized" and cfg.true_sequential
+    passes = [[g] for g in group_names] if sequential else [group_names]
+    reporter.start(len(layers), len(tasks) * len(passes))
+    result = CalibrationResult()
+    inputs = {t.name: capture_inputs(model, t.samples, device, dtype) for t in tasks}
 
     for index, layer in enumerate(layers):
         started = time.perf_counter()
         layer.to(device=device, dtype=dtype)
-        originals = {p: get_projection(layer, p).weight.detach().float().clone() for p in PROJECTIONS}
         prior = prior_states(index) if prior_states else {}
         states = {g: prior.get(g) or AggregationState(cfg.aggregation) for g in group_names}
-        task_h: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in tasks}
-        quantized: dict[str, torch.Tensor] = {}
-        next_inputs: dict[str, list] = {}
-
-        passes = [[g] for g in group_names] if sequential else [group_names]
-        for pass_groups in passes:
-            for task in tasks:
-                keep = cfg.propagation == "fp" and not sequential
-                accs, outs = _run_layer(layer, index, task, inputs[task.name], pass_groups, keep)
-                if keep:
-                    next_inputs[task.name] = outs
-                for g, acc in accs.items():
-                    states[g].fold(acc)
-                    task_h[task.name][g] = acc.hessian()
-                reporter.task_done(index, task.name)
-            for g in pass_groups:
-                factor = factorize(states[g].hessian(), damp_percent=cfg.damp_percent,
-                                   desc_act=cfg.desc_act)
-                for proj in dict(HESSIAN_GROUPS)[g]:
-                    q = _solve(layer, index, proj, originals[proj], factor, cfg, result)
-                    quantized[proj] = q
-                    if cfg.propagation == "quantized":
-                        get_projection(layer, proj).weight.data.copy_(q.to(dtype))
-
-        if cfg.propagation == "quantized":
-            for task in tasks:
-                _, outs = _run_layer(layer, index, task, inputs[task.name], [], True)
-                next_inputs[task.name] = outs
-        result.errors[index] = {
-            t.name: sum(relative_error(originals[p], quantized[p], task_h[t.name][GROUP_OF[p]])
-                        for p in PROJECTIONS) / len(PROJECTIONS)
-            for t in tasks}
+        inputs, result.errors[index] = _calibrate_layer(layer, index, tasks, inputs, states, passes,
+                                                        cfg, dtype, result, reporter)
         if state_sink is not None:
             state_sink(index, states)
-        inputs = next_inputs
         layer.to("cpu")
-        del originals, task_h, states
         seconds = time.perf_counter() - started
         result.layer_seconds.append(seconds)
         reporter.layer_done(index, seconds)
     return result
+
+
+def _calibrate_layer(layer, index, tasks, inputs, states, passes, cfg: QuantConfig, dtype,
+                     result: CalibrationResult, reporter: Reporter):
+    """Collect, fold and solve one layer; returns the next layer's inputs and per-task errors."""
+    propagate_fp = cfg.propagation == "fp"
+    error_sum = {t.name: 0.0 for t in tasks}
+    next_inputs: dict[str, list] = {}
+    for pass_groups in passes:
+        task_h: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in tasks}
+        for task in tasks:
+            # fp propagation never changes the weights, so its one pass also yields the outputs.
+            accs, outs = _run_layer(layer, index, task, inputs[task.name], pass_groups, propagate_fp)
+            if propagate_fp:
+                next_inputs[task.name] = outs
+            for g, acc in accs.items():
+                states[g].fold(acc)
+                task_h[task.name][g] = acc.hessian()
+            reporter.task_done(index, task.name)
+        for g in pass_groups:
+            factor = factorize(states[g].hessian(), damp_percent=cfg.damp_percent, desc_act=cfg.desc_act)
+            for proj in dict(HESSIAN_GROUPS)[g]:
+                module = get_projection(layer, proj)
+                original = module.weight.detach().float().clone()
+                q = _solve(layer, index, proj, original, factor, cfg, result)
+                for t in tasks:
+                    error_sum[t.name] += relative_error(original, q, task_h[t.name][g])
+                if not propagate_fp:
+                    module.weight.data.copy_(q.to(dtype))
+    if not propagate_fp:
+        for task in tasks:
+            next_inputs[task.name] = _run_layer(layer, index, task, inputs[task.name], [], True)[1]
+    return next_inputs, {name: total / len(PROJECTIONS) for name, total in error_sum.items()}
 
 
 def _solve(layer, index, proj, weight, factor, cfg: QuantConfig, result: CalibrationResult):
