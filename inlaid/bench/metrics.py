@@ -3,11 +3,12 @@
 All times are seconds. A request's clock starts at its scheduled arrival (not when the client got
 round to sending it), so time spent queued anywhere, client included, counts against the system.
 - TTFT = first_token_s - arrival_s.
-- latency (end to end) = finish_s - arrival_s.
+- latency (end to end) = finish_s - arrival_s: each request's job completion time (JCT) in the
+  LoRA-Inlaid sense.
 - TPOT = (finish_s - first_token_s) / (output_tokens - 1): the mean gap between output tokens after
   the first; defined only for requests with at least 2 output tokens, then summarized over requests.
-- JCT (job completion time) = last finish - first arrival over the whole run; throughputs divide
-  completed requests and their output tokens by it.
+- makespan = last finish - first arrival over the whole run; throughputs divide completed requests
+  and their output tokens by it.
 - Percentiles use the nearest-rank method: pX is the smallest value v such that at least X% of the
   values are <= v. It is always an observed value, and "p90 TTFT <= SLO" means exactly that at
   least 90% of requests met the SLO, so percentiles and SLO attainment never disagree.
