@@ -108,10 +108,11 @@ def sweep(k: int, n: int, ms) -> None:
     layers = [prepare(packed, "cuda") for _ in range(copies)]
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        bm, warps = (16, 4) if m <= 16 else (64, 4) if m <= 64 else (128, 8)
-        for bn, bk, sk in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8)):
+        bm = 16 if m <= 16 else 64 if m <= 64 else 128
+        for bn, bk, sk, warps, stages in itertools.product((64, 128), (64, 128), (2, 4, 8), (2, 4, 8),
+                                                           (2, 3, 4)):
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
-                       num_stages=3)
+                       num_stages=stages)
             t = timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5)
             print(f"sweep {k}x{n} M={m}: {t:.1f} µs {cfg}", flush=True)
 
