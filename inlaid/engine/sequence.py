@@ -1,0 +1,146 @@
+"""One request's state inside the engine: its sampling options and its token/KV bookkeeping.
+
+Torch-free on purpose: the scheduler and block manager only read and write these fields, so they are
+tested on the CPU without a model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+from inlaid.errors import ConfigError
+
+MAX_LOGPROBS = 20  # vLLM's default cap; more makes every step return a large top-k per token
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; True as max_tokens is a caller bug, not 1
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. ``temperature == 0`` means greedy.
+
+    ``top_k`` of 0 or -1 disables top-k (both spellings are common in OpenAI/vLLM clients);
+    ``top_p == 1`` disables nucleus sampling; ``logprobs=None`` returns none, ``n`` returns the top n.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # a lone string is one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        self._check_numbers()
+        self._check_options()
+
+    def _check_numbers(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            raise ConfigError(f"temperature {self.temperature!r}: must be a finite number >= 0")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p {self.top_p!r}: must be in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ConfigError(f"top_k {self.top_k!r}: must be an integer >= 1, or 0/-1 to disable")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens {self.max_tokens!r}: must be an integer >= 1")
+
+    def _check_options(self) -> None:
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"stop {self.stop!r}: stop sequences must be non-empty strings")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ConfigError(f"seed {self.seed!r}: must be an integer or None")
+        if self.logprobs is not None and (
+                not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ConfigError(f"logprobs {self.logprobs!r}: must be an integer in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"  # queued, holds no KV blocks
+    RUNNING = "running"  # holds KV blocks; may still be mid-prefill
+    PREEMPTED = "preempted"  # lost its blocks to memory pressure; waits to recompute its tokens
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A request: prompt + generated tokens, its adapter (task), and where its KV lives.
+
+    ``num_computed_tokens`` counts tokens whose KV is already in the cache (prefix-cache hits
+    included). An unfinished sequence always has ``num_computed_tokens < num_tokens``: the
+    tokens in between are what the next steps must feed to the model.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int],
+                 sampling: SamplingParams | None = None, adapter: str | None = None,
+                 arrival_time: float | None = None) -> None:
+        if not prompt_token_ids:
+            raise ConfigError(f"request {request_id!r}: the prompt is empty")
+        if not all(_is_int(t) and t >= 0 for t in prompt_token_ids):
+            raise ConfigError(f"request {request_id!r}: token ids must be non-negative integers")
+        self.request_id = request_id
+        self.adapter = adapter  # None serves the base model; otherwise the adapter == task name
+        self.sampling = sampling if sampling is not None else SamplingParams()
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.arrival_index = -1  # set by the scheduler: a total order for ties and fcfs
+        self.arrival_step = 0  # scheduler step at arrival; aging counts steps from here
+        self.predicted_output_len: float | None = None
+        self.num_preemptions = 0
+        # KV bookkeeping, owned by the block manager and the scheduler
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # content hash chain of full blocks (grows lazily)
+        self.num_cached_tokens = 0  # prefix-cache hits at the last allocation
+        self.num_computed_tokens = 0
+        self.num_scheduled_tokens = 0  # tokens the current step feeds to the model
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, adapter={self.adapter!r}, status={self.status.name}, "
+                f"tokens={self.num_prompt_tokens}+{self.num_output_tokens})")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
