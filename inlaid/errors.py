@@ -25,5 +25,10 @@ class CheckpointError(InlaidError):
     """A directory is not an inlaid checkpoint, or was made with incompatible settings."""
 
 
+class RequestError(ConfigError):
+    """A request the engine rejects (bad sampling parameters, empty or too long prompt, duplicate
+    id): the server answers it with a 400, never a 500."""
+
+
 class NotBuiltError(InlaidError):
     """A command that exists in the CLI but is not implemented yet."""

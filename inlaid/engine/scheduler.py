@@ -29,7 +29,7 @@ from itertools import chain
 from inlaid.engine.block_manager import BlockManager
 from inlaid.engine.predictor import OutputLengthPredictor, predicted_remaining
 from inlaid.engine.sequence import Sequence, SequenceStatus
-from inlaid.errors import ConfigError
+from inlaid.errors import ConfigError, RequestError
 
 POLICIES = ("fcfs", "inlaid")
 
@@ -124,15 +124,15 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a new request; rejects what could never run instead of stalling on it later."""
         if seq.request_id in self._live:
-            raise ConfigError(f"request id {seq.request_id!r} is already in the engine")
+            raise RequestError(f"request id {seq.request_id!r} is already in the engine")
         # the last sampled token is never fed back, so it needs no KV slot
         max_kv_tokens = seq.num_prompt_tokens + seq.sampling.max_tokens - 1
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if max_kv_tokens > capacity:
-            raise ConfigError(f"request {seq.request_id!r}: prompt + max_tokens need {max_kv_tokens} "
+            raise RequestError(f"request {seq.request_id!r}: prompt + max_tokens need {max_kv_tokens} "
                               f"KV slots, the cache holds {capacity}")
         if not self.config.enable_chunked_prefill and max_kv_tokens > self.config.max_num_batched_tokens:
-            raise ConfigError(f"request {seq.request_id!r}: {max_kv_tokens} tokens exceed "
+            raise RequestError(f"request {seq.request_id!r}: {max_kv_tokens} tokens exceed "
                               f"max_num_batched_tokens without chunked prefill")
         seq.arrival_index, seq.arrival_step = self._num_arrived, self._step
         self._num_arrived += 1

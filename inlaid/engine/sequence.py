@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from inlaid.errors import ConfigError
+from inlaid.errors import RequestError
 
 MAX_LOGPROBS = 20  # vLLM's default cap; more makes every step return a large top-k per token
 
@@ -48,22 +48,22 @@ class SamplingParams:
     def _check_numbers(self) -> None:
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
-            raise ConfigError(f"temperature {self.temperature!r}: must be a finite number >= 0")
+            raise RequestError(f"temperature {self.temperature!r}: must be a finite number >= 0")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p {self.top_p!r}: must be in (0, 1]")
+            raise RequestError(f"top_p {self.top_p!r}: must be in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise ConfigError(f"top_k {self.top_k!r}: must be an integer >= 1, or 0/-1 to disable")
+            raise RequestError(f"top_k {self.top_k!r}: must be an integer >= 1, or 0/-1 to disable")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ConfigError(f"max_tokens {self.max_tokens!r}: must be an integer >= 1")
+            raise RequestError(f"max_tokens {self.max_tokens!r}: must be an integer >= 1")
 
     def _check_options(self) -> None:
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise ConfigError(f"stop {self.stop!r}: stop sequences must be non-empty strings")
+            raise RequestError(f"stop {self.stop!r}: stop sequences must be non-empty strings")
         if self.seed is not None and not _is_int(self.seed):
-            raise ConfigError(f"seed {self.seed!r}: must be an integer or None")
+            raise RequestError(f"seed {self.seed!r}: must be an integer or None")
         if self.logprobs is not None and (
                 not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ConfigError(f"logprobs {self.logprobs!r}: must be an integer in [0, {MAX_LOGPROBS}]")
+            raise RequestError(f"logprobs {self.logprobs!r}: must be an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def is_greedy(self) -> bool:
@@ -89,9 +89,9 @@ class Sequence:
                  sampling: SamplingParams | None = None, adapter: str | None = None,
                  arrival_time: float | None = None) -> None:
         if not prompt_token_ids:
-            raise ConfigError(f"request {request_id!r}: the prompt is empty")
+            raise RequestError(f"request {request_id!r}: the prompt is empty")
         if not all(_is_int(t) and t >= 0 for t in prompt_token_ids):
-            raise ConfigError(f"request {request_id!r}: token ids must be non-negative integers")
+            raise RequestError(f"request {request_id!r}: token ids must be non-negative integers")
         self.request_id = request_id
         self.adapter = adapter  # None serves the base model; otherwise the adapter == task name
         self.sampling = sampling if sampling is not None else SamplingParams()
