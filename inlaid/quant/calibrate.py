@@ -27,9 +27,6 @@ from inlaid.quant.gptq import factorize, gptq_quantize
 from inlaid.quant.hessian import AggregationState, HessianAccumulator, relative_error
 from inlaid.quant.primitives import PackedLinear, pack_linear
 
-GROUP_OF = {proj: g for g, projs in HESSIAN_GROUPS for proj in projs}
-
-
 @dataclass
 class CalibTask:
     name: str

@@ -169,8 +169,6 @@ class Checkpoint:
         groups = {k.split(".")[0] for k in tensors}
         return {g: AggregationState.from_tensors(rule, tensors, g, device) for g in groups}
 
-    def state_bytes(self) -> int:
-        return sum(f.stat().st_size for f in (self.path / STATE_DIR).glob("*.safetensors"))
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

@@ -30,7 +30,6 @@ class GPTQResult:
     scales: torch.Tensor  # fp32 (fp16-representable) [groups, out]
     zeros: torch.Tensor  # fp32 integer-valued [groups, out]
     g_idx: torch.Tensor  # int32 [in]
-    loss: float  # sum over rows of the reference's per-column OBS losses
     damp: float  # damping actually applied
 
 
@@ -127,7 +126,6 @@ def _solve(weight, factor: HessianFactor, bits, group_size, sym, static_groups, 
 
     q = torch.zeros_like(w)
     codes = torch.zeros_like(w)
-    losses = torch.zeros_like(w)
     group_params: list[tuple[torch.Tensor, torch.Tensor]] = []
     scale = zero = None
     if static is None and group_size == -1:
@@ -153,7 +151,6 @@ def _solve(weight, factor: HessianFactor, bits, group_size, sym, static_groups, 
             code = quantize_codes(wc, scale, zero, bits)
             qc = dequantize_codes(code, scale, zero)
             q[:, col], codes[:, col] = qc, code
-            losses[:, col] = (wc - qc) ** 2 / d**2 / 2
             e = (wc - qc) / d
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
@@ -173,4 +170,4 @@ def _solve(weight, factor: HessianFactor, bits, group_size, sym, static_groups, 
         scales = torch.stack([s for s, _ in group_params])
         zeros = torch.stack([z for _, z in group_params])
     return GPTQResult(weight=q, codes=codes.to(torch.int64), scales=scales, zeros=zeros, g_idx=g_idx,
-                      loss=losses.sum().item(), damp=damp)
+                      damp=damp)
