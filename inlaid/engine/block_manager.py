@@ -88,8 +88,8 @@ class BlockManager:
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the sequence's leading full blocks. Only blocks inside the first
         ``num_tokens - 1`` tokens count: the last token must be fed to the model for logits."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt token computed
         hits = []
         for h in self._full_block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
             block_id = self._cached.get(h)

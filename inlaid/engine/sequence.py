@@ -27,6 +27,8 @@ class SamplingParams:
 
     ``top_k`` of 0 or -1 disables top-k (both spellings are common in OpenAI/vLLM clients);
     ``top_p == 1`` disables nucleus sampling; ``logprobs=None`` returns none, ``n`` returns the top n.
+    ``prompt_logprobs`` scores every prompt token too; such requests skip the prefix cache, since a
+    cached token is never computed.
     """
 
     temperature: float = 1.0
@@ -36,6 +38,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # also score the prompt (OpenAI ``echo`` + ``logprobs``)
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -61,9 +64,10 @@ class SamplingParams:
             raise RequestError(f"stop {self.stop!r}: stop sequences must be non-empty strings")
         if self.seed is not None and not _is_int(self.seed):
             raise RequestError(f"seed {self.seed!r}: must be an integer or None")
-        if self.logprobs is not None and (
-                not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise RequestError(f"logprobs {self.logprobs!r}: must be an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise RequestError(f"{name} {value!r}: must be an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def is_greedy(self) -> bool:

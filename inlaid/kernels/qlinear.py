@@ -1,4 +1,6 @@
-"""A quantized linear layer with heterogeneous multi-LoRA: y = x W_q^T (+ bias) + per-token LoRA.
+"""A linear layer with heterogeneous multi-LoRA: y = x W^T (+ bias) + per-token LoRA, where W is
+quantized (:class:`PreparedQuant`) or dense (:class:`DenseLinear`: fp16 bases, and the CPU path,
+which dequantizes once at load instead of on every step).
 
 One module serves a fused projection (q/k/v or gate/up) as several output slices, each with its
 own adapter A/B in fixed GPU slots. The base product goes through ``quant_matmul`` and the adapters
@@ -15,6 +17,27 @@ from torch import nn
 
 from inlaid.kernels.lora import LoraBatchMeta, default_offsets, lora_expand, lora_shrink
 from inlaid.kernels.quant_matmul import PreparedQuant, quant_matmul
+
+
+class DenseLinear:
+    """A dense weight [out, in] (+ bias), the base of an fp16 model."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+def base_matmul(x: torch.Tensor, base: PreparedQuant | DenseLinear) -> torch.Tensor:
+    if isinstance(base, DenseLinear):
+        return torch.nn.functional.linear(x, base.weight, base.bias)
+    return quant_matmul(x, base)
 
 
 class LoraSlots:
@@ -37,12 +60,11 @@ class LoraSlots:
 
     def load(self, slot: int, pairs: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
              scaling: float) -> None:
-        """Put one adapter into ``slot``: per slice (A [r, in], B [out_s, r]) or None (no LoRA on it).
-        Rows past the rank are zeroed so a later, smaller adapter leaves nothing behind."""
-        ranks = {a.shape[0] for pair in pairs if pair is not None for a in pair[:1]}
-        if len(ranks) > 1:
-            raise ValueError(f"slices of one adapter must share a rank, got {sorted(ranks)}")
-        rank = ranks.pop() if ranks else 0
+        """Put one adapter into ``slot``: per slice (A [r_s, in], B [out_s, r_s]) or None (no LoRA on
+        it). Slices of unequal rank (PEFT ``rank_pattern``) run at the largest: the zero rows and
+        columns past a slice's own rank add exactly nothing. Everything past the rank is zeroed so a
+        later, smaller adapter leaves nothing behind."""
+        rank = max((pair[0].shape[0] for pair in pairs if pair is not None), default=0)
         if rank > self.max_rank:
             raise ValueError(f"rank {rank} exceeds max_rank {self.max_rank}")
         for s, pair in enumerate(pairs):
@@ -50,14 +72,14 @@ class LoraSlots:
             self.lora_b[s][slot].zero_()
             if pair is not None:
                 a, b = pair
-                self.lora_a[s][slot, :rank].copy_(a)
-                self.lora_b[s][slot, :, :rank].copy_(b)
+                self.lora_a[s][slot, :a.shape[0]].copy_(a)
+                self.lora_b[s][slot, :, :b.shape[1]].copy_(b)
         self.ranks[slot] = rank
         self.scalings[slot] = scaling
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, quant: PreparedQuant, lora: LoraSlots | None = None):
+    def __init__(self, quant: PreparedQuant | DenseLinear, lora: LoraSlots | None = None):
         super().__init__()
         if lora is not None and sum(lora.slice_widths) != quant.out_features:
             raise ValueError(f"LoRA slices {lora.slice_widths} do not cover {quant.out_features} outputs")
@@ -66,7 +88,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: LoraBatchMeta | None = None) -> torch.Tensor:
         """x [T, in]; ``meta`` groups the T tokens by adapter slot (None: base only)."""
-        y = quant_matmul(x, self.quant)
+        y = base_matmul(x, self.quant)
         if self.lora is not None and meta is not None:
             lora = self.lora
             buf = lora_shrink(x, lora.lora_a, meta, lora.ranks, lora.scalings)

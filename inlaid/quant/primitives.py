@@ -141,6 +141,26 @@ def pack_linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
                         bias=None if bias is None else bias.half())
 
 
+def concat_packed(parts: list[PackedLinear]) -> PackedLinear:
+    """Stack layers that read the same input (q/k/v, gate/up) into one along the output dim, so a
+    serving step runs one GEMM instead of three. They must share g_idx: true for layers quantized
+    from one shared Hessian (act-order permutes all of them alike)."""
+    first = parts[0]
+    if any(p.bits != first.bits or not torch.equal(p.g_idx, first.g_idx) for p in parts[1:]):
+        raise ValueError("only layers with the same bits and g_idx can be fused")
+    zeros = torch.cat([unpack_zeros(p.qzeros, p.bits) for p in parts], dim=1)
+    biases = [p.bias for p in parts]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else torch.zeros(p.out_features, dtype=torch.float16)
+                          for p, b in zip(parts, biases)])
+    return PackedLinear(
+        qweight=torch.cat([p.qweight for p in parts], dim=1),
+        qzeros=pack_rows((zeros.to(torch.int64) - 1).t().contiguous(), first.bits).t().contiguous(),
+        scales=torch.cat([p.scales for p in parts], dim=1), g_idx=first.g_idx, bits=first.bits,
+        bias=bias)
+
+
 def unpack_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     """Stored v1 zero points -> real zero points [groups, out]."""
     return unpack_rows(qzeros.t().contiguous(), bits).t() + 1

@@ -83,3 +83,23 @@ def test_dequantize_against_float64_formula():
             g = int(g_idx[i])
             expect[o, i] = float(scales[g, o]) * (int(codes[o, i]) - float(zeros[g, o]))
     assert torch.allclose(dequantize_linear(p).double(), expect, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_concat_packed_equals_stacked_weights(bits):
+    from inlaid.quant.primitives import concat_packed, dequantize_linear, group_index, pack_linear
+
+    gen = torch.Generator().manual_seed(bits)
+    parts, dense = [], []
+    for out_features, bias in ((64, True), (32, False), (32, True)):
+        codes = torch.randint(0, 2 ** bits, (out_features, 96), generator=gen)
+        scales = torch.rand(3, out_features, generator=gen) + 0.1
+        zeros = torch.randint(1, 2 ** bits, (3, out_features), generator=gen)
+        b = torch.randn(out_features, generator=gen) if bias else None
+        p = pack_linear(codes, scales, zeros, group_index(96, 32), bits, b)
+        parts.append(p)
+        dense.append(dequantize_linear(p))
+    fused = concat_packed(parts)
+    assert torch.equal(dequantize_linear(fused), torch.cat(dense))
+    assert torch.equal(fused.bias[64:96], torch.zeros(32, dtype=torch.float16))
+    assert torch.equal(fused.bias[:64], parts[0].bias)

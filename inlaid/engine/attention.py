@@ -1,0 +1,118 @@
+"""Attention over the paged KV cache: write each step's K/V into its slots, then attend.
+
+Cache layout, one pair per layer: ``k_cache``/``v_cache`` [num_blocks * block_size, kv_heads, head_dim]
+— flat slots, slot = block_id * block_size + offset (a view as [num_blocks, block_size, ...] is the
+same memory). A sequence's token at position p lives in slot
+``block_table[p // block_size] * block_size + p % block_size``.
+
+A step's tokens are split into two kinds of work (built once per step by :func:`build_batch`,
+shared by every layer):
+
+- *chunks*: multi-token pieces (prefill, chunked prefill, recompute after preemption), each attended
+  alone with a causal mask offset by its start position — padding them together would waste up to
+  (longest chunk × sequences) query rows;
+- *decodes*: one query token each, batched into one padded call over gathered context slots.
+
+This module is the simple, correct path (torch SDPA over gathered K/V). It runs everywhere; it is
+also the reference a fused GPU paged-attention kernel must match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Chunk:
+    row_start: int  # first row in the step's flat token batch
+    num_tokens: int
+    context_slots: torch.Tensor  # int64 [start + num_tokens]: cache slots of positions 0..end-1
+    start: int  # absolute position of the first query token
+
+
+@dataclass
+class AttentionBatch:
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot each new token's K/V is written to
+    chunks: list[Chunk] = field(default_factory=list)
+    decode_rows: torch.Tensor | None = None  # int64 [D]: rows of decode tokens in the flat batch
+    decode_slots: torch.Tensor | None = None  # int64 [D, L]: context slots, padded with slot 0
+    decode_lens: torch.Tensor | None = None  # int64 [D]: context length incl. the new token
+
+
+def _slots(block_table: list[int], end: int, block_size: int) -> list[int]:
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(end)]
+
+
+def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
+                device: torch.device | str) -> AttentionBatch:
+    """``pieces``: per scheduled sequence, in batch order, (block table, start, num_new_tokens)."""
+    slot_mapping: list[int] = []
+    chunks: list[Chunk] = []
+    decode_rows, decode_ctx = [], []
+    row = 0
+    for table, start, num in pieces:
+        context = _slots(table, start + num, block_size)
+        slot_mapping.extend(context[start:])
+        if num == 1:
+            decode_rows.append(row)
+            decode_ctx.append(context)
+        else:
+            chunks.append(Chunk(row, num, torch.tensor(context, dtype=torch.int64, device=device), start))
+        row += num
+    batch = AttentionBatch(torch.tensor(slot_mapping, dtype=torch.int64, device=device), chunks)
+    if decode_rows:
+        width = max(len(c) for c in decode_ctx)
+        padded = [c + [0] * (width - len(c)) for c in decode_ctx]
+        batch.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
+        batch.decode_slots = torch.tensor(padded, dtype=torch.int64, device=device)
+        batch.decode_lens = torch.tensor([len(c) for c in decode_ctx], dtype=torch.int64, device=device)
+    return batch
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
+
+
+def _expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[..., kv_heads, L, d] -> [..., heads, L, d] for grouped-query attention."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=-3)
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, valid: torch.Tensor,
+                 sliding_window: int | None) -> torch.Tensor:
+    mask = valid & (k_pos <= q_pos)
+    if sliding_window is not None:
+        mask &= (q_pos - k_pos) < sliding_window
+    return mask
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    batch: AttentionBatch, scale: float, sliding_window: int | None = None
+                    ) -> torch.Tensor:
+    """q [T, heads, d] for the step's tokens (their K/V already written) -> out [T, heads, d]."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k_cache.shape[1]
+    for c in batch.chunks:
+        qc = q[c.row_start:c.row_start + c.num_tokens].transpose(0, 1)  # [heads, n, d]
+        k = _expand_kv(k_cache[c.context_slots].transpose(0, 1), groups)  # [heads, ctx, d]
+        v = _expand_kv(v_cache[c.context_slots].transpose(0, 1), groups)
+        q_pos = torch.arange(c.start, c.start + c.num_tokens, device=q.device)[:, None]
+        k_pos = torch.arange(c.context_slots.numel(), device=q.device)[None, :]
+        mask = _window_mask(q_pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), sliding_window)
+        o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale)
+        out[c.row_start:c.row_start + c.num_tokens] = o.transpose(0, 1)
+    if batch.decode_rows is not None:
+        qd = q[batch.decode_rows].unsqueeze(2)  # [D, heads, 1, d]
+        k = _expand_kv(k_cache[batch.decode_slots].transpose(1, 2), groups)  # [D, heads, L, d]
+        v = _expand_kv(v_cache[batch.decode_slots].transpose(1, 2), groups)
+        k_pos = torch.arange(batch.decode_slots.shape[1], device=q.device)[None, :]
+        q_pos = (batch.decode_lens - 1)[:, None]
+        mask = _window_mask(q_pos, k_pos, k_pos < batch.decode_lens[:, None], sliding_window)
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+        out[batch.decode_rows] = o.squeeze(2)
+    return out

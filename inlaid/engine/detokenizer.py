@@ -1,0 +1,56 @@
+"""Incremental detokenization with stop strings.
+
+Decoding the whole output every step costs O(length²) over a request; decoding only the new token
+breaks words and multi-byte characters that span tokens. So each step decodes a short window: the
+tokens since the last complete read, with a few earlier tokens as context (the tokenizer needs them
+to place leading spaces), and emits the text past what that context decoded to. A window ending in
+U+FFFD is an unfinished UTF-8 sequence: wait for the next token.
+
+Stop strings: the text up to (not including) the first stop string is the output. While a request
+runs, the last ``len(longest stop) - 1`` characters are held back from the stream, since they may
+be the start of a stop string that the next tokens complete.
+"""
+
+from __future__ import annotations
+
+CONTEXT_TOKENS = 5  # prompt tokens decoded as context for the first output token's spacing
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (),
+                 skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._tokens = list(prompt_token_ids[-CONTEXT_TOKENS:])
+        self._prefix = 0  # window start: context for spacing
+        self._read = len(self._tokens)  # tokens up to here are already in ``text``
+        self.text = ""  # all output text so far (stop string cut away once found)
+        self._emitted = 0  # characters of ``text`` already streamed
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> bool:
+        """Add one output token; True when a stop string was found (the text is cut before it)."""
+        self._tokens.append(token_id)
+        prefix_text = self._decode(self._tokens[self._prefix:self._read])
+        window_text = self._decode(self._tokens[self._prefix:])
+        if window_text.endswith("\ufffd") or len(window_text) <= len(prefix_text):
+            return False
+        new = window_text[len(prefix_text):]
+        self._prefix, self._read = self._read, len(self._tokens)
+        search_from = max(len(self.text) - self._hold, 0)
+        self.text += new
+        found = [at for stop in self.stop if (at := self.text.find(stop, search_from)) != -1]
+        if found:
+            self.text = self.text[:min(found)]
+        return bool(found)
+
+    def delta(self, finished: bool) -> str:
+        """Text not yet streamed; keeps back a possible stop-string start unless ``finished``."""
+        end = len(self.text) if finished or not self.stop else max(len(self.text) - self._hold, 0)
+        end = max(end, self._emitted)
+        out, self._emitted = self.text[self._emitted:end], end
+        return out

@@ -1,0 +1,307 @@
+"""The engine loop: requests in, one scheduler step + one forward pass per ``step()``, outputs out.
+
+Split as in nano-vllm: the scheduler (torch-free) decides what runs, the runner executes it, this
+module glues them and owns everything textual — tokenization, incremental detokenization, stop
+strings — plus request bookkeeping (timings, logprobs) and the adapter registry.
+
+Single-threaded by design: an async server drives ``step()`` from one background thread and
+serialises ``add_request``/``abort_request``/adapter changes onto it (see ``inlaid.server``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from inlaid.engine.adapters import AdapterManager
+from inlaid.engine.block_manager import BlockManager, kv_block_bytes
+from inlaid.engine.detokenizer import IncrementalDetokenizer
+from inlaid.engine.model import CausalLM, load_weights
+from inlaid.engine.predictor import OutputLengthPredictor
+from inlaid.engine.runner import NO_TOKEN, ModelRunner
+from inlaid.engine.sampler import TokenLogprobs
+from inlaid.engine.scheduler import Scheduler, SchedulerConfig
+from inlaid.engine.sequence import SamplingParams, Sequence
+from inlaid.errors import AdapterError, ConfigError, ModelLoadError, RequestError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"  # HF safetensors dir, hub id, .gguf, "default", or an inlaid checkpoint
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT dir (checkpoint tasks are added)
+    device: str | None = None  # None: cuda when available
+    dtype: str | None = None  # None: float16 on cuda, float32 on cpu
+    max_loras: int = 8  # device adapter slots; a step mixes at most this many adapters
+    max_lora_rank: int = 64
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: from kv_cache_gib (cpu) / gpu_memory_utilization (cuda)
+    kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    policy: str = "fcfs"
+    max_tasks_per_step: int = 10
+    enable_prefix_caching: bool = True
+    dequantize_on_cpu: bool = True  # dequantize once at load rather than on every CPU step
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    adapter: str | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    text: str  # the whole output so far (stop string excluded)
+    delta_text: str  # new since the last output of this request
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # position 0 has none
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_cached_tokens: int = 0
+
+
+class _Request:
+    """Engine-side state of one request next to its scheduler ``Sequence``."""
+
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer):
+        self.seq, self.detok = seq, detok
+        self.logprobs: list[TokenLogprobs] | None = [] if seq.sampling.logprobs is not None else None
+        self.prompt_logprobs: dict[int, TokenLogprobs] = {}
+        self.first_token_time: float | None = None
+
+
+def _resolve_model(source: str) -> tuple[Path, bool]:
+    """(local dir, is an inlaid checkpoint)."""
+    from inlaid.model.loader import resolve_source
+
+    path = Path(source).expanduser()
+    config_file = path / "config.json"
+    if config_file.is_file():
+        qconfig = json.loads(config_file.read_text()).get("quantization_config") or {}
+        if "inlaid" in qconfig:
+            return path, True
+        if qconfig:
+            raise ModelLoadError(f"{path}: quantized checkpoints of other tools ({qconfig.get('quant_method')})"
+                                 " are not supported; serve an fp16 model or an inlaid checkpoint")
+    resolved = resolve_source(source)
+    if isinstance(resolved, str):
+        try:
+            from huggingface_hub import snapshot_download
+
+            resolved = Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors",
+                                                                         "*.model", "*.txt"]))
+        except Exception as exc:  # offline, unknown id, gated: one clear line
+            raise ModelLoadError(f"cannot fetch {source!r} from the hub: {exc}") from exc
+    return Path(resolved), False
+
+
+def _eos_ids(path: Path, config, tokenizer) -> tuple[int, ...]:
+    ids = set()
+    sources = [getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)]
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        sources.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return tuple(sorted(ids))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from inlaid.model.loader import check_architecture
+
+        config = config or EngineConfig()
+        if overrides:
+            config = EngineConfig(**{**config.__dict__, **overrides})
+        self.config = cfg = config
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_name = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
+        if dtype_name not in DTYPES:
+            raise ConfigError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
+        path, self.is_checkpoint = _resolve_model(cfg.model)
+        self.model_path = path
+        try:
+            hf_config = AutoConfig.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load {cfg.model!r}: {exc}") from exc
+        check_architecture(hf_config)
+        self.hf_config = hf_config
+        weights = load_weights(path, quantized=self.is_checkpoint)
+        self.model = CausalLM(hf_config, weights, device, DTYPES[dtype_name], cfg.max_loras,
+                              cfg.max_lora_rank, dequantize=cfg.dequantize_on_cpu and device.type == "cpu")
+        del weights
+        self.max_model_len = min(cfg.max_model_len or hf_config.max_position_embeddings,
+                                 hf_config.max_position_embeddings)
+        self.adapters = AdapterManager(self.model, cfg.max_loras, cfg.max_lora_rank)
+        for name, adapter_path in self._initial_adapters().items():
+            self.adapters.register(name, adapter_path)
+        num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.eos_token_ids = _eos_ids(path, hf_config, self.tokenizer)
+        sched_config = SchedulerConfig(
+            policy=cfg.policy, max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, max_loras=max(cfg.max_loras, 1),
+            max_tasks_per_step=cfg.max_tasks_per_step, eos_token_ids=self.eos_token_ids)
+        self.predictor = OutputLengthPredictor()
+        self.scheduler = Scheduler(sched_config, self.block_manager, self.predictor)
+        self.runner = ModelRunner(self.model, self.adapters, num_blocks, cfg.block_size,
+                                  cfg.max_num_batched_tokens)
+        self._requests: dict[str, _Request] = {}
+        self._next_id = 0
+        self.num_steps = 0
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, %d adapters, %d slots",
+                 cfg.model, device, dtype_name, num_blocks, cfg.block_size, len(self.adapters.names),
+                 cfg.max_loras)
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def _initial_adapters(self) -> dict[str, str]:
+        adapters = {}
+        if self.is_checkpoint:
+            tasks = json.loads((self.model_path / "tasks.json").read_text()).get("tasks", [])
+            for task in tasks:
+                task_dir = self.model_path / "adapters" / task["name"]
+                if task_dir.is_dir():
+                    adapters[task["name"]] = str(task_dir)
+        adapters.update(self.config.adapters)
+        return adapters
+
+    def _auto_num_blocks(self) -> int:
+        s, cfg = self.model.shape, self.config
+        per_block = kv_block_bytes(s.num_layers, s.num_kv_heads, s.head_dim, cfg.block_size,
+                                   self.model.dtype.itemsize)
+        if self.model.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.model.device)
+            # leave (1 - utilization) of the whole card for activations and the allocator
+            budget = free - (1 - cfg.gpu_memory_utilization) * total
+        else:
+            budget = cfg.kv_cache_gib * 2 ** 30
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ConfigError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
+                              "lower max_loras / max_lora_rank or raise the memory setting")
+        return num_blocks
+
+    # --- requests -------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    adapter: str | None = None, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue one request; returns its id. Raises RequestError / AdapterError on bad input."""
+        sampling = sampling or SamplingParams()
+        if adapter is not None and adapter not in self.adapters:
+            raise AdapterError(f"adapter {adapter!r} is not registered")
+        token_ids = self.tokenize(prompt)
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if token_ids and max(token_ids) >= self.model.shape.vocab_size:
+            raise RequestError(f"request {request_id!r}: token id {max(token_ids)} is outside the "
+                               f"vocabulary ({self.model.shape.vocab_size})")
+        total = len(token_ids) + sampling.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(f"request {request_id!r}: prompt ({len(token_ids)} tokens) + max_tokens "
+                               f"({sampling.max_tokens}) exceeds the context length {self.max_model_len}")
+        seq = Sequence(request_id, token_ids, sampling, adapter, arrival_time)
+        self.scheduler.add(seq)
+        self._requests[request_id] = _Request(
+            seq, IncrementalDetokenizer(self.tokenizer, token_ids, sampling.stop))
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self._requests.pop(request_id, None)
+        self.runner.release(request_id)
+        return req is not None and self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return not self.scheduler.is_finished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # --- adapters -------------------------------------------------------------------------------
+    def register_adapter(self, name: str, path: str | Path) -> None:
+        if any(r.seq.adapter == name for r in self._requests.values()):
+            raise AdapterError(f"adapter {name!r} has requests in flight; replace it when they finish")
+        self.adapters.register(name, path)
+        self.block_manager.invalidate_prefix_cache()  # cached KV under this name is stale
+
+    def unregister_adapter(self, name: str) -> None:
+        if any(r.seq.adapter == name for r in self._requests.values()):
+            raise AdapterError(f"adapter {name!r} has requests in flight")
+        self.adapters.unregister(name)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        self.num_steps += 1
+        result = self.runner.execute(plan)
+        now = time.monotonic()
+        for request_id, positions in result.prompt_logprobs.items():
+            if request_id in self._requests:
+                self._requests[request_id].prompt_logprobs.update(positions)
+        # every scheduled sequence advances (a prefill chunk too: its token id is ignored)
+        self.scheduler.postprocess(plan.seqs, result.token_ids)
+        sampled = [(s.seq, t, lp) for s, t, lp in zip(plan.scheduled, result.token_ids, result.logprobs)
+                   if t != NO_TOKEN]
+        outputs = []
+        for seq, token, lp in sampled:
+            req = self._requests.get(seq.request_id)
+            if req is None:
+                continue  # aborted while the step ran
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if req.logprobs is not None and lp is not None:
+                req.logprobs.append(lp)
+            if req.detok.push(token) and not seq.is_finished:
+                self.scheduler.finish(seq, "stop")
+            outputs.append(self._output(req, now))
+        return outputs
+
+    def _output(self, req: _Request, now: float) -> RequestOutput:
+        seq = req.seq
+        if seq.is_finished:
+            del self._requests[seq.request_id]
+            self.runner.release(seq.request_id)
+        prompt_logprobs = None
+        if seq.sampling.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [req.prompt_logprobs.get(p) for p in range(1, seq.num_prompt_tokens)]
+        return RequestOutput(
+            request_id=seq.request_id, adapter=seq.adapter, prompt_token_ids=seq.prompt_token_ids,
+            output_token_ids=seq.output_token_ids, text=req.detok.text,
+            delta_text=req.detok.delta(seq.is_finished), finished=seq.is_finished,
+            finish_reason=seq.finish_reason, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs,
+            arrival_time=seq.arrival_time, first_token_time=req.first_token_time,
+            finish_time=now if seq.is_finished else None, num_cached_tokens=seq.num_cached_tokens)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_used_blocks,
+                "adapters_registered": len(self.adapters.names), "adapter_loads": self.adapters.num_loads,
+                "steps": self.num_steps}

@@ -1,0 +1,229 @@
+"""inlaid's own Llama-family model (Llama, Mistral, Qwen2, SmolLM2) for serving.
+
+Flat token batches (no padding), a paged KV cache, fused q/k/v and gate/up projections, and every
+projection a :class:`QuantLinear` with multi-LoRA slots: the base is a GPTQ checkpoint (2/3/4/8-bit,
+through ``inlaid.kernels``) or dense fp16/fp32 weights. The math follows transformers' modeling_llama
+(fp32 RMSNorm statistics, rotate-half RoPE, SiLU MLP), so greedy outputs are token-identical to HF
++ PEFT in fp32 — the engine tests check exactly that.
+
+Weights come from an HF safetensors directory or an inlaid checkpoint (see :func:`load_weights`).
+On the CPU a quantized checkpoint is dequantized once at load (``dequantize=True``): the reference
+kernel would otherwise dequantize every weight on every step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from inlaid.errors import ModelLoadError
+from inlaid.engine.attention import AttentionBatch, paged_attention, write_kv
+from inlaid.kernels.lora import LoraBatchMeta
+from inlaid.kernels.qlinear import DenseLinear, LoraSlots, QuantLinear
+from inlaid.kernels.quant_matmul import prepare
+from inlaid.model.arch import HESSIAN_GROUPS, module_path
+from inlaid.quant.primitives import PackedLinear, concat_packed, dequantize_linear
+
+# Fused modules: the projections that read one input (the same grouping as GPTQ's shared Hessians).
+FUSED = dict(HESSIAN_GROUPS)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    sliding_window: int | None
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        heads = config.num_attention_heads
+        window = getattr(config, "sliding_window", None)
+        if getattr(config, "use_sliding_window", True) is False:  # Qwen2 declares one but disables it
+            window = None
+        return cls(config.num_hidden_layers, config.hidden_size, heads,
+                   getattr(config, "num_key_value_heads", None) or heads,
+                   getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   config.vocab_size, config.rms_norm_eps, window)
+
+
+@dataclass
+class LoadedWeights:
+    """Everything read from disk, on the CPU: dense tensors by HF name, quantized linears by module."""
+
+    dense: dict[str, torch.Tensor]
+    packed: dict[str, PackedLinear]
+
+    def linear(self, name: str) -> PackedLinear | DenseLinear:
+        if name in self.packed:
+            return self.packed[name]
+        try:
+            return DenseLinear(self.dense[f"{name}.weight"], self.dense.get(f"{name}.bias"))
+        except KeyError:
+            raise ModelLoadError(f"weights for {name} are missing") from None
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    return tensors
+
+
+def load_weights(path: Path, quantized: bool) -> LoadedWeights:
+    """Read an HF safetensors dir (``quantized=False``) or an inlaid checkpoint."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weight files")
+    tensors = _read_safetensors(files)
+    packed = {}
+    if quantized:
+        bits = int(json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"])
+        for key in [k for k in tensors if k.endswith(".qweight")]:
+            name = key[:-len(".qweight")]
+            packed[name] = PackedLinear(
+                qweight=tensors.pop(key), qzeros=tensors.pop(f"{name}.qzeros"),
+                scales=tensors.pop(f"{name}.scales"), g_idx=tensors.pop(f"{name}.g_idx"), bits=bits,
+                bias=tensors.pop(f"{name}.bias", None))
+    return LoadedWeights(tensors, packed)
+
+
+def _fuse(parts: list[PackedLinear | DenseLinear]) -> PackedLinear | DenseLinear:
+    if all(isinstance(p, PackedLinear) for p in parts):
+        return concat_packed(parts)
+    dense = [p if isinstance(p, DenseLinear) else DenseLinear(dequantize_linear(p), p.bias)
+             for p in parts]
+    biases = [p.bias for p in dense]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else torch.zeros(p.out_features, dtype=p.weight.dtype)
+                          for p, b in zip(dense, biases)])
+    return DenseLinear(torch.cat([p.weight for p in dense]), bias)
+
+
+def _to_device(base: PackedLinear | DenseLinear, device, dtype, dequantize: bool):
+    if isinstance(base, PackedLinear):
+        if not dequantize:
+            return prepare(base, device, dtype)
+        base = DenseLinear(dequantize_linear(base), base.bias)
+    bias = None if base.bias is None else base.bias.to(device=device, dtype=dtype)
+    return DenseLinear(base.weight.to(device=device, dtype=dtype).contiguous(), bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # statistics in fp32 then back to the activation dtype before the weight, as transformers does
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d]; cos/sin [T, d]."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: ModelShape, linears: dict[str, QuantLinear], norms: tuple[torch.Tensor, ...]):
+        super().__init__()
+        self.shape = shape
+        self.linears = linears  # fused module name (FUSED keys) -> QuantLinear
+        self.input_norm, self.post_attention_norm = norms
+        s = shape
+        self.q_width, self.kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        self.scale = s.head_dim ** -0.5
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch,
+                kv: tuple[torch.Tensor, torch.Tensor], lora: LoraBatchMeta | None) -> torch.Tensor:
+        s, lin = self.shape, self.linears
+        x = rms_norm(h, self.input_norm, s.rms_norm_eps)
+        q, k, v = lin["qkv"](x, lora).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+        q = apply_rope(q.reshape(-1, s.num_heads, s.head_dim), cos, sin)
+        k = apply_rope(k.reshape(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        write_kv(kv[0], kv[1], k, v.reshape(-1, s.num_kv_heads, s.head_dim), attn.slot_mapping)
+        o = paged_attention(q, kv[0], kv[1], attn, self.scale, s.sliding_window)
+        h = h + lin["o"](o.reshape(-1, self.q_width), lora)
+        x = rms_norm(h, self.post_attention_norm, s.rms_norm_eps)
+        gate, up = lin["gateup"](x, lora).chunk(2, dim=-1)
+        return h + lin["down"](nn.functional.silu(gate) * up, lora)
+
+
+class CausalLM(nn.Module):
+    """Forward over a flat batch of tokens: embeddings -> decoder layers -> final norm."""
+
+    def __init__(self, config, weights: LoadedWeights, device="cpu", dtype=torch.float32,
+                 max_loras: int = 0, max_lora_rank: int = 0, dequantize: bool | None = None):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.config = config
+        self.shape = s = ModelShape.from_config(config)
+        self.device, self.dtype = torch.device(device), dtype
+        if dequantize is None:
+            dequantize = self.device.type == "cpu"
+        self.is_quantized = bool(weights.packed) and not dequantize
+        d = weights.dense
+
+        def tensor(name):
+            if name not in d:
+                raise ModelLoadError(f"weight {name} is missing")
+            return d[name].to(device=device, dtype=dtype)
+
+        self.embed = tensor("model.embed_tokens.weight")
+        self.norm = tensor("model.norm.weight")
+        self.lm_head = tensor("lm_head.weight") if "lm_head.weight" in d else self.embed  # tied
+        # transformers computes cos/sin (and any rope_scaling: llama3, yarn, linear, ...) from the config
+        self.rope = LlamaRotaryEmbedding(config=config).to(self.device)
+        self.lora_slots: list[dict[str, LoraSlots]] = []
+        layers = []
+        for i in range(s.num_layers):
+            linears, slots = {}, {}
+            for group, projs in FUSED.items():
+                base = _fuse([weights.linear(module_path(i, p)) for p in projs])
+                base = _to_device(base, device, dtype, dequantize)
+                widths = [base.out_features // 2] * 2 if group == "gateup" else None
+                if group == "qkv":
+                    widths = [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+                              s.num_kv_heads * s.head_dim]
+                lora = None
+                if max_loras > 0:
+                    lora = slots[group] = LoraSlots(base.in_features, widths or [base.out_features],
+                                                    max_loras, max_lora_rank, device, dtype)
+                linears[group] = QuantLinear(base, lora)
+            norms = (tensor(f"model.layers.{i}.input_layernorm.weight"),
+                     tensor(f"model.layers.{i}.post_attention_layernorm.weight"))
+            layers.append(DecoderLayer(s, linears, norms))
+            self.lora_slots.append(slots)
+        self.layers = layers
+
+    def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        cos, sin = self.rope(probe, positions[None, :])
+        return cos[0], sin[0]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                lora: LoraBatchMeta | None = None) -> torch.Tensor:
+        h = self.embed[input_ids]
+        cos, sin = self.rope_cos_sin(positions)
+        for layer, kv in zip(self.layers, kv_caches):
+            h = layer(h, cos, sin, attn, kv, lora)
+        return rms_norm(h, self.norm, self.shape.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.lm_head.t()).float()

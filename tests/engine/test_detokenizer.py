@@ -1,0 +1,41 @@
+"""Incremental detokenization: multi-byte characters across tokens, stop strings, streaming hold-back."""
+
+import pytest
+
+from inlaid.engine.detokenizer import IncrementalDetokenizer
+
+from ..conftest import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()  # byte-level: "é" is two tokens, "日" three
+
+
+def stream(tok, text, stop=()):
+    detok = IncrementalDetokenizer(tok, tok("prompt: ")["input_ids"], stop)
+    out, stopped = [], False
+    for token in tok(text, add_special_tokens=False)["input_ids"]:
+        stopped = detok.push(token)
+        out.append(detok.delta(finished=stopped))
+        if stopped:
+            break
+    out.append(detok.delta(finished=True))
+    return detok.text, out, stopped
+
+
+def test_multibyte_characters_never_stream_half(tok):
+    text, deltas, stopped = stream(tok, "café 日本 ok")
+    assert text == "café 日本 ok" and "".join(deltas) == text and not stopped
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stop_string_across_tokens_is_cut_and_never_streamed(tok):
+    text, deltas, stopped = stream(tok, "answer: 42\n###\nmore", stop=("###", "\n\n"))
+    assert stopped and text == "answer: 42\n" and "".join(deltas) == text
+    assert not any("#" in d for d in deltas)
+
+
+def test_earliest_of_several_stop_strings_wins(tok):
+    text, _, stopped = stream(tok, "a b STOP c END", stop=("END", "STOP"))
+    assert stopped and text == "a b "
