@@ -48,18 +48,24 @@ class AdapterManager:
 
     def register(self, name: str, path: Path | str) -> LoraAdapter:
         """Read, validate and keep an adapter; replaces one of the same name (its slot is dropped)."""
-        if self.max_loras < 1:
-            raise AdapterError(f"adapter {name!r}: the engine was started with max_loras=0")
         adapter = load_adapter(Path(path), name)
+        self.register_weights([name], adapter)
+        adapter.weights = {}  # the host copy is what serves; keep only the metadata
+        return adapter
+
+    def register_weights(self, names: list[str], adapter: LoraAdapter) -> None:
+        """Register an adapter already in memory under one or more names. The names share one host
+        copy (the dummy models' many adapters); each still gets its own device slot when used."""
+        if self.max_loras < 1:
+            raise AdapterError(f"adapter {names[0]!r}: the engine was started with max_loras=0")
         validate_adapter(adapter, self.model.config)
         if adapter.max_rank > self.max_lora_rank:
-            raise AdapterError(f"adapter {name!r}: rank {adapter.max_rank} exceeds max_lora_rank "
+            raise AdapterError(f"adapter {names[0]!r}: rank {adapter.max_rank} exceeds max_lora_rank "
                                f"{self.max_lora_rank} (raise --max-lora-rank)")
-        self._host[name] = self._host_weights(adapter)
-        adapter.weights = {}  # the host copy above is what serves; keep only the metadata
-        self._info[name] = adapter
-        self._drop_slot(name)
-        return adapter
+        host = self._host_weights(adapter)
+        for name in names:
+            self._host[name], self._info[name] = host, adapter
+            self._drop_slot(name)
 
     def unregister(self, name: str) -> None:
         if name not in self._host:

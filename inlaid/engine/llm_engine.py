@@ -36,7 +36,9 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 @dataclass
 class EngineConfig:
-    model: str = "default"  # HF safetensors dir, hub id, .gguf, "default", or an inlaid checkpoint
+    # HF safetensors dir, hub id, .gguf, "default", an inlaid checkpoint, or "dummy:<shape>"
+    # (random weights of real shapes, see inlaid.model.dummy: GPU timing without a checkpoint)
+    model: str = "default"
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT dir (checkpoint tasks are added)
     device: str | None = None  # None: cuda when available
     dtype: str | None = None  # None: float16 on cuda, float32 on cpu
@@ -53,6 +55,10 @@ class EngineConfig:
     max_tasks_per_step: int = 10
     enable_prefix_caching: bool = True
     dequantize_on_cpu: bool = True  # dequantize once at load rather than on every CPU step
+    dummy_bits: int | None = 4  # dummy models: base bits (None = fp16)
+    dummy_layers: int | None = None  # dummy models: fewer layers than the shape has
+    dummy_adapters: int = 0  # dummy models: random adapters "dummy-0".. registered at start
+    dummy_rank: int = 16
 
 
 @dataclass
@@ -136,16 +142,20 @@ class LLMEngine:
         dtype_name = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
         if dtype_name not in DTYPES:
             raise ConfigError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
-        path, self.is_checkpoint = _resolve_model(cfg.model)
-        self.model_path = path
-        try:
-            hf_config = AutoConfig.from_pretrained(path)
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load {cfg.model!r}: {exc}") from exc
-        check_architecture(hf_config)
-        self.hf_config = hf_config
-        weights = load_weights(path, quantized=self.is_checkpoint)
+        self.is_dummy = cfg.model.startswith("dummy:")
+        if self.is_dummy:
+            hf_config, weights = self._dummy_model(device)
+            path, self.is_checkpoint = None, False
+        else:
+            path, self.is_checkpoint = _resolve_model(cfg.model)
+            try:
+                hf_config = AutoConfig.from_pretrained(path)
+                self.tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"cannot load {cfg.model!r}: {exc}") from exc
+            check_architecture(hf_config)
+            weights = load_weights(path, quantized=self.is_checkpoint)
+        self.model_path, self.hf_config = path, hf_config
         self.model = CausalLM(hf_config, weights, device, DTYPES[dtype_name], cfg.max_loras,
                               cfg.max_lora_rank, dequantize=cfg.dequantize_on_cpu and device.type == "cpu")
         del weights
@@ -154,9 +164,11 @@ class LLMEngine:
         self.adapters = AdapterManager(self.model, cfg.max_loras, cfg.max_lora_rank)
         for name, adapter_path in self._initial_adapters().items():
             self.adapters.register(name, adapter_path)
+        if self.is_dummy and cfg.dummy_adapters:
+            self._register_dummy_adapters()
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.eos_token_ids = _eos_ids(path, hf_config, self.tokenizer)
+        self.eos_token_ids = _eos_ids(path, hf_config, self.tokenizer) if path else (2,)
         sched_config = SchedulerConfig(
             policy=cfg.policy, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, max_loras=max(cfg.max_loras, 1),
@@ -173,6 +185,27 @@ class LLMEngine:
                  cfg.max_loras)
 
     # --- set-up ---------------------------------------------------------------------------------
+    def _dummy_model(self, device):
+        from inlaid.model.dummy import SHAPES, DummyTokenizer, dummy_config, dummy_weights
+
+        shape = self.config.model.split(":", 1)[1]
+        if shape not in SHAPES:
+            raise ConfigError(f"--model dummy:{shape}: unknown shape; known: {', '.join(SHAPES)}")
+        config = dummy_config(shape, self.config.dummy_layers)
+        self.tokenizer = DummyTokenizer()
+        return config, dummy_weights(config, self.config.dummy_bits, device)
+
+    def _register_dummy_adapters(self) -> None:
+        """``dummy_adapters`` names over at most 4 distinct random adapters: every name gets its own
+        device slot when used (so timing sees distinct slots), the host copies are shared."""
+        from inlaid.model.dummy import random_adapter
+
+        cfg = self.config
+        distinct = min(cfg.dummy_adapters, 4)
+        for k in range(distinct):
+            names = [f"dummy-{i}" for i in range(k, cfg.dummy_adapters, distinct)]
+            self.adapters.register_weights(names, random_adapter(self.hf_config, names[0], cfg.dummy_rank, seed=k))
+
     def _initial_adapters(self) -> dict[str, str]:
         adapters = {}
         if self.is_checkpoint:
