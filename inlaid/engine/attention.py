@@ -13,8 +13,9 @@ shared by every layer):
   (longest chunk × sequences) query rows;
 - *decodes*: one query token each, batched into one padded call over gathered context slots.
 
-This module is the simple, correct path (torch SDPA over gathered K/V). It runs everywhere; it is
-also the reference a fused GPU paged-attention kernel must match.
+Decodes run the Triton paged kernel on CUDA (``inlaid.kernels.triton.paged_attention``: K/V read
+in place through the block table, graph-safe shapes) and torch SDPA over gathered K/V elsewhere —
+the simple, correct path the kernel is tested against. Chunks always take the SDPA path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from inlaid.kernels import dispatch
 
 
 @dataclass
@@ -40,6 +43,10 @@ class AttentionBatch:
     decode_rows: torch.Tensor | None = None  # int64 [D]: rows of decode tokens in the flat batch
     decode_slots: torch.Tensor | None = None  # int64 [D, L]: context slots, padded with slot 0
     decode_lens: torch.Tensor | None = None  # int64 [D]: context length incl. the new token
+    decode_tables: torch.Tensor | None = None  # int32 [D, max blocks]: block tables, 0-padded
+    decode_lens32: torch.Tensor | None = None  # int32 [D]: decode_lens for the kernel
+    block_size: int = 16
+    all_decode: bool = False  # every row is a decode (CUDA-graph batches): no row gather/scatter
 
 
 def _slots(block_table: list[int], end: int, block_size: int) -> list[int]:
@@ -51,25 +58,42 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
     """``pieces``: per scheduled sequence, in batch order, (block table, start, num_new_tokens)."""
     slot_mapping: list[int] = []
     chunks: list[Chunk] = []
-    decode_rows, decode_ctx = [], []
+    decode_rows, decode_tables, decode_lens = [], [], []
+    use_kernel = _use_kernel(torch.device(device))
     row = 0
     for table, start, num in pieces:
-        context = _slots(table, start + num, block_size)
-        slot_mapping.extend(context[start:])
+        end = start + num
         if num == 1:
+            last = end - 1
+            slot_mapping.append(table[last // block_size] * block_size + last % block_size)
             decode_rows.append(row)
-            decode_ctx.append(context)
+            decode_tables.append(table)
+            decode_lens.append(end)
         else:
+            context = _slots(table, end, block_size)
+            slot_mapping.extend(context[start:])
             chunks.append(Chunk(row, num, torch.tensor(context, dtype=torch.int64, device=device), start))
         row += num
-    batch = AttentionBatch(torch.tensor(slot_mapping, dtype=torch.int64, device=device), chunks)
+    batch = AttentionBatch(torch.tensor(slot_mapping, dtype=torch.int64, device=device), chunks,
+                           block_size=block_size, all_decode=len(decode_rows) == len(pieces))
     if decode_rows:
-        width = max(len(c) for c in decode_ctx)
-        padded = [c + [0] * (width - len(c)) for c in decode_ctx]
         batch.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
-        batch.decode_slots = torch.tensor(padded, dtype=torch.int64, device=device)
-        batch.decode_lens = torch.tensor([len(c) for c in decode_ctx], dtype=torch.int64, device=device)
+        batch.decode_lens = torch.tensor(decode_lens, dtype=torch.int64, device=device)
+        if use_kernel:
+            width = max(len(t) for t in decode_tables)
+            batch.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
+                                               dtype=torch.int32, device=device)
+            batch.decode_lens32 = batch.decode_lens.to(torch.int32)
+        else:
+            contexts = [_slots(t, n, block_size) for t, n in zip(decode_tables, decode_lens)]
+            width = max(decode_lens)
+            batch.decode_slots = torch.tensor([c + [0] * (width - len(c)) for c in contexts],
+                                              dtype=torch.int64, device=device)
     return batch
+
+
+def _use_kernel(device: torch.device) -> bool:
+    return dispatch.choose("paged_attention", device) == "triton"
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -106,7 +130,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         mask = _window_mask(q_pos, k_pos, torch.ones_like(k_pos, dtype=torch.bool), sliding_window)
         o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale)
         out[c.row_start:c.row_start + c.num_tokens] = o.transpose(0, 1)
-    if batch.decode_rows is not None:
+    if batch.decode_tables is not None:
+        from inlaid.kernels.triton.paged_attention import paged_decode_attention
+
+        if batch.all_decode:
+            return paged_decode_attention(q, k_cache, v_cache, batch.decode_tables, batch.decode_lens32,
+                                          batch.block_size, scale, sliding_window, out=out)
+        out[batch.decode_rows] = paged_decode_attention(
+            q[batch.decode_rows], k_cache, v_cache, batch.decode_tables, batch.decode_lens32,
+            batch.block_size, scale, sliding_window)
+    elif batch.decode_rows is not None:
         qd = q[batch.decode_rows].unsqueeze(2)  # [D, heads, 1, d]
         k = _expand_kv(k_cache[batch.decode_slots].transpose(1, 2), groups)  # [D, heads, L, d]
         v = _expand_kv(v_cache[batch.decode_slots].transpose(1, 2), groups)

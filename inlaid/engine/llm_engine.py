@@ -54,6 +54,7 @@ class EngineConfig:
     policy: str = "fcfs"
     max_tasks_per_step: int = 10
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # GPU: no CUDA graphs for decode (debugging, profiling)
     dequantize_on_cpu: bool = True  # dequantize once at load rather than on every CPU step
     dummy_bits: int | None = 4  # dummy models: base bits (None = fp16)
     dummy_layers: int | None = None  # dummy models: fewer layers than the shape has
@@ -166,6 +167,8 @@ class LLMEngine:
             self.adapters.register(name, adapter_path)
         if self.is_dummy and cfg.dummy_adapters:
             self._register_dummy_adapters()
+        if device.type == "cuda":
+            self.model.warmup(cfg.max_num_batched_tokens)
         num_blocks = cfg.num_kv_blocks or self._auto_num_blocks()
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.eos_token_ids = _eos_ids(path, hf_config, self.tokenizer) if path else (2,)
@@ -176,7 +179,8 @@ class LLMEngine:
         self.predictor = OutputLengthPredictor()
         self.scheduler = Scheduler(sched_config, self.block_manager, self.predictor)
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, cfg.block_size,
-                                  cfg.max_num_batched_tokens)
+                                  cfg.max_num_batched_tokens, cfg.max_num_seqs, self.max_model_len,
+                                  cuda_graphs=not cfg.enforce_eager)
         self._requests: dict[str, _Request] = {}
         self._next_id = 0
         self.num_steps = 0
@@ -227,7 +231,7 @@ class LLMEngine:
             budget = free - (1 - cfg.gpu_memory_utilization) * total
         else:
             budget = cfg.kv_cache_gib * 2 ** 30
-        num_blocks = int(budget // per_block)
+        num_blocks = int(budget // per_block) - 1  # one sink block for CUDA-graph padding
         if num_blocks < 1:
             raise ConfigError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
                               "lower max_loras / max_lora_rank or raise the memory setting")

@@ -211,6 +211,18 @@ class CausalLM(nn.Module):
             self.lora_slots.append(slots)
         self.layers = layers
 
+    @torch.inference_mode()
+    def warmup(self, max_tokens: int) -> None:
+        """Run every projection once at a decode-sized and a prefill-sized M, so backends build
+        their load-time state (exllamav2 q-matrices, Triton compiles) before free memory is
+        measured for the KV cache."""
+        for m in sorted({1, min(64, max_tokens), max_tokens}):
+            for layer in self.layers:
+                for linear in layer.linears.values():
+                    linear(torch.zeros(m, linear.quant.in_features, device=self.device, dtype=self.dtype))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
         cos, sin = self.rope(probe, positions[None, :])

@@ -13,6 +13,7 @@ from enum import Enum
 
 from inlaid.errors import RequestError
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 MAX_LOGPROBS = 20  # vLLM's default cap; more makes every step return a large top-k per token
 
 
@@ -23,7 +24,7 @@ def _is_int(value: object) -> bool:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. ``temperature == 0`` means greedy.
+    """How to pick tokens and when to stop. ``temperature == 0`` (or below 1e-5) means greedy.
 
     ``top_k`` of 0 or -1 disables top-k (both spellings are common in OpenAI/vLLM clients);
     ``top_p == 1`` disables nucleus sampling; ``logprobs=None`` returns none, ``n`` returns the top n.
@@ -62,8 +63,8 @@ class SamplingParams:
     def _check_options(self) -> None:
         if not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError(f"stop {self.stop!r}: stop sequences must be non-empty strings")
-        if self.seed is not None and not _is_int(self.seed):
-            raise RequestError(f"seed {self.seed!r}: must be an integer or None")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63):
+            raise RequestError(f"seed {self.seed!r}: must be an integer in [0, 2**63) or None")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
@@ -71,7 +72,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        # below 1e-5, logits / temperature overflows fp32: the limit is greedy anyway (as in vLLM)
+        return self.temperature < GREEDY_BELOW
 
 
 class SequenceStatus(Enum):

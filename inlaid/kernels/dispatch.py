@@ -26,6 +26,9 @@ TABLE = (
     ("quant_matmul", "ref", lambda f: True),
     ("lora", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("lora", "ref", lambda f: True),
+    # decode attention over the paged KV cache (prefill chunks always use torch SDPA)
+    ("paged_attention", "triton", lambda f: f["cuda"] and f["has_triton"]),
+    ("paged_attention", "ref", lambda f: True),
 )
 
 

@@ -49,6 +49,20 @@ def load_extension():
     return _EXT
 
 
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, numel: int) -> torch.Tensor:
+    """One fp16 dequantization scratch per device, shared by every q-matrix (exllamav2 writes it
+    only inside a GEMM, and GEMMs on one stream never overlap). Per-matrix scratch would cost
+    2 bytes per weight: more than the 4-bit weights themselves. Grows by replacement; matrices
+    made earlier keep (and reference) the smaller buffer they point into."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[device] = torch.empty(numel, dtype=torch.float16, device=device)
+    return buf
+
+
 class ExllamaMatrix:
     """An exllamav2 q-matrix and the buffers it points into."""
 
@@ -66,7 +80,7 @@ class ExllamaMatrix:
             "q_perm": torch.empty(height, dtype=torch.int16, device=device),
             "q_invperm": torch.empty(height, dtype=torch.int16, device=device),
             "g_idx": p.g_idx.to("cpu", torch.int32).contiguous(),
-            "temp_dq": torch.empty(height * width, dtype=torch.float16, device=device),
+            "temp_dq": _scratch(device, height * width),
         }
         b = self.buffers
         self.handle = ext.make_q_matrix(b["qweight"], b["q_perm"], b["q_invperm"], none, none, none,

@@ -1,0 +1,86 @@
+"""Triton paged decode attention: one query token per sequence over its KV blocks, read in place.
+
+The torch path (``inlaid.engine.attention``) gathers each sequence's K/V into a padded copy first:
+that reads and writes the KV twice more than attention needs, and its shape changes every step, so
+it cannot be captured in a CUDA graph. This kernel reads K/V straight from the cache through the
+block table, with shapes fixed by (batch, max blocks per sequence): graph-safe.
+
+Grid (sequences, query heads). A program walks its sequence's blocks with an online softmax in
+fp32 (running max and sum), so any context length runs in one pass. GQA: query head h reads KV head
+h // (heads / kv_heads). Sliding window: blocks entirely before the window are skipped, partial ones
+masked. A sequence with context length 0 (graph padding rows) writes zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,  # [B, H, D]
+    k_ptr, v_ptr,  # [num_slots, KVH, D] (slot = block * BLOCK_SIZE + offset)
+    out_ptr,  # [B, H, D]
+    tables_ptr,  # [B, max_blocks] int32
+    lens_ptr,  # [B] int32: context length incl. the new token
+    scale, window,
+    stride_qb, stride_qh, stride_kslot, stride_kh, stride_ob, stride_oh, stride_tb,
+    GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUPS
+    length = tl.load(lens_ptr + b)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_t = tl.arange(0, BLOCK_SIZE)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * scale
+    if HAS_WINDOW:  # compile-time branch: only one definition of ``first`` exists
+        first = tl.maximum(length - window, 0)
+    else:
+        first = 0
+    # loop-carried scalars must start as fp32 tensors, not Python floats
+    m_i = tl.max(tl.full([BLOCK_SIZE], -float("inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros([BLOCK_SIZE], tl.float32), axis=0)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for j in range(first // BLOCK_SIZE, tl.cdiv(length, BLOCK_SIZE)):
+        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
+        pos = j * BLOCK_SIZE + offs_t
+        valid = (pos < length) & (pos >= first)
+        slots = block * BLOCK_SIZE + offs_t
+        kv_off = slots[:, None] * stride_kslot + kvh * stride_kh + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1)
+        s = tl.where(valid, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        p = tl.exp(s - m_new)
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    out = tl.where(l_i > 0, acc / l_i, 0.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                           scale: float, sliding_window: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D] -> [B, H, D]. ``block_tables`` int32 [B, max_blocks], ``context_lens`` int32 [B]."""
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    if dim & (dim - 1) or heads % kv_heads or block_size & (block_size - 1):
+        raise ValueError(f"head_dim {dim} and block_size {block_size} must be powers of 2 and heads "
+                         f"{heads} a multiple of kv_heads {kv_heads}")
+    if k_cache.stride(2) != 1 or q.stride(2) != 1:
+        raise ValueError("q and the caches must be contiguous in head_dim")
+    out = torch.empty_like(q) if out is None else out
+    _paged_decode_kernel[(batch, heads)](
+        q, k_cache, v_cache, out, block_tables, context_lens, scale, sliding_window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUPS=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=dim,
+        HAS_WINDOW=sliding_window is not None, num_warps=4)
+    return out
