@@ -1,1 +1,7 @@
-"""OpenAI-compatible HTTP server: not built yet."""
+"""OpenAI-compatible HTTP server (vLLM conventions) over the engine: ``create_app(AsyncEngine(...))``.
+
+Layout: ``async_engine`` (the engine on its own thread), ``protocol`` (request/response bodies),
+``serving`` (shared handler logic), ``completions``, ``chat``, ``adapters`` (models and LoRA
+loading), ``tasks`` (task addition: not built yet), ``metrics``, ``errors``, ``settings``, ``app``,
+``launch`` (uvicorn, used by ``inlaid serve``).
+"""

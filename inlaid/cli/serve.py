@@ -1,0 +1,78 @@
+"""``inlaid serve``: flags -> EngineConfig + ServerSettings -> inlaid.server.launch.serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from inlaid.engine.llm_engine import EngineConfig
+from inlaid.errors import ConfigError
+from inlaid.server.settings import ServerSettings
+
+_E = EngineConfig()  # flag defaults come from the configs, so the two cannot drift apart
+_S = ServerSettings()
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """``NAME=PATH`` flags -> {name: path}; one clear error per malformed flag."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {spec!r}: expected NAME=PATH (e.g. sql=adapters/sql)")
+        if name in adapters:
+            raise ConfigError(f"--adapter {name!r} is given twice")
+        if not Path(path).expanduser().is_dir():
+            raise ConfigError(f"--adapter {spec!r}: {path} is not a directory")
+        adapters[name] = str(Path(path).expanduser())
+    return adapters
+
+
+def serve_cmd(
+    model: Annotated[str, typer.Argument(
+        help="HF safetensors dir, inlaid checkpoint (its task adapters are served too), .gguf, hub id, "
+             "or 'default'.")],
+    adapter: Annotated[Optional[list[str]], typer.Option(
+        "--adapter", "-a", help="NAME=PEFT_DIR (repeatable); requests with model=NAME use it.")] = None,
+    adapter_root: Annotated[Optional[list[Path]], typer.Option(
+        "--adapter-root", help="Directory /v1/load_lora_adapter may read from (repeatable); "
+                               "without one, loading at run time is off.")] = None,
+    host: Annotated[str, typer.Option(help="Bind address (0.0.0.0 exposes the server).")] = _S.host,
+    port: Annotated[int, typer.Option(help="Port.")] = _S.port,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="INLAID_API_KEY", help="Require 'Authorization: Bearer KEY' (all but /health).")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(
+        help="The base model's name in requests (default: the model directory's name).")] = None,
+    max_loras: Annotated[int, typer.Option(help="Adapter slots on the device.")] = _E.max_loras,
+    max_lora_rank: Annotated[int, typer.Option(help="Largest adapter rank.")] = _E.max_lora_rank,
+    max_num_seqs: Annotated[int, typer.Option(help="Requests per step.")] = _E.max_num_seqs,
+    max_model_len: Annotated[Optional[int], typer.Option(
+        help="Context length (default: the model's).")] = _E.max_model_len,
+    policy: Annotated[str, typer.Option(help="Scheduler: fcfs or inlaid.")] = _E.policy,
+    device: Annotated[Optional[str], typer.Option(
+        help="cuda or cpu (default: cuda when available).")] = _E.device,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="float16, bfloat16 or float32 (default: float16 on cuda, float32 on cpu).")] = _E.dtype,
+    num_kv_blocks: Annotated[Optional[int], typer.Option(
+        help="KV cache blocks (default: sized from free memory).")] = _E.num_kv_blocks,
+    max_queue: Annotated[int, typer.Option(
+        help="Queued + running requests; more get 429.")] = _S.max_queue,
+    drain_timeout: Annotated[float, typer.Option(
+        help="Seconds in-flight requests get to finish on SIGTERM / Ctrl-C.")] = _S.drain_timeout,
+) -> None:
+    """Serve the base model and every adapter over an OpenAI-compatible API (vLLM conventions)."""
+    settings = ServerSettings(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+                              adapter_roots=tuple(str(r) for r in adapter_root or ()), max_queue=max_queue,
+                              drain_timeout=drain_timeout)
+    settings.resolved_adapter_roots()  # a missing root fails now, before the model loads
+    config = EngineConfig(model=model, adapters=parse_adapters(adapter or []), device=device, dtype=dtype,
+                          max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
+                          max_model_len=max_model_len, policy=policy, num_kv_blocks=num_kv_blocks)
+    try:
+        from inlaid.server import launch
+    except ImportError as exc:  # fastapi / uvicorn are the 'serve' extra
+        raise ConfigError(f"inlaid serve needs the serve extra: pip install 'inlaid[serve]' ({exc})") from exc
+    launch.serve(config, settings)

@@ -1,0 +1,133 @@
+"""``inlaid serve``: help, options reaching the library unchanged, one-line errors, and a real
+process that drains an in-flight request on SIGTERM and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+from typer.testing import CliRunner
+
+from inlaid.cli import main as cli_main
+from inlaid.cli.main import app
+
+from .conftest import wait_until
+
+
+def run(args) -> int:
+    """Through main(), so the InlaidError -> one line + exit 1 path is what runs."""
+    old = sys.argv
+    sys.argv = ["inlaid", *map(str, args)]
+    try:
+        cli_main.main()
+    except SystemExit as exc:
+        return exc.code
+    finally:
+        sys.argv = old
+    return 0
+
+
+def test_help():
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--adapter", "--adapter-root", "--api-key", "--max-queue", "--served-model-name",
+                 "--policy"):
+        assert flag in result.output
+
+
+def test_options_reach_the_library(monkeypatch, served):
+    seen = {}
+    monkeypatch.setattr("inlaid.server.launch.serve",
+                        lambda config, settings: seen.update(c=config, s=settings))
+    sql = served.adapters["sql"]
+    code = run(["serve", served.base, "--adapter", f"sql={sql}", "-a", f"math = {served.adapters['math']}",
+                "--adapter-root", served.root, "--host", "0.0.0.0", "--port", "9001", "--api-key", "k",
+                "--served-model-name", "tiny", "--max-loras", "3", "--max-lora-rank", "16",
+                "--max-num-seqs", "7", "--max-model-len", "128", "--policy", "inlaid", "--device", "cpu",
+                "--dtype", "float32", "--num-kv-blocks", "99", "--max-queue", "5", "--drain-timeout", "2.5"])
+    assert code == 0
+    c, s = seen["c"], seen["s"]
+    assert c.model == str(served.base)
+    assert c.adapters == {"sql": str(sql), "math": str(served.adapters["math"])}
+    assert (c.max_loras, c.max_lora_rank, c.max_num_seqs, c.max_model_len, c.policy, c.device, c.dtype,
+            c.num_kv_blocks) == (3, 16, 7, 128, "inlaid", "cpu", "float32", 99)
+    assert (s.host, s.port, s.api_key, s.served_model_name, s.adapter_roots) == \
+        ("0.0.0.0", 9001, "k", "tiny", (str(served.root),))
+    assert (s.max_queue, s.drain_timeout) == (5, 2.5)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--adapter", "nonsense"], "expected NAME=PATH"),
+    (["--adapter", "=x"], "expected NAME=PATH"),
+    (["--adapter", "a=/no/such/dir"], "not a directory"),
+    (["--adapter-root", "/no/such/root"], "not a directory"),
+    (["--max-queue", "0"], "--max-queue"),
+])
+def test_bad_options_exit_1_with_one_line(capsys, served, args, needle):
+    assert run(["serve", served.base, *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_missing_model_exits_1_with_one_line(capsys, tmp_path):
+    assert run(["serve", tmp_path / "no-model"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(served, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", "from inlaid.cli.main import main; main()", "serve", str(served.base),
+               "--port", str(port), "--num-kv-blocks", "128", "--max-loras", "1", "--max-lora-rank", "8"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _get(f"{url}/health") == 200, timeout=60), "server did not start"
+        results = []
+        body = json.dumps({"prompt": "hi", "max_tokens": 240, "temperature": 0, "ignore_eos": True}).encode()
+
+        def request():
+            req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as response:
+                results.append((response.status, json.loads(response.read())))
+
+        threads = [threading.Thread(target=request) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: "inlaid_num_requests_in_flight 4.0" in _metrics(url), timeout=30,
+                          interval=0.005)
+        proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [(status, body["usage"]["completion_tokens"]) for status, body in results] == [(200, 240)] * 4
+
+
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=2) as response:
+        return response.read().decode()
+
+
+def _get(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except OSError:
+        return None
