@@ -286,6 +286,16 @@ class LLMEngine:
         self.adapters.register(name, path)
         self.block_manager.invalidate_prefix_cache()  # cached KV under this name is stale
 
+    def swap_layer(self, layer: int, weights) -> None:
+        """Live task addition: put re-quantized layer ``layer`` in place (between two steps)."""
+        self.model.swap_layer(layer, weights)
+        self.block_manager.invalidate_prefix_cache()  # cached KV came from the old weights
+
+    def finish_weight_swap(self) -> None:
+        """After the last swapped layer: rebuild what depended on the old weights."""
+        if self.runner.graphs is not None:
+            self.runner.capture_graphs()
+
     def unregister_adapter(self, name: str) -> None:
         if any(r.seq.adapter == name for r in self._requests.values()):
             raise AdapterError(f"adapter {name!r} has requests in flight")

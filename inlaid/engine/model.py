@@ -212,6 +212,30 @@ class CausalLM(nn.Module):
         self.layers = layers
 
     @torch.inference_mode()
+    def swap_layer(self, layer: int, weights: LoadedWeights) -> None:
+        """Copy layer ``layer``'s projections from ``weights`` into the live tensors, in place: CUDA
+        graphs captured earlier keep pointing at the same memory. Shapes must match (a
+        re-quantization of the same base with the same settings). Backend state built from the old
+        weights (exllamav2's shuffled copy) is dropped; the caller re-captures graphs after the
+        last layer."""
+        for group, projs in FUSED.items():
+            live = self.layers[layer].linears[group].quant
+            new = _to_device(_fuse([weights.linear(module_path(layer, p)) for p in projs]),
+                             self.device, self.dtype, dequantize=not self.is_quantized)
+            names = ("weight", "bias") if isinstance(live, DenseLinear) else \
+                ("qweight", "scales", "zeros", "g_idx", "qzeros", "bias")
+            for name in names:
+                old, value = getattr(live, name), getattr(new, name)
+                if (old is None) != (value is None) or (old is not None and old.shape != value.shape):
+                    raise ModelLoadError(f"layer {layer} {group}.{name}: new weights do not fit the "
+                                         "served model")
+                if old is not None:
+                    old.copy_(value)
+            if not isinstance(live, DenseLinear):
+                live.group_size = new.group_size
+                live.backend_state.clear()
+
+    @torch.inference_mode()
     def warmup(self, max_tokens: int) -> None:
         """Run every projection once at a decode-sized and a prefill-sized M, so backends build
         their load-time state (exllamav2 q-matrices, Triton compiles) before free memory is

@@ -57,12 +57,18 @@ class ModelRunner:
         if adapters is not None and adapters.max_loras > 0:
             self.lora_meta = LoraBatchMeta(max_num_batched_tokens, adapters.max_loras, model.device)
         self._generators: dict[str, torch.Generator | None] = {}
+        self._graph_shape = (max_num_seqs, -(-max_model_len // block_size))
         self.graphs = None
         if cuda_graphs and model.device.type == "cuda":
-            try:
-                self.graphs = DecodeGraphs(self, max_num_seqs, -(-max_model_len // block_size))
-            except RuntimeError as exc:  # a backend that cannot be captured: serve eagerly
-                log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
+            self.capture_graphs()
+
+    def capture_graphs(self) -> None:
+        """(Re-)capture the decode graphs: at start-up, and after weights change under them."""
+        self.graphs = None  # free the old graphs' pool first
+        try:
+            self.graphs = DecodeGraphs(self, *self._graph_shape)
+        except RuntimeError as exc:  # a backend that cannot be captured: serve eagerly
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)

@@ -150,6 +150,10 @@ class AsyncEngine:
         re-quantized layer in): it never overlaps a step or another command."""
         return await asyncio.wrap_future(self._submit(lambda: fn(self.engine)))
 
+    def call_blocking(self, fn: Callable[[LLMEngine], T]) -> T:
+        """:meth:`call` for worker threads (not the event loop): blocks until ``fn`` has run."""
+        return self._submit(lambda: fn(self.engine)).result()
+
     def _abort_soon(self, request_id: str) -> None:
         def abort() -> None:
             self._consumers.pop(request_id, None)

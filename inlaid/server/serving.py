@@ -40,6 +40,7 @@ class ServerState:
     metrics: ServerMetrics
     created: int  # unix time the server started (the models' ``created``)
     _token_text: dict[int, str] = field(default_factory=dict)
+    task_adder: object | None = None  # inlaid.engine.task_addition.TaskAdder, made on first use
 
     @property
     def llm(self) -> LLMEngine:

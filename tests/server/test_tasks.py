@@ -1,0 +1,124 @@
+"""Live task addition through the server: requests keep succeeding while a task is re-quantized and
+swapped in, the new adapter serves afterwards, and everything equals an offline ``add-task``."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from inlaid.config import QuantConfig, TaskSpec
+from inlaid.engine.llm import LLM
+from inlaid.engine.llm_engine import EngineConfig, LLMEngine
+from inlaid.quant import pipeline
+from inlaid.server.app import create_app
+from inlaid.server.async_engine import AsyncEngine
+from inlaid.server.settings import ServerSettings
+
+from .conftest import ENGINE_OPTIONS, greedy
+
+QCFG = QuantConfig(bits=4, group_size=32, samples=4, seq_len=32)
+PROMPT = "select sum from where"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_model, tiny_tasks):
+    """(served checkpoint with task sql, offline reference = the same + add-task math)."""
+    root = tmp_path_factory.mktemp("live-tasks")
+    served = root / "served"
+    pipeline.quantize(str(tiny_model), served, [TaskSpec("sql", *tiny_tasks["sql"])], QCFG)
+    offline = root / "offline"
+    shutil.copytree(served, offline)
+    pipeline.add_task(offline, [TaskSpec("math", *tiny_tasks["math"])])
+    return served, offline
+
+
+def completion(client, model, max_tokens=6):
+    return client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
+                                                "temperature": 0})
+
+
+def wait_job(client, job_id, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/tasks/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id} did not finish")
+
+
+def test_live_task_addition_serves_through_and_equals_offline(checkpoints, tiny_tasks):
+    served, offline = checkpoints
+    adapter, data = tiny_tasks["math"]
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(served), **ENGINE_OPTIONS)))
+    app = create_app(engine, ServerSettings(adapter_roots=(str(adapter.parent),), served_model_name="base"))
+    with TestClient(app) as client:
+        statuses, stop = [], threading.Event()
+
+        def traffic():
+            while not stop.is_set():
+                statuses.append(completion(client, "sql").status_code)
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        try:
+            resp = client.post("/v1/tasks", json={"name": "math", "adapter_path": str(adapter),
+                                                  "data_path": str(data)})
+            assert resp.status_code == 202, resp.text
+            job = wait_job(client, resp.json()["id"])
+        finally:
+            stop.set()
+            worker.join()
+        assert job["status"] == "done", job
+        assert job["layers_swapped"] == job["num_layers"] == 2
+        assert statuses and set(statuses) == {200}  # no request failed during the swap
+        reference = LLM(str(offline), **ENGINE_OPTIONS)
+        for model in ("sql", "math"):
+            want = reference.generate(PROMPT, greedy(6), model)[0].text
+            assert completion(client, model).json()["choices"][0]["text"] == want, model
+        listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert {"base", "sql", "math"} <= listed
+        # the checkpoint on disk now holds the task too
+        assert (served / "adapters" / "math").is_dir()
+
+
+def test_task_addition_bad_input_and_failure_keep_serving(checkpoints, tiny_tasks, tmp_path):
+    served, _ = checkpoints
+    adapter, data = tiny_tasks["chat"]
+    work = tmp_path / "served"
+    shutil.copytree(served, work)
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(work), **ENGINE_OPTIONS)))
+    roots = (str(adapter.parent),)
+    with TestClient(create_app(engine, ServerSettings(adapter_roots=roots))) as client:
+        before = completion(client, "sql").json()["choices"][0]["text"]
+        outside = {"name": "x", "adapter_path": str(tmp_path), "data_path": str(data)}
+        assert client.post("/v1/tasks", json=outside).status_code == 403
+        missing = {"name": "x", "adapter_path": str(adapter), "data_path": str(adapter.parent / "nope.jsonl")}
+        assert client.post("/v1/tasks", json=missing).status_code == 400
+        duplicate = {"name": "sql", "adapter_path": str(adapter), "data_path": str(data)}
+        assert client.post("/v1/tasks", json=duplicate).status_code == 400
+        assert client.post("/v1/tasks", json={"name": "bad name!", "adapter_path": "a",
+                                              "data_path": "b"}).status_code in (400, 422)
+        assert client.get("/v1/tasks/task-999").status_code == 404
+        broken = adapter.parent / "broken.jsonl"
+        broken.write_text('{"unknown_field": 1}\n')
+        resp = client.post("/v1/tasks", json={"name": "chat", "adapter_path": str(adapter),
+                                              "data_path": str(broken)})
+        job = wait_job(client, resp.json()["id"])
+        assert job["status"] == "failed" and job["error"] and job["layers_swapped"] == 0
+        assert completion(client, "sql").json()["choices"][0]["text"] == before  # old weights serve
+        assert completion(client, "chat").status_code == 404
+
+
+def test_task_addition_needs_a_checkpoint(served):
+    from .conftest import make_engine
+
+    engine = AsyncEngine(make_engine(served))
+    with TestClient(create_app(engine, ServerSettings(adapter_roots=(str(served.root),)))) as client:
+        resp = client.post("/v1/tasks", json={"name": "t", "adapter_path": str(served.spare),
+                                              "data_path": str(served.spare / "adapter_config.json")})
+        assert resp.status_code == 400 and "checkpoint" in resp.json()["error"]["message"]
