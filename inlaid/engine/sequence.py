@@ -63,8 +63,8 @@ class SamplingParams:
     def _check_options(self) -> None:
         if not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError(f"stop {self.stop!r}: stop sequences must be non-empty strings")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63):
-            raise RequestError(f"seed {self.seed!r}: must be an integer in [0, 2**63) or None")
+        if self.seed is not None and (not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64):
+            raise RequestError(f"seed {self.seed!r}: must be an integer in [-2**63, 2**64) (torch's range) or None")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
