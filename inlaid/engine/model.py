@@ -23,6 +23,7 @@ from torch import nn
 
 from inlaid.errors import ModelLoadError
 from inlaid.engine.attention import AttentionBatch, paged_attention, write_kv
+from inlaid.kernels import dispatch
 from inlaid.kernels.lora import LoraBatchMeta
 from inlaid.kernels.qlinear import DenseLinear, LoraSlots, QuantLinear
 from inlaid.kernels.quant_matmul import prepare
@@ -121,6 +122,23 @@ def _to_device(base: PackedLinear | DenseLinear, device, dtype, dequantize: bool
     return DenseLinear(base.weight.to(device=device, dtype=dtype).contiguous(), bias)
 
 
+class Ops:
+    """RMSNorm and RoPE, torch or fused Triton (by the dispatch table's ``norm_rope`` row)."""
+
+    def __init__(self, device: torch.device):
+        self.fused = dispatch.choose("norm_rope", device) == "triton"
+        if self.fused:
+            from inlaid.kernels.triton.norm_rope import rms_norm_triton, rope_triton_
+
+            self._norm, self._rope = rms_norm_triton, rope_triton_
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._norm(x, weight, eps) if self.fused else rms_norm(x, weight, eps)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self._rope(x, cos, sin) if self.fused else apply_rope(x, cos, sin)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # statistics in fp32 then back to the activation dtype before the weight, as transformers does
     h = x.float()
@@ -139,9 +157,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: ModelShape, linears: dict[str, QuantLinear], norms: tuple[torch.Tensor, ...]):
+    def __init__(self, shape: ModelShape, linears: dict[str, QuantLinear], norms: tuple[torch.Tensor, ...],
+                 ops: Ops):
         super().__init__()
-        self.shape = shape
+        self.shape, self.ops = shape, ops
         self.linears = linears  # fused module name (FUSED keys) -> QuantLinear
         self.input_norm, self.post_attention_norm = norms
         s = shape
@@ -150,15 +169,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch,
                 kv: tuple[torch.Tensor, torch.Tensor], lora: LoraBatchMeta | None) -> torch.Tensor:
-        s, lin = self.shape, self.linears
-        x = rms_norm(h, self.input_norm, s.rms_norm_eps)
+        s, lin, ops = self.shape, self.linears, self.ops
+        x = ops.norm(h, self.input_norm, s.rms_norm_eps)
         q, k, v = lin["qkv"](x, lora).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
-        q = apply_rope(q.reshape(-1, s.num_heads, s.head_dim), cos, sin)
-        k = apply_rope(k.reshape(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        q = ops.rope(q.reshape(-1, s.num_heads, s.head_dim), cos, sin)
+        k = ops.rope(k.reshape(-1, s.num_kv_heads, s.head_dim), cos, sin)
         write_kv(kv[0], kv[1], k, v.reshape(-1, s.num_kv_heads, s.head_dim), attn.slot_mapping)
         o = paged_attention(q, kv[0], kv[1], attn, self.scale, s.sliding_window)
         h = h + lin["o"](o.reshape(-1, self.q_width), lora)
-        x = rms_norm(h, self.post_attention_norm, s.rms_norm_eps)
+        x = ops.norm(h, self.post_attention_norm, s.rms_norm_eps)
         gate, up = lin["gateup"](x, lora).chunk(2, dim=-1)
         return h + lin["down"](nn.functional.silu(gate) * up, lora)
 
@@ -184,6 +203,7 @@ class CausalLM(nn.Module):
                 raise ModelLoadError(f"weight {name} is missing")
             return d[name].to(device=device, dtype=dtype)
 
+        self.ops = Ops(self.device)
         self.embed = tensor("model.embed_tokens.weight")
         self.norm = tensor("model.norm.weight")
         self.lm_head = tensor("lm_head.weight") if "lm_head.weight" in d else self.embed  # tied
@@ -207,7 +227,7 @@ class CausalLM(nn.Module):
                 linears[group] = QuantLinear(base, lora)
             norms = (tensor(f"model.layers.{i}.input_layernorm.weight"),
                      tensor(f"model.layers.{i}.post_attention_layernorm.weight"))
-            layers.append(DecoderLayer(s, linears, norms))
+            layers.append(DecoderLayer(s, linears, norms, self.ops))
             self.lora_slots.append(slots)
         self.layers = layers
 
@@ -259,7 +279,7 @@ class CausalLM(nn.Module):
         cos, sin = self.rope_cos_sin(positions)
         for layer, kv in zip(self.layers, kv_caches):
             h = layer(h, cos, sin, attn, kv, lora)
-        return rms_norm(h, self.norm, self.shape.rms_norm_eps)
+        return self.ops.norm(h, self.norm, self.shape.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.lm_head.t()).float()

@@ -29,6 +29,9 @@ TABLE = (
     # decode attention over the paged KV cache (prefill chunks always use torch SDPA)
     ("paged_attention", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("paged_attention", "ref", lambda f: True),
+    # fused RMSNorm + RoPE (one kernel each instead of ~7 and ~5 torch ops)
+    ("norm_rope", "triton", lambda f: f["cuda"] and f["has_triton"]),
+    ("norm_rope", "ref", lambda f: True),
 )
 
 

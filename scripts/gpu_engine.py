@@ -1,0 +1,220 @@
+"""Engine on the GPU: the fast path against the reference path, then decode/prefill speed.
+
+    python scripts/gpu_engine.py [--out DIR] [--skip-hf]
+
+1. Correctness: dummy Llama-2-7B shapes (2 layers, 4-bit, 4 random rank-16 adapters). The engine
+   with the fast kernels (Triton / exllamav2 by the dispatch table) against the same engine with
+   every op forced to the torch reference (INLAID_BACKEND_*=ref), both fp16 on the GPU: greedy
+   tokens of the fast engine are teacher-forced through the reference engine, and the logprobs of
+   every prompt and generated token are compared.
+2. Decode tokens/s at batch 1, 8, 32, 128: dummy Llama-2-7B 4-bit, 100 registered adapters rank 16
+   on all 7 projections, each request its own adapter (distinct), prompt 128, 64 new tokens.
+   Roofline = bytes one decode step must read (packed base weights + lm_head, the step's distinct
+   adapters, the KV cache of the batch) / 2.99 TB/s (measured H100 HBM, docs/results/kernels.md).
+3. Prefill tokens/s (8 prompts of 512 tokens).
+4. Baselines in the same run: HF transformers fp16 generate without adapters, and HF + PEFT with 8
+   adapters mixed in one batch (``adapter_names``), batch 32, prompt 128, 32 new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from inlaid.engine.llm import LLM
+from inlaid.engine.sequence import SamplingParams
+
+HBM_BYTES_PER_S = 2.99e12
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def correctness(out: dict) -> None:
+    opts = dict(dummy_layers=2, dummy_adapters=4, dummy_rank=16, max_loras=4, max_lora_rank=16,
+                num_kv_blocks=256, device="cuda")
+    fast = LLM("dummy:llama-2-7b", **opts)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 32000, (n,), generator=gen).tolist() for n in (5, 37, 130, 64)]
+    adapters = ["dummy-0", "dummy-1", None, "dummy-3"]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    got = fast.generate(prompts, sp, adapters)
+    del fast
+    gc.collect()
+    torch.cuda.empty_cache()
+    forced = ("INLAID_BACKEND_QUANT_MATMUL", "INLAID_BACKEND_LORA", "INLAID_BACKEND_PAGED_ATTENTION",
+              "INLAID_BACKEND_NORM_ROPE")
+    for name in forced:
+        os.environ[name] = "ref"
+    ref = LLM("dummy:llama-2-7b", **opts, enforce_eager=True)
+    full = [p + o.output_token_ids for p, o in zip(prompts, got)]
+    scored = ref.generate(full, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), adapters)
+    for name in forced:
+        del os.environ[name]
+    diffs = []
+    for prompt, o, r in zip(prompts, got, scored):
+        fast_lp = [lp.logprob for lp in o.logprobs]
+        ref_lp = [lp.logprob for lp in r.prompt_logprobs[len(prompt):]]
+        diffs.extend(abs(a - b) for a, b in zip(fast_lp, ref_lp))
+    out["correctness"] = {"tokens_compared": len(diffs), "max_abs_logprob_diff": max(diffs),
+                          "mean_abs_logprob_diff": statistics.fmean(diffs)}
+    log(f"correctness: {len(diffs)} generated tokens, |logprob fast - ref| max {max(diffs):.4f} "
+        f"mean {statistics.fmean(diffs):.5f}")
+    del ref
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def model_bytes(engine) -> tuple[int, int]:
+    """(base bytes a step reads, bytes of one rank-r adapter on every projection)."""
+    model = engine.model
+    base = model.lm_head.numel() * model.lm_head.element_size()
+    for layer in model.layers:
+        for linear in layer.linears.values():
+            q = linear.quant
+            tensors = [q.qweight, q.scales, q.zeros] if hasattr(q, "qweight") else [q.weight]
+            base += sum(t.numel() * t.element_size() for t in tensors)
+    s = model.shape
+    cfg = engine.config
+    inter = engine.hf_config.intermediate_size
+    per_layer = cfg.dummy_rank * sum(i + o for i, o in [
+        (s.hidden, s.num_heads * s.head_dim), (s.hidden, s.num_kv_heads * s.head_dim),
+        (s.hidden, s.num_kv_heads * s.head_dim), (s.num_heads * s.head_dim, s.hidden),
+        (s.hidden, inter), (s.hidden, inter), (inter, s.hidden)])
+    return base, per_layer * s.num_layers * 2
+
+
+def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
+    mode = "eager" if eager else "graphs"
+    t0 = time.perf_counter()
+    llm = LLM("dummy:llama-2-7b", dummy_adapters=100, dummy_rank=16, max_loras=128, max_lora_rank=16,
+              max_num_seqs=max(batches), max_num_batched_tokens=8192, device="cuda", enforce_eager=eager)
+    log(f"[{mode}] engine start-up (weights, adapters, warm-up, graph capture): "
+        f"{time.perf_counter() - t0:.1f} s")
+    engine = llm.engine
+    base_bytes, adapter_bytes = model_bytes(engine)
+    s = engine.model.shape
+    kv_token_bytes = 2 * s.num_layers * s.num_kv_heads * s.head_dim * 2
+    log(f"base bytes/step {base_bytes / 1e9:.2f} GB, adapter {adapter_bytes / 1e6:.1f} MB, "
+        f"KV {kv_token_bytes / 1e6:.2f} MB/token, {engine.block_manager.num_blocks} KV blocks")
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for batch in batches:
+        for r in range(batch):
+            prompt = torch.randint(3, 32000, (128,), generator=gen).tolist()
+            engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=32 if eager else 64,
+                                                      ignore_eos=True),
+                               f"dummy-{r % 100}")
+        times, contexts = [], []
+        while engine.has_unfinished_requests():
+            running = list(engine.scheduler.running)
+            all_decode = len(running) == batch and all(q.num_computed_tokens == q.num_tokens - 1
+                                                       for q in running)
+            ctx = sum(q.num_tokens for q in running)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.step()
+            torch.cuda.synchronize()
+            if all_decode:
+                times.append(time.perf_counter() - t0)
+                contexts.append(ctx)
+        steady = times[3:] or times
+        step = statistics.median(steady)
+        distinct = min(batch, 100)
+        bytes_step = base_bytes + distinct * adapter_bytes + statistics.fmean(contexts) * kv_token_bytes
+        roof = bytes_step / HBM_BYTES_PER_S
+        rows.append({"mode": mode, "batch": batch, "step_ms": step * 1e3, "tok_s": batch / step,
+                     "roofline_ms": roof * 1e3, "roofline_frac": roof / step,
+                     "bytes_gb": bytes_step / 1e9, "steps_timed": len(steady)})
+        log(f"[{mode}] decode batch {batch:4d}: {step * 1e3:7.2f} ms/step, {batch / step:8.0f} tok/s, "
+            f"roofline {roof * 1e3:.2f} ms ({roof / step:.0%})")
+    out.setdefault("decode", []).extend(rows)
+    if eager:
+        del llm, engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        return
+    # prefill: 8 prompts of 512 tokens in one step (max_num_batched_tokens 8192)
+    prompts = [torch.randint(3, 32000, (512,), generator=gen).tolist() for _ in range(8)]
+    for warm in (True, False):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
+                     [f"dummy-{i}" for i in range(8)])
+        torch.cuda.synchronize()
+        took = time.perf_counter() - t0
+    out["prefill"] = {"tokens": 8 * 512, "seconds": took, "tok_s": 8 * 512 / took}
+    log(f"prefill 8x512 with 8 adapters: {took * 1e3:.1f} ms, {8 * 512 / took:.0f} tok/s")
+    del llm, engine
+    gc.collect()  # runner <-> graphs reference each other: free the cache before the next engine
+    torch.cuda.empty_cache()
+
+
+def hf_baselines(out: dict, batch: int = 32, new_tokens: int = 32) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from inlaid.model.dummy import dummy_model
+
+    model = dummy_model("llama-2-7b").cuda()
+    ids = torch.randint(3, 32000, (batch, 128), generator=torch.Generator().manual_seed(2)).cuda()
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(**{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(**kwargs)
+        torch.cuda.synchronize()
+    hf = batch * new_tokens / (time.perf_counter() - t0)
+    log(f"HF fp16 generate, no adapter, batch {batch}: {hf:.0f} tok/s")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets), adapter_name="a0")
+    for i in range(1, 8):
+        peft.add_adapter(f"a{i}", LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    peft.half().eval()
+    names = [f"a{i % 8}" for i in range(batch)]
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        peft.generate(**kwargs, adapter_names=names)
+        torch.cuda.synchronize()
+    mixed = batch * new_tokens / (time.perf_counter() - t0)
+    log(f"HF + PEFT, 8 adapters mixed, batch {batch}: {mixed:.0f} tok/s")
+    out["hf"] = {"batch": batch, "new_tokens": new_tokens, "hf_fp16_no_lora_tok_s": hf,
+                 "hf_peft_mixed8_tok_s": mixed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--batches", default="1,8,32,128")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    correctness(results)
+    batches = [int(b) for b in args.batches.split(",")]
+    decode_speed(results, batches, eager=False)
+    decode_speed(results, batches, eager=True)
+    if not args.skip_hf:
+        hf_baselines(results)
+    if "hf" in results:
+        b32 = next((r for r in results["decode"] if r["batch"] == 32 and r["mode"] == "graphs"), None)
+        if b32:
+            log(f"batch 32 decode: {b32['tok_s'] / results['hf']['hf_peft_mixed8_tok_s']:.1f}x HF+PEFT "
+                f"mixed, {b32['tok_s'] / results['hf']['hf_fp16_no_lora_tok_s']:.2f}x HF fp16 no-LoRA")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_engine.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
