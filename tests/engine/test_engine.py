@@ -39,16 +39,8 @@ def family(request, tmp_path_factory):
     return base, adapters
 
 
-def hf_greedy(base, adapters, prompts, names, max_tokens=10):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    first, *rest = adapters
-    peft = PeftModel.from_pretrained(model, adapters[first], adapter_name=first)
-    for name in rest:
-        peft.load_adapter(adapters[name], adapter_name=name)
+def peft_greedy(peft, tok, prompts, names, max_tokens=10):
+    """Greedy continuations from a PeftModel, one request at a time (None = adapters disabled)."""
     out = []
     for prompt, name in zip(prompts, names):
         ids = torch.tensor([tok(prompt)["input_ids"]])
@@ -61,6 +53,24 @@ def hf_greedy(base, adapters, prompts, names, max_tokens=10):
             gen = peft.generate(**kwargs)
         out.append(gen[0, ids.shape[1]:].tolist())
     return out
+
+
+def multi_adapter_peft(model, adapters: dict):
+    from peft import PeftModel
+
+    first, *rest = adapters
+    peft = PeftModel.from_pretrained(model, adapters[first], adapter_name=first)
+    for name in rest:
+        peft.load_adapter(adapters[name], adapter_name=name)
+    return peft
+
+
+def hf_greedy(base, adapters, prompts, names, max_tokens=10):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return peft_greedy(multi_adapter_peft(model, adapters), AutoTokenizer.from_pretrained(base),
+                       prompts, names, max_tokens)
 
 
 FAMILIES = [("llama", {}), ("qwen2", {"tie_word_embeddings": False}),
@@ -115,7 +125,6 @@ def test_prompt_logprobs_match_hf_teacher_forcing(family):
 
 
 def test_quantized_checkpoint_matches_dequantized_hf(tmp_path, tiny_model, tiny_tasks):
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     from inlaid.config import QuantConfig, TaskSpec
@@ -127,20 +136,8 @@ def test_quantized_checkpoint_matches_dequantized_hf(tmp_path, tiny_model, tiny_
                       QuantConfig(bits=4, group_size=32, samples=4, seq_len=32))
     names = ["sql", "math", None]
     prompts = PROMPTS[:3]
-    peft = PeftModel.from_pretrained(load_dense_model(out), out / "adapters" / "sql", adapter_name="sql")
-    peft.load_adapter(out / "adapters" / "math", adapter_name="math")
-    tok = AutoTokenizer.from_pretrained(out)
-    expect = []
-    for prompt, name in zip(prompts, names):
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        kwargs = dict(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-        if name is None:
-            with peft.disable_adapter():
-                gen = peft.generate(**kwargs)
-        else:
-            peft.set_adapter(name)
-            gen = peft.generate(**kwargs)
-        expect.append(gen[0, ids.shape[1]:].tolist())
+    peft = multi_adapter_peft(load_dense_model(out), {n: out / "adapters" / n for n in ("sql", "math")})
+    expect = peft_greedy(peft, AutoTokenizer.from_pretrained(out), prompts, names)
     # the checkpoint's own adapters are registered under their task names
     for dequantize in (True, False):  # False: every step through the quant_matmul reference kernel
         llm = LLM(str(out), max_loras=2, max_lora_rank=8, num_kv_blocks=64, block_size=4,
