@@ -177,6 +177,7 @@ class StepRecord:
     num_decode_tokens: int
     adapters: tuple[str, ...] = ()
     num_adapter_loads: int = 0  # adapters copied into device slots before this step
+    num_context_tokens: int = 0  # KV positions the step attends over, new tokens included (roofline)
 
     @property
     def kind(self) -> str:

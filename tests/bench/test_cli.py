@@ -1,0 +1,117 @@
+"""``inlaid bench`` through CliRunner: help, one small run per command on dummy:tiny, compare, and
+bad input as one line + exit 1."""
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from inlaid.cli import main as cli_main
+from inlaid.cli.main import app
+
+runner = CliRunner()
+TINY = ["--model", "dummy:tiny", "--num-kv-blocks", "128", "--max-loras", "2", "--max-num-seqs", "8",
+        "--warmup", "0"]
+
+
+def run_main(args) -> int:
+    """Through main(), so InlaidError -> one line + exit 1 is what is tested."""
+    old, sys.argv = sys.argv, ["inlaid", *map(str, args)]
+    try:
+        cli_main.main()
+    except SystemExit as exc:
+        return exc.code
+    finally:
+        sys.argv = old
+    return 0
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0
+    for command in ("serve", "sweep", "compare", "kernels", "lora"):
+        assert command in result.output
+    sweep_help = runner.invoke(app, ["bench", "sweep", "--help"]).output
+    assert all(shape in sweep_help for shape in ("adapters", "rates", "batch"))
+
+
+@pytest.fixture(scope="module")
+def serve_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-serve")
+    result = runner.invoke(app, ["bench", "serve", *TINY, "--adapters", "3", "--requests", "5", "--arrival",
+                                 "all-at-once", "--input-len", "4:12", "--output-len", "2:5", "--baseline", "fcfs",
+                                 "--latency-slo", "60", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_serve_writes_table_json_csv_and_plots(serve_dir):
+    names = {p.name for p in serve_dir.iterdir()}
+    assert {"inlaid.json", "fcfs.json", "results.json", "summary.csv", "summary.md", "inlaid.requests.csv",
+            "latency_cdf.png"} <= names
+    results = json.loads((serve_dir / "results.json").read_text())
+    assert [r["name"] for r in results] == ["inlaid", "fcfs"]
+    assert results[0]["params"]["num_adapters"] == 3 and results[0]["summary"]["num_completed"] == 5
+    assert results[0]["predictor"]["mae_at_admission"] is not None
+    table = (serve_dir / "summary.md").read_text()
+    assert "predictor mae tokens" in table and "output tok per sec × fcfs" in table
+
+
+def test_compare_overlays_result_files(serve_dir, tmp_path):
+    result = runner.invoke(app, ["bench", "compare", str(serve_dir / "inlaid.json"), str(serve_dir / "results.json"),
+                                 "--out", str(tmp_path), "--columns", "output_tok_per_sec,latency_p99_s"])
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "summary.md").read_text()
+    assert "inlaid@bench-serve" in table.replace("0/inlaid", "")  # same run twice: told apart by file
+    assert (tmp_path / "latency_cdf.png").is_file()
+
+
+def test_sweeps_run_on_dummy_tiny(tmp_path):
+    result = runner.invoke(app, ["bench", "sweep", "batch", *TINY, "--patterns", "distinct",
+                                 "--batch-sizes", "1,3", "--input-len", "6", "--output-len", "3",
+                                 "--out", str(tmp_path / "batch")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "batch" / "results.json").read_text())
+    assert [(r["params"]["pattern"], r["params"]["batch_size"]) for r in rows] == [("distinct", 1), ("distinct", 3)]
+    assert rows[1]["steps"]["adapters_per_step"]["max"] == 3  # max_loras raised to the batch's adapters
+    assert rows[1]["steps"]["prefill_latency_s"]["count"] == 1  # the whole batch prefilled in one step
+    assert all(r["roofline"]["num_decode_steps"] >= 1 for r in rows)
+    assert (tmp_path / "batch" / "latency_vs_batch.png").is_file()
+    result = runner.invoke(app, ["bench", "sweep", "rates", *TINY, "--rates", "50,100", "--requests", "3",
+                                 "--tasks", "none", "--adapters", "2", "--input-len", "4:8", "--output-len", "2:4",
+                                 "--latency-slo", "60", "--policy", "fcfs", "--no-plots",
+                                 "--out", str(tmp_path / "rates")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "rates" / "results.json").read_text())
+    assert [(r["name"], r["params"]["rate"]) for r in rows] == [("fcfs", 50.0), ("fcfs", 100.0)]
+    assert all(r["summary"]["slo"]["attainment"] == 1.0 for r in rows)
+    result = runner.invoke(app, ["bench", "sweep", "adapters", *TINY, "--counts", "1,3", "--requests", "3",
+                                 "--arrival", "all-at-once", "--input-len", "4:8", "--output-len", "2:3",
+                                 "--out", str(tmp_path / "adapters")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "adapters" / "results.json").read_text())
+    assert [r["params"]["num_adapters"] for r in rows] == [1, 3]
+    assert "inlaid 3 adapters" in result.output
+    assert (tmp_path / "adapters" / "throughput_vs_adapters.png").is_file()
+
+
+def test_bad_input_is_one_line(capsys, tmp_path):
+    assert run_main(["bench", "serve", "--adapters", "2"]) == 1
+    assert "give either --model" in capsys.readouterr().err
+    assert run_main(["bench", "serve", *TINY, "--pattern", "powerlaw"]) == 1
+    assert "needs --adapters" in capsys.readouterr().err
+    assert run_main(["bench", "serve", *TINY, "--adapters", "2", "--input-len", "5:x"]) == 1
+    assert "--input-len '5:x'" in capsys.readouterr().err
+    assert run_main(["bench", "sweep", "rates", *TINY]) == 1
+    assert "--ttft-slo" in capsys.readouterr().err
+    assert run_main(["bench", "compare", str(tmp_path / "missing.json")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["kernels", "lora"])
+def test_kernel_scripts_are_exposed(command):
+    result = runner.invoke(app, ["bench", command])
+    assert result.exit_code == 0, result.output
+    if not __import__("torch").cuda.is_available():
+        assert "no cuda" in result.output.lower()
