@@ -28,7 +28,3 @@ class CheckpointError(InlaidError):
 class RequestError(ConfigError):
     """A request the engine rejects (bad sampling parameters, empty or too long prompt, duplicate
     id): the server answers it with a 400, never a 500."""
-
-
-class NotBuiltError(InlaidError):
-    """A command that exists in the CLI but is not implemented yet."""

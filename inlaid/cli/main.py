@@ -10,16 +10,17 @@ import sys
 import typer
 
 from inlaid import __version__
-from inlaid.cli import not_built, quantize
+from inlaid.cli import bench, quantize, serve
+from inlaid.cli import eval as eval_cli
 from inlaid.errors import InlaidError
 
 app = typer.Typer(help="Multi-task GPTQ quantization and multi-LoRA serving on one low-bit base.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.command("quantize")(quantize.quantize_cmd)
 app.command("add-task")(quantize.add_task_cmd)
-app.command("serve")(not_built.serve_cmd)
-app.command("eval")(not_built.eval_cmd)
-app.command("bench")(not_built.bench_cmd)
+app.command("serve")(serve.serve_cmd)
+app.command("eval")(eval_cli.eval_cmd)
+app.add_typer(bench.app, name="bench")
 
 
 def _version(value: bool) -> None:

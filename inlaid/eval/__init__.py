@@ -1,1 +1,2 @@
-"""Task suite, metrics and lm-eval integration: not built yet."""
+"""Per-task accuracy: the built-in task suite, `inlaid eval` (variants side by side), perplexity and
+the lm-eval model type."""
