@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model: quantize SmolLM2-135M-Instruct to 4 bits once for
-# three demo tasks, add a fourth task incrementally, then serve the checkpoint with every adapter,
-# ask each adapter one question over the OpenAI API, and stop the server.
+# three tasks of the built-in suite (their trained adapters ship in examples/adapters), add a fourth
+# task incrementally, then serve the checkpoint with every adapter, ask each adapter one question
+# over the OpenAI API, and stop the server.
 # Extra arguments go to `inlaid quantize`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 OUT="${OUT:-out}"
-DEMO="$OUT/demo"
-python scripts/make_demo_tasks.py "$DEMO" > /dev/null
-task() { echo "--task $1=$DEMO/$1/adapter:$DEMO/$1.jsonl"; }
+task() { echo "--task $1=examples/adapters/$1:examples/tasks/$1/calib.jsonl"; }
 # shellcheck disable=SC2046
-inlaid quantize default "$OUT/smollm2-w4" $(task arithmetic) $(task dates) $(task sorting) \
+inlaid quantize default "$OUT/smollm2-w4" $(task number_words_fr) $(task date_de) $(task sentiment) \
     --bits 4 --group-size 64 --aggregation mean --samples 32 --seq-len 256 --overwrite "$@"
 # shellcheck disable=SC2046
-inlaid add-task "$OUT/smollm2-w4" $(task capitals)
+inlaid add-task "$OUT/smollm2-w4" $(task geography_qa)
 echo "checkpoint: $OUT/smollm2-w4 (tasks.json lists the tasks; adapters/ holds their adapters)"
 
 PORT="${PORT:-8765}"
