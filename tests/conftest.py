@@ -95,6 +95,22 @@ def write_data(path: Path, seed: int, rows: int = 24, kind: str = "text") -> Pat
     return path
 
 
+def run_cli(args) -> int:
+    """Run ``inlaid ARGS`` through main(), so errors take the real one-line + exit-code path."""
+    import sys
+
+    from inlaid.cli import main as cli_main
+
+    old, sys.argv = sys.argv, ["inlaid", *map(str, args)]
+    try:
+        cli_main.main()
+    except SystemExit as exc:
+        return exc.code
+    finally:
+        sys.argv = old
+    return 0
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")

@@ -2,29 +2,16 @@
 bad input as one line + exit 1."""
 
 import json
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from inlaid.cli import main as cli_main
 from inlaid.cli.main import app
+from ..conftest import run_cli
 
 runner = CliRunner()
 TINY = ["--model", "dummy:tiny", "--num-kv-blocks", "128", "--max-loras", "2", "--max-num-seqs", "8",
         "--warmup", "0"]
-
-
-def run_main(args) -> int:
-    """Through main(), so InlaidError -> one line + exit 1 is what is tested."""
-    old, sys.argv = sys.argv, ["inlaid", *map(str, args)]
-    try:
-        cli_main.main()
-    except SystemExit as exc:
-        return exc.code
-    finally:
-        sys.argv = old
-    return 0
 
 
 def test_help_lists_the_commands():
@@ -97,15 +84,15 @@ def test_sweeps_run_on_dummy_tiny(tmp_path):
 
 
 def test_bad_input_is_one_line(capsys, tmp_path):
-    assert run_main(["bench", "serve", "--adapters", "2"]) == 1
+    assert run_cli(["bench", "serve", "--adapters", "2"]) == 1
     assert "give either --model" in capsys.readouterr().err
-    assert run_main(["bench", "serve", *TINY, "--pattern", "powerlaw"]) == 1
+    assert run_cli(["bench", "serve", *TINY, "--pattern", "powerlaw"]) == 1
     assert "needs --adapters" in capsys.readouterr().err
-    assert run_main(["bench", "serve", *TINY, "--adapters", "2", "--input-len", "5:x"]) == 1
+    assert run_cli(["bench", "serve", *TINY, "--adapters", "2", "--input-len", "5:x"]) == 1
     assert "--input-len '5:x'" in capsys.readouterr().err
-    assert run_main(["bench", "sweep", "rates", *TINY]) == 1
+    assert run_cli(["bench", "sweep", "rates", *TINY]) == 1
     assert "--ttft-slo" in capsys.readouterr().err
-    assert run_main(["bench", "compare", str(tmp_path / "missing.json")]) == 1
+    assert run_cli(["bench", "compare", str(tmp_path / "missing.json")]) == 1
     assert "cannot read" in capsys.readouterr().err
 
 

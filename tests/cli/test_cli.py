@@ -6,25 +6,10 @@ import pytest
 from typer.testing import CliRunner
 
 from inlaid import __version__
-from inlaid.cli import main as cli_main
 from inlaid.cli.main import app
+from ..conftest import run_cli
 
 runner = CliRunner()
-
-
-def run(args):
-    """Invoke through main() so the InlaidError -> one line + exit 1 path is what we test."""
-    import sys
-
-    old = sys.argv
-    sys.argv = ["inlaid", *map(str, args)]
-    try:
-        cli_main.main()
-    except SystemExit as exc:
-        return exc.code
-    finally:
-        sys.argv = old
-    return 0
 
 
 def task_arg(tiny_tasks, name):
@@ -59,11 +44,11 @@ def test_options_reach_library(monkeypatch, tmp_path, tiny_tasks):
 def test_quantize_and_add_task_end_to_end(tmp_path, tiny_model, tiny_tasks, capsys):
     out = tmp_path / "ckpt"
     common = ["--group-size", "32", "--samples", "4", "--seq-len", "32"]
-    assert run(["quantize", tiny_model, out, "-t", task_arg(tiny_tasks, "sql"),
+    assert run_cli(["quantize", tiny_model, out, "-t", task_arg(tiny_tasks, "sql"),
                 "-t", task_arg(tiny_tasks, "math"), *common]) == 0
     err = capsys.readouterr().err
     assert "reconstruction error" in err and "wrote" in err
-    assert run(["add-task", out, "-t", task_arg(tiny_tasks, "chat")]) == 0
+    assert run_cli(["add-task", out, "-t", task_arg(tiny_tasks, "chat")]) == 0
     tasks = json.loads((out / "tasks.json").read_text())["tasks"]
     assert [t["name"] for t in tasks] == ["sql", "math", "chat"]
 
@@ -76,7 +61,7 @@ def test_quantize_and_add_task_end_to_end(tmp_path, tiny_model, tiny_tasks, caps
 ])
 def test_bad_options(tmp_path, tiny_model, tiny_tasks, capsys, extra, message):
     out = tmp_path / "o"
-    assert run(["quantize", tiny_model, out, "-t", task_arg(tiny_tasks, "sql"), *extra]) == 1
+    assert run_cli(["quantize", tiny_model, out, "-t", task_arg(tiny_tasks, "sql"), *extra]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
@@ -93,11 +78,11 @@ def test_bad_paths_and_tasks(tmp_path, tiny_model, tiny_tasks, capsys):
         [tiny_model, out, "-t", f"x={tiny_tasks['sql'][0]}:{tmp_path}/none.jsonl"],
     ]
     for args in cases:
-        assert run(["quantize", *args]) == 1, args
+        assert run_cli(["quantize", *args]) == 1, args
         err = capsys.readouterr().err
         assert err.startswith("error:") and "Traceback" not in err
         assert not out.exists()
-    assert run(["add-task", tmp_path, "-t", sql]) == 1
+    assert run_cli(["add-task", tmp_path, "-t", sql]) == 1
     assert "not an inlaid checkpoint" in capsys.readouterr().err
 
 
@@ -107,6 +92,6 @@ def test_ctrl_c_exits_130_and_writes_nothing(tmp_path, tiny_model, tiny_tasks, m
 
     monkeypatch.setattr("inlaid.quant.calibrate.gptq_quantize", interrupt)
     out = tmp_path / "o"
-    assert run(["quantize", tiny_model, out, "-t", task_arg(tiny_tasks, "sql"), "--group-size", "32"]) == 130
+    assert run_cli(["quantize", tiny_model, out, "-t", task_arg(tiny_tasks, "sql"), "--group-size", "32"]) == 130
     assert "nothing was written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [] or not any(p.name.startswith((".o", "o")) for p in tmp_path.iterdir())

@@ -2,14 +2,12 @@
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from inlaid.cli import main as cli_main
 from inlaid.cli.main import app
 from inlaid.config import QuantConfig, TaskSpec
 from inlaid.errors import ConfigError, ModelLoadError
@@ -19,6 +17,7 @@ from inlaid.eval.runner import EvalConfig, EvalReporter, HFBackend, Variant, che
 from inlaid.eval.tasks import Example, Task
 
 from ..conftest import save_adapter
+from ..conftest import run_cli
 
 ROWS = [("What is 2 plus 3?", "5"), ("What is 7 minus 4?", "3"), ("What is 6 times 2?", "12"),
         ("Say hello.", "hello"), ("Repeat: abc", "abc")]
@@ -137,29 +136,16 @@ def test_hf_backend_agrees_with_the_engine(tiny_model, suite):
 
 
 # --- the CLI -------------------------------------------------------------------------------------
-def run(args):
-    """Through main(), so errors take the one line + exit 1 path."""
-    old = sys.argv
-    sys.argv = ["inlaid", *map(str, args)]
-    try:
-        cli_main.main()
-    except SystemExit as exc:
-        return exc.code
-    finally:
-        sys.argv = old
-    return 0
-
-
 def test_cli_help_and_one_line_errors(capsys, tiny_model):
     result = CliRunner().invoke(app, ["eval", "--help"])
     assert result.exit_code == 0 and "--export-lm-eval" in result.output and "--perplexity" in result.output
-    assert run(["eval", tiny_model, "--tasks", "no_such_task"]) == 1
+    assert run_cli(["eval", tiny_model, "--tasks", "no_such_task"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown task 'no_such_task'") and len(err.splitlines()) == 1
-    assert run(["eval", "/no/such/model", "--tasks", "arithmetic"]) == 1
+    assert run_cli(["eval", "/no/such/model", "--tasks", "arithmetic"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: model not found: /no/such/model"
-    assert run(["eval", "--tasks", "arithmetic"]) == 1
+    assert run_cli(["eval", "--tasks", "arithmetic"]) == 1
     assert "give at least one MODEL" in capsys.readouterr().err
 
 
@@ -186,7 +172,7 @@ def test_cli_options_reach_the_runner(monkeypatch, tmp_path):
 
 def test_cli_end_to_end_and_perplexity(tmp_path, tiny_model, suite, capsys):
     out = tmp_path / "results"
-    code = run(["eval", f"fp={tiny_model}", f"again={tiny_model}", "--tasks", "sentiment,python_expr",
+    code = run_cli(["eval", f"fp={tiny_model}", f"again={tiny_model}", "--tasks", "sentiment,python_expr",
                 "--adapters", suite / "adapters", "--data", suite / "data", "--limit", "3", "--out", out,
                 "--save-predictions"])
     assert code == 0
@@ -203,7 +189,7 @@ def test_cli_end_to_end_and_perplexity(tmp_path, tiny_model, suite, capsys):
 
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
-    code = run(["eval", "--perplexity", text, tiny_model, "--with-adapter", "sentiment",
+    code = run_cli(["eval", "--perplexity", text, tiny_model, "--with-adapter", "sentiment",
                 "--adapters", suite / "adapters", "--window", "32", "--out", out])
     assert code == 0
     ppl = json.loads((out / "perplexity.json").read_text())["results"][0]

@@ -15,23 +15,10 @@ import urllib.request
 import pytest
 from typer.testing import CliRunner
 
-from inlaid.cli import main as cli_main
 from inlaid.cli.main import app
 
 from .conftest import wait_until
-
-
-def run(args) -> int:
-    """Through main(), so the InlaidError -> one line + exit 1 path is what runs."""
-    old = sys.argv
-    sys.argv = ["inlaid", *map(str, args)]
-    try:
-        cli_main.main()
-    except SystemExit as exc:
-        return exc.code
-    finally:
-        sys.argv = old
-    return 0
+from ..conftest import run_cli
 
 
 def test_help():
@@ -47,7 +34,7 @@ def test_options_reach_the_library(monkeypatch, served):
     monkeypatch.setattr("inlaid.server.launch.serve",
                         lambda config, settings: seen.update(c=config, s=settings))
     sql = served.adapters["sql"]
-    code = run(["serve", served.base, "--adapter", f"sql={sql}", "-a", f"math = {served.adapters['math']}",
+    code = run_cli(["serve", served.base, "--adapter", f"sql={sql}", "-a", f"math = {served.adapters['math']}",
                 "--adapter-root", served.root, "--host", "0.0.0.0", "--port", "9001", "--api-key", "k",
                 "--served-model-name", "tiny", "--max-loras", "3", "--max-lora-rank", "16",
                 "--max-num-seqs", "7", "--max-model-len", "128", "--policy", "inlaid", "--device", "cpu",
@@ -71,13 +58,13 @@ def test_options_reach_the_library(monkeypatch, served):
     (["--max-queue", "0"], "--max-queue"),
 ])
 def test_bad_options_exit_1_with_one_line(capsys, served, args, needle):
-    assert run(["serve", served.base, *args]) == 1
+    assert run_cli(["serve", served.base, *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
 
 
 def test_missing_model_exits_1_with_one_line(capsys, tmp_path):
-    assert run(["serve", tmp_path / "no-model"]) == 1
+    assert run_cli(["serve", tmp_path / "no-model"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not found" in err[0]
 
