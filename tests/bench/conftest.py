@@ -4,15 +4,13 @@ when it imports, else a stub), and a stub OpenAI-compatible ASGI app that stream
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
-import threading
-import time
 
 from inlaid.bench.requests import workload_from_spec
 from inlaid.bench.workload import LengthProfile, LengthRange, WorkloadSpec
 from inlaid.engine.llm_engine import EngineConfig
+
+from ..server.conftest import live_server  # noqa: F401  (one uvicorn-in-a-thread helper for both suites)
 
 # Small enough that a run takes about a second on a busy 2-core CPU.
 TINY_ENGINE = dict(model="dummy:tiny", num_kv_blocks=128, block_size=4, max_loras=2, max_num_seqs=8,
@@ -28,30 +26,6 @@ def tiny_workload(num_requests: int = 6, num_adapters: int = 3, **overrides):
                         arrival=overrides.pop("arrival", "all-at-once"),
                         lengths=LengthProfile(LengthRange(4, 12), LengthRange(2, 6)), **overrides)
     return workload_from_spec(spec)
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """uvicorn on 127.0.0.1 and a free port, in a thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 STUB_MODELS = ["base", "task-a", "task-b", "task-c"]

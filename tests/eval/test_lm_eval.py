@@ -36,15 +36,6 @@ LM_TASK = f"inlaid_{TASK}"
 ENGINE = {"num_kv_blocks": 64, "block_size": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run faster on one thread, and much faster on busy shared cores (no spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("lm-eval")

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from inlaid.cli.main import app
@@ -23,15 +22,6 @@ ROWS = [("What is 2 plus 3?", "5"), ("What is 7 minus 4?", "3"), ("What is 6 tim
         ("Say hello.", "hello"), ("Repeat: abc", "abc")]
 ECHO = Task("echo", "a synthetic 5-item task", ("exact_match", "chrf"), 6,
             make=lambda rng: Example("unused", "unused"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run faster on one thread, and much faster on busy shared cores (no spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_rows(path, rows=ROWS):
