@@ -1,6 +1,6 @@
 """Engine on the GPU: the fast path against the reference path, then decode/prefill speed.
 
-    python scripts/gpu_engine.py [--out DIR] [--skip-hf]
+    python scripts/gpu_engine.py [--out DIR] [--skip-hf] [--batches 1,8,32,128] [--profile 32]
 
 1. Correctness: dummy Llama-2-7B shapes (2 layers, 4-bit, 4 random rank-16 adapters). The engine
    with the fast kernels (Triton / exllamav2 by the dispatch table) against the same engine with
@@ -14,6 +14,9 @@
 3. Prefill tokens/s (8 prompts of 512 tokens).
 4. Baselines in the same run: HF transformers fp16 generate without adapters, and HF + PEFT with 8
    adapters mixed in one batch (``adapter_names``), batch 32, prompt 128, 32 new tokens.
+5. ``--profile B`` (instead of 1-4): where a batch-B decode step's time goes. Kernel GPU time per
+   step by kernel (torch.profiler over eager steps; graph replays run the same kernels) against the
+   step's wall time with and without CUDA graphs, so host overhead and launch gaps show up too.
 """
 
 from __future__ import annotations
@@ -158,6 +161,60 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
     torch.cuda.empty_cache()
 
 
+def _add_decode_batch(engine, batch: int, max_tokens: int, gen: torch.Generator) -> None:
+    for r in range(batch):
+        prompt = torch.randint(3, 32000, (128,), generator=gen).tolist()
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                           f"dummy-{r % 100}")
+    while any(q.num_computed_tokens < q.num_tokens - 1 for q in engine.scheduler.running) \
+            or len(engine.scheduler.running) < batch:
+        engine.step()  # prefill until every sequence decodes
+
+
+def profile(out: dict, batch: int, steps: int = 8) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    gen = torch.Generator().manual_seed(3)
+    for eager in (False, True):
+        mode = "eager" if eager else "graphs"
+        llm = LLM("dummy:llama-2-7b", dummy_adapters=100, dummy_rank=16, max_loras=128, max_lora_rank=16,
+                  max_num_seqs=batch, max_num_batched_tokens=8192, device="cuda", enforce_eager=eager)
+        engine = llm.engine
+        _add_decode_batch(engine, batch, 3 * steps + 8, gen)
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        kernels: dict[str, list[float]] = {}
+        for evt in prof.key_averages():
+            t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+            if t and evt.count:
+                kernels[evt.key] = [t / steps / 1e3, evt.count / steps]
+        busy = sum(t for t, _ in kernels.values())
+        log(f"[profile {mode}] batch {batch}: wall {wall * 1e3:.2f} ms/step, kernel time "
+            f"{busy:.2f} ms/step, {sum(c for _, c in kernels.values()):.0f} kernels/step")
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
+        for name, (ms, count) in top[:30]:
+            log(f"    {ms:7.3f} ms {count:6.0f}x  {name[:110]}")
+        out.setdefault("profile", []).append({
+            "mode": mode, "batch": batch, "wall_ms": wall * 1e3, "kernel_ms": busy,
+            "kernels": {k: {"ms_per_step": v[0], "per_step": v[1]} for k, v in top}})
+        while engine.has_unfinished_requests():
+            engine.step()
+        del llm, engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def hf_baselines(out: dict, batch: int = 32, new_tokens: int = 32) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -197,10 +254,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--batches", default="1,8,32,128")
+    parser.add_argument("--profile", type=int, default=0, metavar="B", help="only profile a batch-B decode step")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile(results, args.profile)
+        (args.out / "gpu_profile.json").write_text(json.dumps(results, indent=2))
+        return
     correctness(results)
     batches = [int(b) for b in args.batches.split(",")]
     decode_speed(results, batches, eager=False)
