@@ -97,24 +97,36 @@ def bench_shape(k, n, bits, ms, bw, exllama):
     return rows
 
 
-def sweep(k: int, n: int, ms) -> None:
-    """Block-shape sweep of the Triton kernel, printed as it goes (how `_config` was tuned)."""
+def sweep(ms) -> None:
+    """Block-shape sweep of the Triton kernel over the decode shapes (how `_config` was tuned): per
+    shape and M, the default config's time and the best few, printed as it goes."""
     import itertools
 
-    from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
+    from inlaid.kernels.triton.quant_matmul import _config, quant_matmul_triton
 
-    packed = random_packed(k, n, 4, torch.Generator().manual_seed(0))
-    copies = max(2, -(-3 * L2_BYTES // (packed.qweight.numel() * 4)))
-    layers = [prepare(packed, "cuda") for _ in range(copies)]
-    for m in ms:
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        bm = 16 if m <= 16 else 64 if m <= 64 else 128
-        for bn, bk, sk, warps, stages in itertools.product((64, 128), (64, 128), (2, 4, 8), (2, 4, 8),
-                                                           (2, 3, 4)):
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
-                       num_stages=stages)
-            t = timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5)
-            print(f"sweep {k}x{n} M={m}: {t:.1f} µs {cfg}", flush=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for k, n, name in SHAPES:
+        packed = random_packed(k, n, 4, torch.Generator().manual_seed(0))
+        copies = max(2, -(-3 * L2_BYTES // (packed.qweight.numel() * 4)))
+        layers = [prepare(packed, "cuda") for _ in range(copies)]
+        floor_us = k * n / 2 / 3.0e12 * 1e6
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            default = _config(m, n, k, sms)
+            t_default = timed(lambda i: quant_matmul_triton(x, layers[i]), copies, reps=10)
+            bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+            found = []
+            for bn, bk, sk, stages in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8), (3, 4)):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=4,
+                           num_stages=stages)
+                found.append((timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5), cfg))
+            found.sort(key=lambda tc: tc[0])
+            print(f"sweep {k}x{n} ({name}) M={m}: default {t_default:.1f} µs ({floor_us / t_default:.0%} of the "
+                  f"3.0 TB/s floor) {default}", flush=True)
+            for t, cfg in found[:3]:
+                print(f"    {t:.1f} µs ({floor_us / t:.0%}) {cfg}", flush=True)
+        del layers
+        torch.cuda.empty_cache()
 
 
 def table(rows, bw) -> str:
@@ -135,13 +147,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer M values")
     parser.add_argument("--no-exllama", action="store_true")
     parser.add_argument("--sweep", type=int, nargs="*", metavar="M",
-                        help="only sweep Triton block shapes on 4096x12288 at these M")
+                        help="only sweep Triton block shapes on the decode shapes at these M")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: skipping the kernel benchmark")
         return
     if args.sweep:
-        sweep(4096, 12288, args.sweep)
+        sweep(args.sweep)
         return
     exllama = None
     if not args.no_exllama:

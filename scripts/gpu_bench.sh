@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_bench.sh [profile] [batch] [adapters] [rates] [engine]
 #
+#   kernels   GPU tests of the kernels, then the quant_matmul block-shape sweep at M = 16, 32
 #   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)
 #   batch     shape 3: prefill / decode / end-to-end latency, distinct / uniform / identical, batch 1-64
 #   adapters  shape 1: throughput vs 1 / 10 / 100 / 1000 adapters (power law), vs fp16 and HF + PEFT
@@ -12,7 +13,7 @@
 # Each part runs under its own time limit (PART_TIMEOUT_<part>, seconds) so that one slow part still
 # leaves the others' results. Everything lands in $OUT/results.tar.gz plus one log per part (the
 # device returns at most 8 files). exllamav2 is JIT-built on first use (~2.5 min); a prebuilt
-# exllamav2_ext*.so in .whl/ext (returned as $OUT/exllamav2_ext.so by a first run) skips that.
+# exllamav2_ext.so.xz in .whl/ext (handed back as $OUT/exllamav2_ext.so.xz by a first run) skips that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu-bench}"
@@ -22,9 +23,12 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-[ -d .whl/ext ] && export PYTHONPATH="$PWD/.whl/ext${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/ext/exllamav2_ext*.so.xz >/dev/null 2>&1; then  # a build handed back by an earlier run
+    mkdir -p /tmp/ext && xz -dc .whl/ext/exllamav2_ext*.so.xz > /tmp/ext/exllamav2_ext.so \
+        && export PYTHONPATH="/tmp/ext${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-inlaid() { python3 -c 'import sys; from inlaid.cli.main import main; sys.argv[0] = "inlaid"; main()' "$@"; }
+INLAID=(python3 -c 'import sys; from inlaid.cli.main import main; sys.argv[0] = "inlaid"; main()')
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit ${COMMIT:-unknown}"; } | tee "$OUT/results/gpu.txt"
@@ -33,10 +37,10 @@ inlaid() { python3 -c 'import sys; from inlaid.cli.main import main; sys.argv[0]
 t0=$(date +%s)
 python3 -c "import exllamav2.ext" 2>&1 | tail -3
 echo "exllamav2 ready in $(( $(date +%s) - t0 )) s"
-if ! [ -d .whl/ext ]; then
+if ! [ -f /tmp/ext/exllamav2_ext.so ]; then
     so=$(find ~/.cache/torch_extensions -name 'exllamav2_ext*.so' 2>/dev/null | head -1)
-    [ -n "$so" ] && cp "$so" "$OUT/exllamav2_ext.so" && strip --strip-debug "$OUT/exllamav2_ext.so" 2>/dev/null
-    ls -la "$OUT"/exllamav2_ext.so 2>/dev/null
+    [ -n "$so" ] && cp "$so" "$OUT/exllamav2_ext.so" && strip --strip-debug "$OUT/exllamav2_ext.so" 2>/dev/null; xz -T0 -6 "$OUT/exllamav2_ext.so"
+    ls -la "$OUT"/exllamav2_ext.so* 2>/dev/null
 fi
 
 M="--model ${BENCH_MODEL:-dummy:llama-2-7b}"
@@ -50,15 +54,17 @@ part() {  # part NAME CMD...: run under its limit, log to $OUT/NAME.log
 }
 for what in "$@"; do
     case $what in
+        kernels) part kernels bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels && \
+            python3 scripts/bench_kernels.py --sweep 16 32" ;;
         profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;
-        batch) part batch inlaid bench sweep batch $M --patterns distinct,uniform,identical \
+        batch) part batch "${INLAID[@]}" bench sweep batch $M --patterns distinct,uniform,identical \
             --batch-sizes 1,8,32,64 --input-len 128 --output-len 64 --baseline hf-peft-mixed \
             --baseline fp16 --out "$OUT/results/batch" ;;
-        adapters) part adapters inlaid bench sweep adapters $M --rank 16 --counts 1,10,100,1000 \
+        adapters) part adapters "${INLAID[@]}" bench sweep adapters $M --rank 16 --counts 1,10,100,1000 \
             --pattern powerlaw --alpha 1 --arrival all-at-once --requests "${ADAPTER_REQUESTS:-300}" \
             --input-len 8:512 --output-len 8:512 --max-num-seqs 128 --baseline fp16 --baseline hf-peft \
             --hf-max-requests "${HF_MAX_REQUESTS:-16}" --out "$OUT/results/adapters" ;;
-        rates) part rates inlaid bench sweep rates $M --adapters 5 --tasks sample \
+        rates) part rates "${INLAID[@]}" bench sweep rates $M --adapters 5 --tasks sample \
             --rates "${RATES:-16,24,32,48}" --arrival gamma --cv 2 --requests "${RATE_REQUESTS:-300}" \
             --policy inlaid --baseline fcfs --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 \
             --out "$OUT/results/rates" ;;

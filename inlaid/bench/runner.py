@@ -28,6 +28,8 @@ HTTP_BASELINES = ("no-lora",)
 
 # (variant, done, total) -> None; a progress bar per variant
 Progress = Callable[[str, int, int], None]
+# called with each finished run, so a long sweep keeps what it finished when it is cut short
+OnResult = Callable[[RunResult], None]
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,14 @@ class BenchConfig:
 
 
 def run_all(config: BenchConfig, workload: Workload, progress: Progress | None = None,
-            extra_params: dict | None = None) -> list[RunResult]:
+            extra_params: dict | None = None, on_result: OnResult | None = None) -> list[RunResult]:
     """The main run then each baseline, on the same workload."""
-    return [run_variant(config, workload, v, progress, extra_params) for v in config.variants]
+    results = []
+    for variant in config.variants:
+        results.append(run_variant(config, workload, variant, progress, extra_params))
+        if on_result is not None:
+            on_result(results[-1])
+    return results
 
 
 def run_variant(config: BenchConfig, workload: Workload, variant: str, progress: Progress | None = None,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from inlaid.bench.requests import workload_from_spec
 from inlaid.bench.results import RunResult
-from inlaid.bench.runner import BenchConfig, Progress, run_all
+from inlaid.bench.runner import BenchConfig, OnResult, Progress, run_all
 from inlaid.bench.workload import LengthProfile, LengthRange, WorkloadSpec, uniform_group_size
 from inlaid.errors import ConfigError
 
@@ -40,7 +40,7 @@ def _point_progress(progress: Progress | None, point: str) -> Progress | None:
 
 
 def sweep_adapters(config: BenchConfig, spec: WorkloadSpec, counts: Sequence[int],
-                   progress: Progress | None = None) -> list[RunResult]:
+                   progress: Progress | None = None, on_result: OnResult | None = None) -> list[RunResult]:
     """Result shape 1: the same requests over 1, 10, 100, ... adapters."""
     if not counts or min(counts) < 1:
         raise ConfigError("--counts needs adapter counts >= 1")
@@ -50,12 +50,12 @@ def sweep_adapters(config: BenchConfig, spec: WorkloadSpec, counts: Sequence[int
     for count in counts:
         point = dataclasses.replace(spec, num_adapters=count)
         results += run_all(config, workload_from_spec(point), _point_progress(progress, f"adapters={count}"),
-                           {"sweep": ["num_adapters"]})
+                           {"sweep": ["num_adapters"]}, on_result)
     return results
 
 
 def sweep_rates(config: BenchConfig, spec: WorkloadSpec, rates: Sequence[float],
-                progress: Progress | None = None) -> list[RunResult]:
+                progress: Progress | None = None, on_result: OnResult | None = None) -> list[RunResult]:
     """Result shape 2: the same requests (adapters, lengths) at increasing arrival rates."""
     if config.ttft_slo_s is None and config.latency_slo_s is None:
         raise ConfigError("sweep rates measures SLO attainment: give --ttft-slo and/or --latency-slo")
@@ -67,7 +67,7 @@ def sweep_rates(config: BenchConfig, spec: WorkloadSpec, rates: Sequence[float],
     for rate in rates:
         point = dataclasses.replace(spec, rate=rate)
         results += run_all(config, workload_from_spec(point), _point_progress(progress, f"rate={rate:g}"),
-                           {"sweep": ["rate"]})
+                           {"sweep": ["rate"]}, on_result)
     return results
 
 
@@ -76,7 +76,8 @@ def batch_adapters(pattern: str, batch: int) -> int:
 
 
 def sweep_batch(config: BenchConfig, patterns: Sequence[str], batch_sizes: Sequence[int], input_len: int,
-                output_len: int, seed: int = 0, progress: Progress | None = None) -> list[RunResult]:
+                output_len: int, seed: int = 0, progress: Progress | None = None,
+                on_result: OnResult | None = None) -> list[RunResult]:
     """Result shape 3: one batch of ``batch`` requests at once; the engine may run all of them (and
     all their adapters) in one step, its prefill in one step (token budget = batch · input_len)."""
     unknown = [p for p in patterns if p not in BATCH_PATTERNS]
@@ -97,5 +98,5 @@ def sweep_batch(config: BenchConfig, patterns: Sequence[str], batch_sizes: Seque
             point = dataclasses.replace(config, engine=engine, hf_batch_size=batch)
             results += run_all(point, workload_from_spec(spec),
                                _point_progress(progress, f"{pattern} batch={batch}"),
-                               {"sweep": ["pattern", "batch_size"]})
+                               {"sweep": ["pattern", "batch_size"]}, on_result)
     return results

@@ -144,13 +144,20 @@ def make_spec(requests: int, pattern: str, adapters: int | None, alpha: float, b
                         task_lengths=SAMPLE_TASKS if tasks else None, seed=seed)
 
 
-def _run_with_progress(work):
-    """Call ``work(progress)`` under a rich progress bar: one line per run."""
+def _run_with_progress(work, out: Path):
+    """Call ``work(progress, on_result)`` under a rich progress bar (one line per run). Each finished
+    run's files are written to ``out`` at once, so Ctrl-C, SIGTERM or a crash keeps the runs done."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from inlaid.cli.progress import console
+    from inlaid.cli.progress import console, set_interrupt_note
 
-    bars = {}
+    bars, finished = {}, []
+
+    def keep(result: RunResult) -> None:
+        finished.append(result)
+        write_results(finished, out)
+        set_interrupt_note(f"interrupted: the {len(finished)} finished runs are in {out}")
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         def tick(name: str, done: int, total: int) -> None:
@@ -158,7 +165,7 @@ def _run_with_progress(work):
                 bars[name] = progress.add_task(name, total=total)
             progress.update(bars[name], completed=done)
 
-        return work(tick)
+        return work(tick, keep)
 
 
 def _stdout():
@@ -239,7 +246,7 @@ def serve_cmd(
     else:
         workload = workload_from_spec(make_spec(requests, pattern, adapters, alpha, batch_size, arrival, rate, cv,
                                                 input_len, output_len, tasks, seed))
-    results = _run_with_progress(lambda tick: run_all(config, workload, tick))
+    results = _run_with_progress(lambda tick, keep: run_all(config, workload, tick, on_result=keep), out)
     finish(results, out, f"{len(workload.requests)} requests, {workload.params.get('pattern')}, "
            f"{len(workload.adapter_names)} adapters", reference=reference, draw=draw, transpose=True)
 
@@ -269,7 +276,7 @@ def sweep_adapters_cmd(
         raise ConfigError("--counts needs at least one number of adapters")
     spec = make_spec(requests, pattern, numbers[0], alpha, batch_size, arrival, rate, cv, input_len, output_len,
                      None, seed)
-    results = _run_with_progress(lambda tick: sweep.sweep_adapters(config, spec, numbers, tick))
+    results = _run_with_progress(lambda tick, keep: sweep.sweep_adapters(config, spec, numbers, tick, keep), out)
     columns, ratios = sweep.COLUMNS["adapters"]
     finish(results, out, "throughput vs number of adapters", columns, ratios, reference, draw)
 
@@ -296,7 +303,7 @@ def sweep_rates_cmd(
     config = target.config()
     spec = make_spec(requests, pattern, adapters, alpha, 1, arrival, 1.0, cv, input_len, output_len, tasks, seed)
     values = parse_list(rates, "--rates", float)
-    results = _run_with_progress(lambda tick: sweep.sweep_rates(config, spec, values, tick))
+    results = _run_with_progress(lambda tick, keep: sweep.sweep_rates(config, spec, values, tick, keep), out)
     columns, ratios = sweep.COLUMNS["rates"]
     finish(results, out, "SLO attainment and JCT vs arrival rate", columns, ratios, reference, draw)
 
@@ -326,7 +333,7 @@ def sweep_batch_cmd(
     names = [p.strip() for p in patterns.split(",") if p.strip()]
     sizes = parse_list(batch_sizes, "--batch-sizes")
     results = _run_with_progress(
-        lambda tick: sweep.sweep_batch(config, names, sizes, input_len, output_len, seed, tick))
+        lambda tick, keep: sweep.sweep_batch(config, names, sizes, input_len, output_len, seed, tick, keep), out)
     columns, ratios = sweep.COLUMNS["batch"]
     finish(results, out, f"latency per batch (input {input_len}, output {output_len} tokens)", columns, ratios,
            reference, draw)

@@ -12,6 +12,7 @@ import typer
 from inlaid import __version__
 from inlaid.cli import bench, quantize, serve
 from inlaid.cli import eval as eval_cli
+from inlaid.cli.progress import NOTHING_WRITTEN, interrupt_note, set_interrupt_note
 from inlaid.errors import InlaidError
 
 app = typer.Typer(help="Multi-task GPTQ quantization and multi-LoRA serving on one low-bit base.",
@@ -55,6 +56,7 @@ def _interrupt_on_sigterm() -> None:
 
 def main() -> None:
     _interrupt_on_sigterm()
+    set_interrupt_note(NOTHING_WRITTEN)
     try:
         # Non-standalone mode lets InlaidError reach us; Typer turns Ctrl-C into exit code 130 and
         # returns exit codes of typer.Exit instead of raising them.
@@ -75,6 +77,6 @@ def main() -> None:
             sys.exit(exc.exit_code)
         raise
     if code == 130:
-        typer.secho("interrupted: nothing was written", err=True, fg="yellow")
+        typer.secho(interrupt_note(), err=True, fg="yellow")
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -10,6 +10,18 @@ from rich.table import Table
 from inlaid.quant.calibrate import Reporter
 
 console = Console(stderr=True)
+NOTHING_WRITTEN = "interrupted: nothing was written"
+_interrupt_note = NOTHING_WRITTEN
+
+
+def set_interrupt_note(note: str) -> None:
+    """What the entry point prints on Ctrl-C / SIGTERM: a command that keeps partial results says where."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def interrupt_note() -> str:
+    return _interrupt_note
 
 
 class RichReporter(Reporter):

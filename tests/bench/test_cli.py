@@ -102,3 +102,26 @@ def test_kernel_scripts_are_exposed(command):
     assert result.exit_code == 0, result.output
     if not __import__("torch").cuda.is_available():
         assert "no cuda" in result.output.lower()
+
+
+def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM, or a time limit) during the second run: the first run's files are on disk."""
+    from inlaid.bench import runner as bench_runner
+
+    real, calls = bench_runner.run_variant, []
+
+    def second_run_interrupted(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_runner, "run_variant", second_run_interrupted)
+    out = tmp_path / "batch"
+    code = run_cli(["bench", "sweep", "batch", *TINY, "--patterns", "identical", "--batch-sizes", "1,2",
+                    "--input-len", "4", "--output-len", "2", "--no-plots", "--out", out])
+    assert code == 130
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["name"], r["params"]["batch_size"]) for r in rows] == [("inlaid", 1)]
+    assert (out / "summary.csv").is_file()
+    assert f"the 1 finished runs are in {out}" in capsys.readouterr().err

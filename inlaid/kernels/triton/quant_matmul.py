@@ -3,8 +3,12 @@
 Each program computes a [BLOCK_M, BLOCK_N] tile of y = x @ W^T. Per K-step it loads the packed
 words that hold its BLOCK_K x BLOCK_N codes, unpacks them in registers, looks up each row's group
 (g_idx, so act-order needs no permutation), dequantizes to fp16/bf16 and feeds ``tl.dot``.
-For small M the weight read is the whole cost, so the K loop is split over SPLIT_K programs that
-add their partial tiles atomically: enough programs to cover every SM even when N is small.
+For small M the weight read is the whole cost, so the K loop is split over SPLIT_K programs:
+enough programs to cover every SM even when N is small. They add their fp32 partial tiles into a
+per-device workspace; the last of a tile's programs to arrive (an arrival counter per tile) writes
+the sum to y in y's dtype and zeroes the workspace tile and its counter again. So a split-K call is
+one kernel: no memset before it and no cast after it (at batch-32 decode those two extra kernels per
+GEMM cost ~0.5 ms a step). The workspace belongs to one stream at a time (the engine has one).
 (A tensor-core-free GEMV variant for M <= 8 was tried and measured slower: docs/results/kernels.md.)
 """
 
@@ -34,9 +38,9 @@ def _unpack_gather(qw_ptr, offs_k, offs_n, wmask, stride_qk, stride_qn, BITS: tl
 
 
 @triton.jit
-def _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k,
-                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Bias (added once, by the first K split), then a plain store or an fp32 atomic add."""
+def _store_tile(acc, bias_ptr, y_ptr, ws_ptr, count_ptr, tile, offs_m, offs_n, mask_m, mask_n, stride_ym, N,
+                pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Bias (added once, by the first K split), then a plain store, or the split-K reduction."""
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -45,12 +49,22 @@ def _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym,
     if SPLIT_K == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.atomic_add(y_ptrs, acc, mask=out_mask)
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
+        # Every thread's adds are issued before one thread's release on the counter; the program
+        # that sees SPLIT_K - 1 arrivals before its own then reads complete sums (acquire).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(ws_ptrs, tl.zeros_like(total), mask=out_mask)
+            tl.atomic_xchg(count_ptr + tile, 0)
 
 
 @triton.jit
 def _quant_matmul_kernel(
-    x_ptr, qw_ptr, scales_ptr, zeros_ptr, gidx_ptr, bias_ptr, y_ptr,
+    x_ptr, qw_ptr, scales_ptr, zeros_ptr, gidx_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_ym,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -110,14 +124,17 @@ def _quant_matmul_kernel(
         w = (codes - zero) * scale
         acc = tl.dot(x, w, acc)
 
-    _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
+    _store_tile(acc, bias_ptr, y_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, mask_m, mask_n, stride_ym, N,
+                pid_k, HAS_BIAS, SPLIT_K)
 
 
 def _config(m: int, n: int, k: int, sms: int) -> dict:
-    """Block shapes by M regime, from `scripts/bench_kernels.py --sweep 1 16 64 256` (H100,
-    4096x12288, 4-bit g128; docs/results/kernels.md)."""
+    """Block shapes by M regime, from `scripts/bench_kernels.py --sweep` on an H100 over the Llama-2-7B
+    decode shapes, 4-bit g128 (docs/results/kernels.md)."""
     if m <= 16:
         block_m, block_n, block_k, warps = 16, 128, 64, 4
+    elif m <= 32:
+        block_m, block_n, block_k, warps = 32, 64, 128, 4
     elif m <= 64:
         block_m, block_n, block_k, warps = 64, 64, 128, 4
     else:
@@ -132,6 +149,31 @@ def _config(m: int, n: int, k: int, sms: int) -> dict:
                 num_warps=warps, num_stages=3)
 
 
+class _SplitKState:
+    """Per device: the fp32 workspace and the per-tile arrival counters of split-K calls.
+
+    Both are all zero between calls (each call's last programs restore that), so they are allocated
+    zeroed once and grown, never cleared. Grown buffers replace the old ones, which stay referenced:
+    a CUDA graph captured earlier keeps their addresses. Calls on one device must not overlap in
+    time (one stream, as in the engine; CUDA-graph capture included)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.retired: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = device.index or 0
+        ws, counts = self.buffers.get(key, (None, None))
+        if ws is None or ws.numel() < numel or counts.numel() < tiles:
+            if ws is not None:
+                self.retired += [ws, counts]
+            ws = torch.zeros(max(numel, 1 << 20), device=device, dtype=torch.float32)
+            counts = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
+            self.buffers[key] = (ws, counts)
+        return ws, counts
+
+
+_SPLIT_K = _SplitKState()
 _SMS: dict[int, int] = {}
 
 
@@ -155,19 +197,16 @@ def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None =
     if group_size > 0:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
     split_k = cfg["SPLIT_K"]
-    # Split-K partial sums meet in an fp32 buffer (atomics); one cast at the end.
-    if split_k > 1:
-        y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-    else:
-        y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if y.stride(1) != 1:
+        raise ValueError("out must be contiguous along N")
     bias = p.bias if p.bias is not None else p.scales  # any pointer; unused without HAS_BIAS
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
-    _quant_matmul_kernel[grid](
-        x, p.qweight, p.scales, p.zeros, p.g_idx, bias, y,
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    ws, counts = _SPLIT_K.get(x.device, m * n, tiles) if split_k > 1 else (y, p.g_idx)  # unused at split 1
+    _quant_matmul_kernel[(tiles, split_k)](
+        x, p.qweight, p.scales, p.zeros, p.g_idx, bias, y, ws, counts,
         m, n, k,
         x.stride(0), x.stride(1), p.qweight.stride(0), p.qweight.stride(1), p.scales.stride(0),
         y.stride(0),
         BITS=p.bits, GROUP_SIZE=max(group_size, 0), HAS_BIAS=p.bias is not None, **cfg)
-    if split_k == 1:
-        return y
-    return out.copy_(y) if out is not None else y.to(x.dtype)
+    return y
