@@ -84,12 +84,18 @@ def _timeline(out: RequestOutput, t0: float, adapter: str) -> RequestTimeline:
                            adapter=adapter)
 
 
-def warm_up(engine: LLMEngine, adapters: list[str | None], num_requests: int) -> None:
-    """A few short requests before timing (first-step allocations, kernel selection)."""
+def warm_up(engine: LLMEngine, workload: Workload, adapter_map: dict[str, str | None], num_requests: int,
+            seed: int = 0) -> None:
+    """The workload's first ``num_requests`` requests, untimed, all at once and cut to 4 output tokens:
+    the first steps at the workload's own shapes (kernel compiles for its prefill sizes, allocations,
+    adapter loads) stay out of the measured run."""
     sampling = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    for i in range(num_requests):
-        engine.add_request(list(range(3, 19)), sampling, adapters[i % len(adapters)] if adapters else None,
-                           request_id=f"warmup-{i}")
+    for i, request in enumerate(workload.requests[:num_requests]):
+        prompt = request.prompt if request.prompt else prompt_ids(request, seed)
+        try:
+            engine.add_request(prompt, sampling, adapter_map.get(request.adapter), request_id=f"warmup-{i}")
+        except InlaidError:  # the measured run reports it as a failed request
+            continue
     while engine.has_unfinished_requests():
         engine.step()
 

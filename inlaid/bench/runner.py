@@ -132,8 +132,7 @@ def _engine_result(config: BenchConfig, workload: Workload, variant: str, tick, 
         adapter_map = {n: None for n in workload.adapter_names} if variant == "no-lora" else \
             map_adapters(workload.adapter_names, engine.adapters.names)
         if config.warmup_requests:
-            warm_up(engine, sorted(set(adapter_map.values()), key=str)[:engine_config.max_loras],
-                    config.warmup_requests)
+            warm_up(engine, workload, adapter_map, config.warmup_requests, config.seed)
         _forget_warm_up(engine)
         run = run_engine(engine, workload, adapter_map, realtime=config.realtime, seed=config.seed, progress=tick)
         bits, group = base_quantization(engine)

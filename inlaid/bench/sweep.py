@@ -95,7 +95,9 @@ def sweep_batch(config: BenchConfig, patterns: Sequence[str], batch_sizes: Seque
                 e, max_num_seqs=batch, max_loras=max(e.max_loras, num_adapters),
                 max_tasks_per_step=max(e.max_tasks_per_step, num_adapters),
                 max_num_batched_tokens=max(e.max_num_batched_tokens, batch * input_len))
-            point = dataclasses.replace(config, engine=engine, hf_batch_size=batch)
+            # the warm-up runs the whole batch once, so its prefill shape is compiled before timing
+            point = dataclasses.replace(config, engine=engine, hf_batch_size=batch,
+                                        warmup_requests=max(config.warmup_requests, batch))
             results += run_all(point, workload_from_spec(spec),
                                _point_progress(progress, f"{pattern} batch={batch}"),
                                {"sweep": ["pattern", "batch_size"]}, on_result)

@@ -130,18 +130,25 @@ def _quant_matmul_kernel(
 
 def _config(m: int, n: int, k: int, sms: int) -> dict:
     """Block shapes by M regime, from `scripts/bench_kernels.py --sweep` on an H100 over the Llama-2-7B
-    decode shapes, 4-bit g128 (docs/results/kernels.md)."""
-    if m <= 16:
-        block_m, block_n, block_k, warps = 16, 128, 64, 4
-    elif m <= 32:
-        block_m, block_n, block_k, warps = 32, 64, 128, 4
-    elif m <= 64:
+    shapes, 4-bit g128 (docs/results/kernels.md)."""
+    if m <= 32:
+        # Decode: the weight read is all the work. The sweep's best at M 16 and 32 on all four shapes
+        # was BLOCK_K 64 with the K loop split 8 ways (4-8x more programs than SMs keep more loads in
+        # flight), BLOCK_N 128 only for wide outputs at M 17-32.
+        block_m = 16 if m <= 16 else 32
+        block_n = 128 if m > 16 and n >= 8192 else 64
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=4)
+        split_k = 8
+        while split_k > 1 and k // (64 * split_k) < 2:  # at least two K steps per split
+            split_k //= 2
+        return dict(cfg, SPLIT_K=split_k, GROUP_M=8, num_stages=3)
+    if m <= 64:
         block_m, block_n, block_k, warps = 64, 64, 128, 4
     else:
         block_m, block_n, block_k, warps = 128, 64, 64, 8
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Split K until each SM has ~4 programs (small M: the weight read is all the work, and more
-    # loads in flight hide HBM latency); the sweep's best at M <= 16 was split 4-8.
+    # loads in flight hide HBM latency).
     split_k = 1
     while tiles * split_k < 4 * sms and k // (block_k * split_k * 2) >= 2 and split_k < 8:
         split_k *= 2
