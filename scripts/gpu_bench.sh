@@ -5,7 +5,10 @@
 #
 #   kernels   GPU tests of the kernels, then the quant_matmul block-shape sweep at M = 16, 32
 #   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)
-#   batch     shape 3: prefill / decode / end-to-end latency, distinct / uniform / identical, batch 1-64
+#   batch     shape 3: prefill / decode / end-to-end latency, distinct / uniform / identical, batch 8-64,
+#             vs the fp16 base (batch 1 is the same for every pattern: see batch-hf)
+#   batch-hf  shape 3 at batch 1 and 8, distinct, vs HF + PEFT mixed and fp16 (HF + PEFT needs seconds a
+#             step at batch 32: its batch-32 figure is in scripts/gpu_engine.py's baselines)
 #   adapters  shape 1: throughput vs 1 / 10 / 100 / 1000 adapters (power law), vs fp16 and HF + PEFT
 #   rates     shape 2: SLO attainment vs arrival rate, `inlaid` vs `fcfs`, rates up to saturation
 #   engine    scripts/gpu_engine.py (correctness, decode speed per batch, HF baselines)
@@ -58,8 +61,11 @@ for what in "$@"; do
             python3 scripts/bench_kernels.py --sweep 16 32" ;;
         profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;
         batch) part batch "${INLAID[@]}" bench sweep batch $M --patterns distinct,uniform,identical \
-            --batch-sizes 1,8,32,64 --input-len 128 --output-len 64 --baseline hf-peft-mixed \
-            --baseline fp16 --out "$OUT/results/batch" ;;
+            --batch-sizes "${BATCH_SIZES:-8,32,64}" --input-len 128 --output-len 64 --baseline fp16 \
+            --out "$OUT/results/batch" ;;
+        batch-hf) part batch_hf "${INLAID[@]}" bench sweep batch $M --patterns distinct --batch-sizes 1,8 \
+            --input-len 128 --output-len 64 --baseline hf-peft-mixed --baseline fp16 \
+            --out "$OUT/results/batch-hf" ;;
         adapters) part adapters "${INLAID[@]}" bench sweep adapters $M --rank 16 --counts 1,10,100,1000 \
             --pattern powerlaw --alpha 1 --arrival all-at-once --requests "${ADAPTER_REQUESTS:-300}" \
             --input-len 8:512 --output-len 8:512 --max-num-seqs 128 --baseline fp16 --baseline hf-peft \
