@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_bench.sh [profile] [batch] [adapters] [rates] [engine]
 #
+#   tests     the GPU test suite (kernels, quantization, engine, model; the server needs fastapi)
 #   kernels   GPU tests of the kernels, then the quant_matmul block-shape sweep at M = 16, 32
 #   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)
 #   batch     shape 3: prefill / decode / end-to-end latency, distinct / uniform / identical, batch 8-64,
@@ -57,6 +58,8 @@ part() {  # part NAME CMD...: run under its limit, log to $OUT/NAME.log
 }
 for what in "$@"; do
     case $what in
+        tests) part tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/quant tests/engine \
+            tests/model ;;
         kernels) part kernels bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels && \
             python3 scripts/bench_kernels.py --sweep 16 32" ;;
         profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;
