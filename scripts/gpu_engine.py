@@ -194,25 +194,68 @@ def profile(out: dict, batch: int, steps: int = 8) -> None:
             for _ in range(steps):
                 engine.step()
             torch.cuda.synchronize()
-        kernels: dict[str, list[float]] = {}
-        for evt in prof.key_averages():
-            t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
-            if t and evt.count:
-                kernels[evt.key] = [t / steps / 1e3, evt.count / steps]
-        busy = sum(t for t, _ in kernels.values())
+        busy, top = _kernel_table(prof, steps)
         log(f"[profile {mode}] batch {batch}: wall {wall * 1e3:.2f} ms/step, kernel time "
-            f"{busy:.2f} ms/step, {sum(c for _, c in kernels.values()):.0f} kernels/step")
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-        for name, (ms, count) in top[:30]:
-            log(f"    {ms:7.3f} ms {count:6.0f}x  {name[:110]}")
-        out.setdefault("profile", []).append({
-            "mode": mode, "batch": batch, "wall_ms": wall * 1e3, "kernel_ms": busy,
-            "kernels": {k: {"ms_per_step": v[0], "per_step": v[1]} for k, v in top}})
+            f"{busy:.2f} ms/step, {sum(v['per_step'] for v in top.values()):.0f} kernels/step")
+        _print_top(top, 30)
+        out.setdefault("profile", []).append({"mode": mode, "batch": batch, "wall_ms": wall * 1e3,
+                                              "kernel_ms": busy, "kernels": top})
         while engine.has_unfinished_requests():
             engine.step()
+        if not eager:
+            for prompts in (1, 8):
+                _profile_prefill(out, engine, prompts, gen)
         del llm, engine
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def _kernel_table(prof, steps: int) -> tuple[float, dict]:
+    """(kernel ms per step, {kernel: {ms_per_step, per_step}} slowest first) from a CUDA-only profile."""
+    kernels = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if t and evt.count:
+            kernels[evt.key] = {"ms_per_step": t / steps / 1e3, "per_step": evt.count / steps}
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1]["ms_per_step"]))
+    return sum(v["ms_per_step"] for v in top.values()), top
+
+
+def _print_top(top: dict, rows: int) -> None:
+    for name, v in list(top.items())[:rows]:
+        log(f"    {v['ms_per_step']:7.3f} ms {v['per_step']:6.0f}x  {name[:110]}")
+
+
+def _profile_prefill(out: dict, engine, prompts: int, gen: torch.Generator, reps: int = 3) -> None:
+    """One prefill step of ``prompts`` 128-token prompts (distinct adapters): wall time of each of
+    ``reps`` fresh batches of that shape, then a kernel profile of one more."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    walls = []
+    for rep in range(reps + 1):
+        ids = [engine.add_request(torch.randint(3, 32000, (128,), generator=gen).tolist(),
+                                  SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), f"dummy-{i}",
+                                  request_id=f"prefill-{prompts}-{rep}-{i}") for i in range(prompts)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if rep < reps:
+            engine.step()
+        else:
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.step()
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+        for rid in ids:
+            engine.abort_request(rid)
+    busy, top = _kernel_table(prof, 1)
+    log(f"[profile prefill] {prompts} x 128 tokens: wall " + ", ".join(f"{w * 1e3:.1f}" for w in walls[:reps])
+        + f" ms; profiled step: kernel time {busy:.2f} ms, {sum(v['per_step'] for v in top.values()):.0f} kernels")
+    _print_top(top, 15)
+    out.setdefault("profile_prefill", []).append({"prompts": prompts, "prompt_len": 128,
+                                                  "wall_ms": [w * 1e3 for w in walls[:reps]],
+                                                  "kernel_ms": busy, "kernels": top})
 
 
 def hf_baselines(out: dict, batch: int = 32, new_tokens: int = 32) -> None:
