@@ -69,12 +69,12 @@ for what in "$@"; do
         batch-hf) part batch_hf "${INLAID[@]}" bench sweep batch $M --patterns distinct --batch-sizes 1,8 \
             --input-len 128 --output-len 64 --baseline hf-peft-mixed --baseline fp16 \
             --out "$OUT/results/batch-hf" ;;
-        adapters) part adapters "${INLAID[@]}" bench sweep adapters $M --rank 16 --counts 1,10,100,1000 \
+        adapters) part adapters "${INLAID[@]}" bench sweep adapters $M --rank 16 --counts "${COUNTS:-1,10,100,1000}" \
             --pattern powerlaw --alpha 1 --arrival all-at-once --requests "${ADAPTER_REQUESTS:-300}" \
             --input-len 8:512 --output-len 8:512 --max-num-seqs 128 --baseline fp16 --baseline hf-peft \
             --hf-max-requests "${HF_MAX_REQUESTS:-16}" --out "$OUT/results/adapters" ;;
         rates) part rates "${INLAID[@]}" bench sweep rates $M --adapters 5 --tasks sample \
-            --rates "${RATES:-16,24,32,48}" --arrival gamma --cv 2 --requests "${RATE_REQUESTS:-300}" \
+            --rates "${RATES:-16,24,32,48}" --arrival gamma --cv 2 --requests "${RATE_REQUESTS:-300}" --realtime \
             --policy inlaid --baseline fcfs --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 \
             --out "$OUT/results/rates" ;;
         engine) part engine python3 scripts/gpu_engine.py --out "$OUT/results" ;;
