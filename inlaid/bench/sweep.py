@@ -49,8 +49,13 @@ def sweep_adapters(config: BenchConfig, spec: WorkloadSpec, counts: Sequence[int
     results = []
     for count in counts:
         point = dataclasses.replace(spec, num_adapters=count)
-        results += run_all(config, workload_from_spec(point), _point_progress(progress, f"adapters={count}"),
-                           {"sweep": ["num_adapters"]}, on_result)
+        # Device slots grow with the adapters in use (up to one per running request), as S-LoRA's
+        # unified memory does: with a fixed 8 slots, many adapters would only measure the slot cap.
+        e = config.engine
+        engine = dataclasses.replace(e, max_loras=max(e.max_loras, min(count, e.max_num_seqs)),
+                                     max_tasks_per_step=max(e.max_tasks_per_step, min(count, e.max_num_seqs)))
+        results += run_all(dataclasses.replace(config, engine=engine), workload_from_spec(point),
+                           _point_progress(progress, f"adapters={count}"), {"sweep": ["num_adapters"]}, on_result)
     return results
 
 

@@ -125,3 +125,20 @@ def test_interrupted_sweep_keeps_the_finished_runs(tmp_path, monkeypatch, capsys
     assert [(r["name"], r["params"]["batch_size"]) for r in rows] == [("inlaid", 1)]
     assert (out / "summary.csv").is_file()
     assert f"the 1 finished runs are in {out}" in capsys.readouterr().err
+
+
+def test_sweep_adapters_gives_each_point_enough_slots(monkeypatch):
+    """With --max-loras below the adapters in use, each point gets min(adapters, max_num_seqs) slots."""
+    from inlaid.bench import sweep as sweep_mod
+    from inlaid.bench.runner import BenchConfig
+    from inlaid.bench.workload import LengthProfile, LengthRange, WorkloadSpec
+    from inlaid.engine.llm_engine import EngineConfig
+
+    seen = []
+    monkeypatch.setattr(sweep_mod, "run_all", lambda config, *a, **k: seen.append(
+        (config.engine.max_loras, config.engine.max_tasks_per_step)) or [])
+    config = BenchConfig(engine=EngineConfig(model="dummy:tiny", max_loras=8, max_num_seqs=64, max_tasks_per_step=10))
+    spec = WorkloadSpec(4, pattern="powerlaw", num_adapters=1,
+                        lengths=LengthProfile(LengthRange.fixed(4), LengthRange.fixed(2)))
+    sweep_mod.sweep_adapters(config, spec, [1, 10, 1000])
+    assert seen == [(8, 10), (10, 10), (64, 64)]
