@@ -9,6 +9,13 @@ and gate/up slices of one adapter may have different ranks (``rank_pattern``; se
 
 The scheduler never plans more adapters in a step than there are slots (``max_loras``), so
 :meth:`activate` always finds room: slots of adapters the step does not use are the victims.
+
+Prefetch: between steps the engine names the adapters of the requests that will be admitted next
+(:meth:`prefetch`); those not resident are loaded into free slots, or into the least recently used
+slots of adapters that no running request holds. On CUDA the copies run on a side stream and
+overlap the next step's compute; a step that uses a prefetched slot (or a load that overwrites
+one) first makes its stream wait for that copy's event. So a request's first step finds its
+adapter resident instead of loading it on the critical path.
 """
 
 from __future__ import annotations
@@ -33,7 +40,10 @@ class AdapterManager:
         self._info: dict[str, LoraAdapter] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order: first = least recent
         self._free_slots = list(range(max_loras))
-        self.num_loads = 0  # slot loads (adapter swaps) since start
+        self.num_loads = 0  # slot loads (adapter swaps) since start, prefetches included
+        self.num_prefetches = 0  # loads done ahead of the step that needs them
+        self._pending: dict[int, torch.cuda.Event] = {}  # slot -> its prefetch copy's event (CUDA)
+        self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
     # --- registry -------------------------------------------------------------------------------
     @property
@@ -115,16 +125,60 @@ class AdapterManager:
             if name in self._slot_of:
                 self._slot_of.move_to_end(name)
         for name in sorted(n for n in names if n not in self._slot_of):
-            if not self._free_slots:
-                victim = next(n for n in self._slot_of if n not in names)
-                self._drop_slot(victim)
-            slot = self._free_slots.pop()
-            self._load(name, slot)
-            self._slot_of[name] = slot
-        return {n: self._slot_of[n] for n in names}
+            self._load(name, self._take_slot(names))
+        slots = {n: self._slot_of[n] for n in names}
+        for slot in slots.values():
+            self._wait(slot)
+        return slots
 
-    def _load(self, name: str, slot: int) -> None:
+    def prefetch(self, names: list[str], keep: set[str]) -> int:
+        """Load the adapters in ``names`` (most urgent first) that are not resident, while there is a
+        free slot or one whose adapter is not in ``keep`` (the adapters of running requests, which
+        the next step needs). Returns how many were loaded."""
+        loaded = 0
+        protected = set(keep)
+        for name in names:
+            if name in protected or name not in self._host:
+                continue
+            protected.add(name)
+            if name in self._slot_of:
+                continue
+            if not self._free_slots and all(n in protected for n in self._slot_of):
+                break
+            slot = self._take_slot(protected)
+            self._load(name, slot, ahead=True)
+            loaded += 1
+        return loaded
+
+    def _take_slot(self, needed) -> int:
+        """A free slot, else the least recently used one whose adapter is not in ``needed``."""
+        if not self._free_slots:
+            victim = next(n for n in self._slot_of if n not in needed)
+            self._drop_slot(victim)
+        return self._free_slots.pop()
+
+    def _wait(self, slot: int) -> None:
+        event = self._pending.pop(slot, None)
+        if event is not None:
+            torch.cuda.current_stream(self.model.device).wait_event(event)
+
+    def _load(self, name: str, slot: int, ahead: bool = False) -> None:
+        self._wait(slot)  # an earlier prefetch into this slot must land before it is overwritten
+        stream = self._copy_stream if ahead else None
+        if stream is None:
+            self._copy(name, slot)
+        else:
+            # The slot's last readers ran on the compute stream; the copy waits for them.
+            stream.wait_stream(torch.cuda.current_stream(self.model.device))
+            with torch.cuda.stream(stream):
+                self._copy(name, slot)
+                self._pending[slot] = torch.cuda.Event()
+                self._pending[slot].record(stream)
+        self._slot_of[name] = slot
+        self.num_loads += 1
+        self.num_prefetches += ahead
+
+    def _copy(self, name: str, slot: int) -> None:
         for groups, slots in zip(self._host[name], self.model.lora_slots):
             for group, pairs in groups.items():
                 slots[group].load(slot, pairs, 1.0)
-        self.num_loads += 1

@@ -54,6 +54,7 @@ class EngineConfig:
     policy: str = "fcfs"
     max_tasks_per_step: int = 10
     enable_prefix_caching: bool = True
+    prefetch_adapters: bool = True  # load waiting requests' adapters into free slots between steps
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode (debugging, profiling)
     dequantize_on_cpu: bool = True  # dequantize once at load rather than on every CPU step
     dummy_bits: int | None = 4  # dummy models: base bits (None = fp16)
@@ -328,7 +329,24 @@ class LLMEngine:
             if req.detok.push(token) and not seq.is_finished:
                 self.scheduler.finish(seq, "stop")
             outputs.append(self._output(req, now))
+        if self.config.prefetch_adapters:
+            self._prefetch_adapters()
         return outputs
+
+    def _prefetch_adapters(self) -> None:
+        """Load the adapters of the requests next in line for admission (the scheduler's own order)
+        into slots the running requests do not hold, so their first step does not wait for a load."""
+        scheduler, manager = self.scheduler, self.adapters
+        if not scheduler.waiting or manager.max_loras == 0:
+            return
+        keep = {s.adapter for s in scheduler.running if s.adapter is not None}
+        upcoming: list[str] = []
+        for seq in sorted(scheduler.waiting, key=scheduler.priority):
+            if len(keep) + len(upcoming) >= manager.max_loras:
+                break
+            if seq.adapter is not None and seq.adapter not in keep and seq.adapter not in upcoming:
+                upcoming.append(seq.adapter)
+        manager.prefetch(upcoming, keep)
 
     def _output(self, req: _Request, now: float) -> RequestOutput:
         seq = req.seq
@@ -351,4 +369,5 @@ class LLMEngine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_used_blocks,
                 "adapters_registered": len(self.adapters.names), "adapter_loads": self.adapters.num_loads,
+                "adapter_prefetches": self.adapters.num_prefetches,
                 "steps": self.num_steps}

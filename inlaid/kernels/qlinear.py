@@ -72,8 +72,9 @@ class LoraSlots:
             self.lora_b[s][slot].zero_()
             if pair is not None:
                 a, b = pair
-                self.lora_a[s][slot, :a.shape[0]].copy_(a)
-                self.lora_b[s][slot, :, :b.shape[1]].copy_(b)
+                # async from pinned host memory (the engine keeps it alive): no host stall
+                self.lora_a[s][slot, :a.shape[0]].copy_(a, non_blocking=True)
+                self.lora_b[s][slot, :, :b.shape[1]].copy_(b, non_blocking=True)
         self.ranks[slot] = rank
         self.scalings[slot] = scaling
 

@@ -42,6 +42,9 @@ class _EngineCollector:
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("inlaid_adapter_loads", "Adapter loads into device slots (swaps)",
                                   value=stats["adapter_loads"])
+        yield CounterMetricFamily("inlaid_adapter_prefetches",
+                                  "Adapter loads done between steps for waiting requests (part of the loads)",
+                                  value=stats["adapter_prefetches"])
         yield CounterMetricFamily("inlaid_engine_steps", "Engine steps run", value=stats["steps"])
 
 

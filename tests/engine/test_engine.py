@@ -257,3 +257,35 @@ def test_replacing_an_adapter_drops_its_stale_prefix_cache(llama, tmp_path):
     fresh = LLM(str(base), {"a": str(other)}, max_loras=1, max_lora_rank=4, num_kv_blocks=64, block_size=4)
     assert after == fresh.generate(PROMPTS[1], GREEDY, "a")[0].output_token_ids != before
     shutil.rmtree(other)
+
+
+def test_prefetch_loads_waiting_adapters_ahead_and_changes_no_output(llama, tmp_path):
+    """One request runs at a time: the adapters of the waiting ones are loaded between steps into free
+    slots (prefetches), so only the first adapter loads on a step's critical path; tokens are the same
+    as without prefetch."""
+    base, adapter = llama
+    adapters = {"a": str(adapter), **{n: str(save_adapter(base, tmp_path / n, seed=s, rank=4))
+                                      for n, s in (("b", 31), ("c", 32), ("d", 33))}}
+    names = ["a", "b", "c", "d"]
+    outs = {}
+    for prefetch in (True, False):
+        llm = LLM(str(base), adapters, max_loras=4, max_lora_rank=4, num_kv_blocks=128, max_num_seqs=1,
+                  prefetch_adapters=prefetch)
+        outs[prefetch] = [o.output_token_ids for o in llm.generate(PROMPTS[:4], GREEDY, names)]
+        stats = llm.engine.stats()
+        assert stats["adapter_loads"] == 4
+        assert stats["adapter_prefetches"] == (3 if prefetch else 0)
+    assert outs[True] == outs[False]
+    assert len({tuple(o) for o in outs[True]}) > 1  # the adapters really differ
+
+
+def test_prefetch_never_evicts_adapters_of_running_requests(llama):
+    base, adapter = llama
+    llm = LLM(str(base), {n: str(adapter) for n in "abcd"}, max_loras=2, max_lora_rank=4, num_kv_blocks=64)
+    manager = llm.engine.adapters
+    slots = manager.activate({"a", "b"})
+    assert manager.prefetch(["c", "d"], keep={"a", "b"}) == 0  # every slot is needed
+    assert manager.prefetch(["c", "d"], keep={"a"}) == 1  # b's slot goes to c; d finds none left
+    assert manager.slot_of("a") == slots["a"] and manager.slot_of("c") == slots["b"]
+    assert manager.slot_of("b") is None and manager.slot_of("d") is None
+    assert manager.num_prefetches == 1
