@@ -195,6 +195,9 @@ class StepSummary(_JsonDict):
     mixed_latency_s: Stats
     adapters_per_step: Stats  # distinct adapters in a step
     total_adapter_loads: int
+    # requests decoding per step (steps that decode): an emptier step at the same load explains a
+    # throughput drop that ordering alone cannot
+    decode_batch_size: Stats = None
 
 
 def summarize_steps(steps: Sequence[StepRecord]) -> StepSummary:
@@ -206,4 +209,5 @@ def summarize_steps(steps: Sequence[StepRecord]) -> StepSummary:
         num_steps=len(steps), prefill_latency_s=latencies("prefill"),
         decode_latency_s=latencies("decode"), mixed_latency_s=latencies("mixed"),
         adapters_per_step=Stats.of(len(set(s.adapters)) for s in steps),
-        total_adapter_loads=sum(s.num_adapter_loads for s in steps))
+        total_adapter_loads=sum(s.num_adapter_loads for s in steps),
+        decode_batch_size=Stats.of(s.num_decode_tokens for s in steps if s.num_decode_tokens))

@@ -132,3 +132,5 @@ def test_step_summary_by_kind_and_distinct_adapters():
     # distinct adapters per step: 2, 1, 3, 1, 0, 2 -> sorted 0 1 1 2 2 3
     assert summary.adapters_per_step == Stats(6, 1.5, 1, 3, 3, 3)
     assert json.loads(json.dumps(summary.to_dict()))["adapters_per_step"]["p50"] == 1
+    # requests decoding per step, over the steps that decode: 4, 3, 2, 3
+    assert summary.decode_batch_size == Stats(4, 3.0, 3, 4, 4, 4)
