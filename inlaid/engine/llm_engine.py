@@ -341,7 +341,7 @@ class LLMEngine:
             return
         keep = {s.adapter for s in scheduler.running if s.adapter is not None}
         upcoming: list[str] = []
-        for seq in sorted(scheduler.waiting, key=scheduler.priority):
+        for seq in scheduler.next_in_line:  # this step's order; no second sort of the queue
             if len(keep) + len(upcoming) >= manager.max_loras:
                 break
             if seq.adapter is not None and seq.adapter not in keep and seq.adapter not in upcoming:
