@@ -1,0 +1,33 @@
+"""The engine on a CUDA device (GPU only): adapter prefetch on its side stream changes no output.
+
+fp32 on the GPU, so every op takes the deterministic torch path and the comparison can demand
+identical tokens; the prefetch copies, their events and the slot evictions are the same code as in
+fp16 serving."""
+
+import pytest
+import torch
+
+from inlaid.engine.llm import LLM
+from inlaid.engine.sequence import SamplingParams
+
+from ..conftest import save_adapter, save_tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_prefetch_on_a_side_stream_changes_no_output(tmp_path):
+    base = save_tiny_model(tmp_path / "base", seed=5)
+    adapters = {n: str(save_adapter(base, tmp_path / n, seed=s, rank=4))
+                for n, s in (("a", 21), ("b", 31), ("c", 32), ("d", 33))}
+    prompts = ["hello world", "the quick brown fox", "abc", "select sum from"] * 2
+    names = ["a", "b", "c", "d", "d", "c", "b", "a"]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for prefetch in (True, False):
+        # two slots, one request at a time: each prefetch lands in a slot evicted from a finished
+        # request's adapter, and the next step waits for its copy event
+        llm = LLM(str(base), adapters, max_loras=2, max_lora_rank=4, num_kv_blocks=128, max_num_seqs=1,
+                  prefetch_adapters=prefetch, device="cuda", dtype="float32")
+        outs[prefetch] = [o.output_token_ids for o in llm.generate(prompts, greedy, names)]
+        assert (llm.engine.stats()["adapter_prefetches"] > 0) == prefetch
+    assert outs[True] == outs[False]
