@@ -95,6 +95,19 @@ def write_data(path: Path, seed: int, rows: int = 24, kind: str = "text") -> Pat
     return path
 
 
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(args) -> int:
     """Run ``inlaid ARGS`` through main(), so errors take the real one-line + exit-code path."""
     import sys

@@ -1,6 +1,5 @@
 """The eval runner on a tiny model + adapter + a 5-item task, and the ``inlaid eval`` CLI."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,8 +14,7 @@ from inlaid.eval.runner import EvalConfig, EvalReporter, HFBackend, Variant, che
     unique_variants
 from inlaid.eval.tasks import Example, Task
 
-from ..conftest import save_adapter
-from ..conftest import run_cli
+from ..conftest import load_script, run_cli, save_adapter
 
 ROWS = [("What is 2 plus 3?", "5"), ("What is 7 minus 4?", "3"), ("What is 6 times 2?", "12"),
         ("Say hello.", "hello"), ("Repeat: abc", "abc")]
@@ -188,16 +186,8 @@ def test_cli_end_to_end_and_perplexity(tmp_path, tiny_model, suite, capsys):
 
 
 # --- scripts/accuracy_study.py in its tiny mode ----------------------------------------------------
-def load_study():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "accuracy_study.py"
-    spec = importlib.util.spec_from_file_location("accuracy_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_accuracy_study_tiny_mode_keeps_finished_rows(tmp_path, tiny_model, suite, monkeypatch):
-    study = load_study()
+    study = load_script("accuracy_study")
     argv = ["--base", str(tiny_model), "--adapters", str(suite / "adapters"), "--data", str(suite / "data"),
             "--tasks", "sentiment,arithmetic", "--limit", "4", "--bits", "4", "--methods", "rtn,mlgptq-mean",
             "--seeds", "0", "--samples", "4", "--seq-len", "64", "--device", "cpu",
