@@ -8,6 +8,7 @@ is configured. Adapters given at start-up (``--adapter``, a checkpoint's tasks) 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -67,20 +68,27 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     raise model_not_found(model_id)
 
 
+@contextmanager
+def _counted(state: ServerState, action: str):
+    """Count one adapter change in /metrics as ok or error (the error still propagates)."""
+    try:
+        yield
+    except Exception:
+        state.metrics.adapter_changes.labels(action, "error").inc()
+        raise
+    state.metrics.adapter_changes.labels(action, "ok").inc()
+
+
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request):
     state = get_state(request)
     name = body.lora_name
-    try:
+    with _counted(state, "load"):
         if name == state.base_name:
             raise BadRequestError(f"{name!r} is the base model's name; pick another adapter name",
                                   param="lora_name")
         path = resolve_adapter_path(body.lora_path, state.adapter_roots)
         await state.engine.load_adapter(name, path)
-    except Exception:
-        state.metrics.adapter_changes.labels("load", "error").inc()
-        raise
-    state.metrics.adapter_changes.labels("load", "ok").inc()
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
@@ -88,12 +96,8 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request):
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request):
     state = get_state(request)
     name = body.lora_name
-    try:
+    with _counted(state, "unload"):
         if name == state.base_name:
             raise BadRequestError("the base model cannot be unloaded", param="lora_name")
         await state.engine.unload_adapter(name)
-    except Exception:
-        state.metrics.adapter_changes.labels("unload", "error").inc()
-        raise
-    state.metrics.adapter_changes.labels("unload", "ok").inc()
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -17,7 +17,7 @@ from inlaid.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionC
                                     ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatResponseMessage,
                                     ChatTokenLogprob, DeltaMessage, TopLogprob, Usage)
 from inlaid.server.serving import (ServerState, check_supported, collect, event_stream, finite, get_state,
-                                   merge, sse, start_requests, unless_disconnected)
+                                   merge, sse, start_requests, unless_disconnected, usage_event)
 
 router = APIRouter()
 
@@ -101,8 +101,7 @@ async def _stream(body: ChatCompletionRequest, stream: RequestStream, state: Ser
         elif out.delta_text or (logprobs and logprobs.content):
             yield _chunk(request_id, created, model, DeltaMessage(content=out.delta_text), logprobs)
     if final is not None and body.stream_options and body.stream_options.include_usage:
-        yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [], "usage": _usage(final).model_dump()})
+        yield usage_event(request_id, "chat.completion.chunk", created, model, _usage(final).model_dump())
 
 
 @router.post("/v1/chat/completions")

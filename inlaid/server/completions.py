@@ -17,7 +17,7 @@ from inlaid.server.errors import BadRequestError
 from inlaid.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                     CompletionResponse, Usage)
 from inlaid.server.serving import (ServerState, check_supported, collect, event_stream, finite, get_state,
-                                   merge, sse, start_requests, unless_disconnected)
+                                   merge, sse, start_requests, unless_disconnected, usage_event)
 
 router = APIRouter()
 
@@ -133,8 +133,7 @@ async def _stream(body: CompletionRequest, choices: list[_Choice], streams: list
             state.metrics.observe_finished(out)
             finals.append(out)
     if body.stream_options and body.stream_options.include_usage:
-        yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [], "usage": _usage(finals).model_dump()})
+        yield usage_event(request_id, "text_completion", created, model, _usage(finals).model_dump())
 
 
 @router.post("/v1/completions")

@@ -262,6 +262,12 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def usage_event(request_id: str, obj: str, created: int, model: str, usage: dict) -> str:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+    return sse({"id": request_id, "object": obj, "created": created, "model": model, "choices": [],
+                "usage": usage})
+
+
 async def sse_with_errors(state: ServerState, events: AsyncIterator[str]) -> AsyncIterator[str]:
     """An event stream that ends in ``data: [DONE]`` even when the request fails mid-way (the
     status line is already sent, so the error goes in an event, as vLLM and OpenAI do)."""
