@@ -111,11 +111,7 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     rows = []
     for batch in batches:
-        for r in range(batch):
-            prompt = torch.randint(3, 32000, (128,), generator=gen).tolist()
-            engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=32 if eager else 64,
-                                                      ignore_eos=True),
-                               f"dummy-{r % 100}")
+        _add_requests(engine, batch, 32 if eager else 64, gen)
         times, contexts = [], []
         while engine.has_unfinished_requests():
             running = list(engine.scheduler.running)
@@ -161,11 +157,16 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
     torch.cuda.empty_cache()
 
 
-def _add_decode_batch(engine, batch: int, max_tokens: int, gen: torch.Generator) -> None:
+def _add_requests(engine, batch: int, max_tokens: int, gen: torch.Generator) -> None:
+    """``batch`` random 128-token prompts, request r on adapter dummy-(r mod 100)."""
     for r in range(batch):
         prompt = torch.randint(3, 32000, (128,), generator=gen).tolist()
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                            f"dummy-{r % 100}")
+
+
+def _add_decode_batch(engine, batch: int, max_tokens: int, gen: torch.Generator) -> None:
+    _add_requests(engine, batch, max_tokens, gen)
     while any(q.num_computed_tokens < q.num_tokens - 1 for q in engine.scheduler.running) \
             or len(engine.scheduler.running) < batch:
         engine.step()  # prefill until every sequence decodes
