@@ -61,7 +61,7 @@ for what in "$@"; do
         tests) part tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/quant tests/engine \
             tests/model ;;
         kernels) part kernels bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels && \
-            python3 scripts/bench_kernels.py --sweep 16 32" ;;
+            python3 scripts/bench_kernels.py --sweep ${SWEEP_M:-16 32}" ;;
         profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;
         batch) part batch "${INLAID[@]}" bench sweep batch $M --patterns distinct,uniform,identical \
             --batch-sizes "${BATCH_SIZES:-8,32,64}" --input-len 128 --output-len 64 --baseline fp16 \

@@ -39,6 +39,25 @@ def test_triton_matches_reference(bits, group_size, act_order, sym, m):
     assert rel(got, ref) < TOL
 
 
+@pytest.mark.parametrize("variant", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)])
+@pytest.mark.parametrize("bits,act_order,dtype", [(4, False, torch.float16), (3, False, torch.float16),
+                                                  (8, True, torch.float16), (4, True, torch.bfloat16),
+                                                  (2, False, torch.bfloat16)])
+@pytest.mark.parametrize("m", [5, 32])
+def test_triton_kernel_variants(variant, bits, act_order, dtype, m):
+    """Every SWAP_AB / MAGIC / GATHER variant (MAGIC falls back to converting for bf16) with split-K."""
+    from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
+
+    packed, _, _ = random_layer(1024, 320, bits, 64, False, act_order, bias=True, seed=bits + m)
+    p = prepare(packed, "cuda", dtype)
+    x = torch.randn(m, 1024, device="cuda", dtype=dtype)
+    ref = quant_matmul_ref(x.float(), prepare(packed, "cuda", torch.float32))
+    cfg = dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, GROUP_M=8, num_warps=4,
+               num_stages=3, **dict(zip(("SWAP_AB", "MAGIC", "GATHER"), variant)))
+    out = torch.full((m, 320), float("nan"), device="cuda", dtype=dtype)
+    assert rel(quant_matmul_triton(x, p, config=cfg, out=out), ref) < TOL
+
+
 @pytest.mark.parametrize("split_k", [1, 4])
 def test_triton_bf16_and_split_k(split_k):
     from inlaid.kernels.triton.quant_matmul import quant_matmul_triton

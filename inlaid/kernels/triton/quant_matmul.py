@@ -69,6 +69,7 @@ def _quant_matmul_kernel(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_ym,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr, MAGIC: tl.constexpr, GATHER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -88,7 +89,10 @@ def _quant_matmul_kernel(
     mask_n = offs_n < N
     MASK: tl.constexpr = (1 << BITS) - 1
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
@@ -97,7 +101,7 @@ def _quant_matmul_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wmask = mask_k[:, None] & mask_n[None, :]
-        if BITS == 3:
+        if BITS == 3 or GATHER:
             codes = _unpack_gather(qw_ptr, offs_k, offs_n, wmask, stride_qk, stride_qn, BITS)
         else:
             # 32/BITS codes share a word: load each word once, then fan it out in registers.
@@ -110,7 +114,12 @@ def _quant_matmul_kernel(
             codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, BLOCK_N))
         # Dequantize in the compute dtype: codes and zero points are small integers (exact in fp16 and
         # bf16), so the only rounding is the one product, as in the fp32 path, at half the ALU work.
-        codes = (codes & MASK).to(x.dtype)
+        if MAGIC:
+            # fp16 only: OR-ing a code (< 1024) into the mantissa of 1024.0 gives exactly 1024 + code,
+            # with two integer ops instead of an int-to-float conversion (a quarter-rate instruction).
+            codes = ((codes & MASK) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+        else:
+            codes = (codes & MASK).to(x.dtype)
         if GROUP_SIZE > 0:
             # Natural order and BLOCK_K divides the group: one scale/zero row per K step.
             soff = (k0 // GROUP_SIZE) * stride_sg + offs_n
@@ -121,8 +130,17 @@ def _quant_matmul_kernel(
             soff = g[:, None] * stride_sg + offs_n[None, :]
             scale = tl.load(scales_ptr + soff, mask=wmask, other=0.0)
             zero = tl.load(zeros_ptr + soff, mask=wmask, other=0.0)
+        if MAGIC:
+            zero = zero + 1024.0  # exact: both are small integers
         w = (codes - zero) * scale
-        acc = tl.dot(x, w, acc)
+        if SWAP_AB:
+            # acc^T = W x^T: the dequantized tile (built in registers) becomes the MMA's left operand,
+            # which Hopper's wgmma can read from registers; the right one must sit in shared memory.
+            acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, w, acc)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     _store_tile(acc, bias_ptr, y_ptr, ws_ptr, count_ptr, pid, offs_m, offs_n, mask_m, mask_n, stride_ym, N,
                 pid_k, HAS_BIAS, SPLIT_K)
@@ -181,6 +199,10 @@ class _SplitKState:
 
 
 _SPLIT_K = _SplitKState()
+# Kernel variants a config may switch on (docs/results/kernels.md measures each): SWAP_AB computes
+# y^T = W x^T, MAGIC dequantizes fp16 without int-to-float conversions, GATHER loads each code's word
+# per K row instead of fanning each word out (elementwise from the load, so layouts can propagate).
+_VARIANT = dict(SWAP_AB=0, MAGIC=0, GATHER=0)
 _SMS: dict[int, int] = {}
 
 
@@ -199,7 +221,9 @@ def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None =
     dev = x.device.index or 0
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    cfg = dict(config) if config is not None else _config(m, n, k, _SMS[dev])
+    cfg = {**_VARIANT, **(config if config is not None else _config(m, n, k, _SMS[dev]))}
+    if x.dtype != torch.float16:
+        cfg["MAGIC"] = 0  # the 1024.0 mantissa trick is fp16's; bf16 converts
     group_size = p.group_size
     if group_size > 0:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
