@@ -105,6 +105,8 @@ def sweep(ms) -> None:
     shape and M, the default config's time and the best few, printed as it goes."""
     import itertools
 
+    import triton
+
     from inlaid.kernels.triton.quant_matmul import _config, quant_matmul_triton
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -122,14 +124,21 @@ def sweep(ms) -> None:
             for variant, bn, bk, sk in itertools.product(VARIANTS, (64, 128), (64, 128), (4, 8)):
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=4,
                            num_stages=3, **dict(zip(("SWAP_AB", "MAGIC", "GATHER"), variant)))
-                found.append((timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5), cfg))
+                try:
+                    found.append((timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5),
+                                  cfg))
+                except triton.runtime.errors.OutOfResources:  # e.g. GATHER's int32 tiles at BK 128
+                    continue
             found.sort(key=lambda tc: tc[0])
             print(f"sweep {k}x{n} ({name}) M={m}: default {t_default:.1f} µs ({floor_us / t_default:.0%} of the "
                   f"3.0 TB/s floor) {default}", flush=True)
             for t, cfg in found[:3]:
                 print(f"    {t:.1f} µs ({floor_us / t:.0%}) {cfg}", flush=True)
             for variant in VARIANTS:  # what each kernel variant can do at its best tiling
-                t, cfg = next((t, c) for t, c in found if tuple(c[v] for v in ("SWAP_AB", "MAGIC", "GATHER")) == variant)
+                t, cfg = next(((t, c) for t, c in found
+                               if tuple(c[v] for v in ("SWAP_AB", "MAGIC", "GATHER")) == variant), (None, None))
+                if cfg is None:
+                    continue
                 print(f"    variant swap/magic/gather={variant}: best {t:.1f} µs ({floor_us / t:.0%}) "
                       f"BN {cfg['BLOCK_N']} BK {cfg['BLOCK_K']} split {cfg['SPLIT_K']}", flush=True)
         del layers
