@@ -97,14 +97,12 @@ def bench_shape(k, n, bits, ms, bw, exllama):
     return rows
 
 
-VARIANTS = [(swap, magic, gather) for swap in (0, 1) for magic in (0, 1) for gather in (0, 1)]
+VARIANTS = [(swap, magic, strided) for swap in (0, 1) for magic in (0, 1) for strided in (0, 1)]
 
 
 def sweep(ms) -> None:
     """Block-shape sweep of the Triton kernel over the decode shapes (how `_config` was tuned): per
     shape and M, the default config's time and the best few, printed as it goes."""
-    import itertools
-
     import triton
 
     from inlaid.kernels.triton.quant_matmul import _config, quant_matmul_triton
@@ -121,13 +119,15 @@ def sweep(ms) -> None:
             t_default = timed(lambda i: quant_matmul_triton(x, layers[i]), copies, reps=10)
             bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
             found = []
-            for variant, bn, bk, sk in itertools.product(VARIANTS, (64, 128), (64, 128), (4, 8)):
+            grid = [(v, bn, bk, sk) for v in VARIANTS for bn in (64, 128) for bk in ((128,) if v[2] else (64, 128))
+                    for sk in (4, 8)]
+            for variant, bn, bk, sk in grid:
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=4,
-                           num_stages=3, **dict(zip(("SWAP_AB", "MAGIC", "GATHER"), variant)))
+                           num_stages=3, **dict(zip(("SWAP_AB", "MAGIC", "STRIDED"), variant)))
                 try:
                     found.append((timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5),
                                   cfg))
-                except triton.runtime.errors.OutOfResources:  # e.g. GATHER's int32 tiles at BK 128
+                except triton.runtime.errors.OutOfResources:  # e.g. too many stages
                     continue
             found.sort(key=lambda tc: tc[0])
             print(f"sweep {k}x{n} ({name}) M={m}: default {t_default:.1f} µs ({floor_us / t_default:.0%} of the "
@@ -136,10 +136,10 @@ def sweep(ms) -> None:
                 print(f"    {t:.1f} µs ({floor_us / t:.0%}) {cfg}", flush=True)
             for variant in VARIANTS:  # what each kernel variant can do at its best tiling
                 t, cfg = next(((t, c) for t, c in found
-                               if tuple(c[v] for v in ("SWAP_AB", "MAGIC", "GATHER")) == variant), (None, None))
+                               if tuple(c[v] for v in ("SWAP_AB", "MAGIC", "STRIDED")) == variant), (None, None))
                 if cfg is None:
                     continue
-                print(f"    variant swap/magic/gather={variant}: best {t:.1f} µs ({floor_us / t:.0%}) "
+                print(f"    variant swap/magic/strided={variant}: best {t:.1f} µs ({floor_us / t:.0%}) "
                       f"BN {cfg['BLOCK_N']} BK {cfg['BLOCK_K']} split {cfg['SPLIT_K']}", flush=True)
         del layers
         torch.cuda.empty_cache()

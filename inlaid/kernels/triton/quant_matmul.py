@@ -38,6 +38,45 @@ def _unpack_gather(qw_ptr, offs_k, offs_n, wmask, stride_qk, stride_qn, BITS: tl
 
 
 @triton.jit
+def _dequant(codes, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, mask_k, mask_n, stride_sg, dtype,
+             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, MAGIC: tl.constexpr):
+    """(code - zero) * scale for a [rows of offs_k, BLOCK_N] tile of raw codes (bits above BITS ignored).
+
+    In the compute dtype: codes and zero points are small integers (exact in fp16 and bf16), so the only
+    rounding is the one product, as in the fp32 path, at half the ALU work."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if MAGIC:
+        # fp16 only: OR-ing a code (< 1024) into the mantissa of 1024.0 gives exactly 1024 + code, with
+        # two integer ops instead of an int-to-float conversion (a quarter-rate instruction).
+        codes = ((codes & MASK) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+    else:
+        codes = (codes & MASK).to(dtype)
+    if GROUP_SIZE > 0:
+        # Natural order and BLOCK_K divides the group: one scale/zero row per K step.
+        soff = (k0 // GROUP_SIZE) * stride_sg + offs_n
+        scale = tl.load(scales_ptr + soff, mask=mask_n, other=0.0)[None, :]
+        zero = tl.load(zeros_ptr + soff, mask=mask_n, other=0.0)[None, :]
+    else:
+        g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
+        soff = g[:, None] * stride_sg + offs_n[None, :]
+        wmask = mask_k[:, None] & mask_n[None, :]
+        scale = tl.load(scales_ptr + soff, mask=wmask, other=0.0)
+        zero = tl.load(zeros_ptr + soff, mask=wmask, other=0.0)
+    if MAGIC:
+        zero = zero + 1024.0  # exact: both are small integers
+    return (codes - zero) * scale
+
+
+@triton.jit
+def _mma(acc, x, w, SWAP_AB: tl.constexpr):
+    if SWAP_AB:
+        # acc^T += W x^T: the dequantized tile (built in registers) is the MMA's left operand, which
+        # Hopper's wgmma can read from registers; the right one must sit in shared memory.
+        return tl.dot(tl.trans(w), tl.trans(x), acc)
+    return tl.dot(x, w, acc)
+
+
+@triton.jit
 def _store_tile(acc, bias_ptr, y_ptr, ws_ptr, count_ptr, tile, offs_m, offs_n, mask_m, mask_n, stride_ym, N,
                 pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Bias (added once, by the first K split), then a plain store, or the split-K reduction."""
@@ -69,7 +108,7 @@ def _quant_matmul_kernel(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_ym,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP_AB: tl.constexpr, MAGIC: tl.constexpr, GATHER: tl.constexpr,
+    SWAP_AB: tl.constexpr, MAGIC: tl.constexpr, STRIDED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -87,7 +126,6 @@ def _quant_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    MASK: tl.constexpr = (1 << BITS) - 1
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -95,50 +133,44 @@ def _quant_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
+    PER_WORD: tl.constexpr = 32 // BITS
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wmask = mask_k[:, None] & mask_n[None, :]
-        if BITS == 3 or GATHER:
-            codes = _unpack_gather(qw_ptr, offs_k, offs_n, wmask, stride_qk, stride_qn, BITS)
-        else:
-            # 32/BITS codes share a word: load each word once, then fan it out in registers.
-            PER_WORD: tl.constexpr = 32 // BITS
+        if STRIDED and BITS != 3:
+            # Code j of every word in the tile is one [BLOCK_K / PER_WORD, BLOCK_N] operand whose rows
+            # are k = 8w + j (4 bits): one MMA per j against the x columns at stride PER_WORD. Each
+            # operand is an elementwise function of the loaded words, so no reshape (and no shared
+            # memory round trip for it) sits between the load and the MMA.
             offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
             words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                             mask=(offs_w < K // PER_WORD)[:, None] & mask_n[None, :],
                             other=0).to(tl.uint32, bitcast=True)
-            shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
-            codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, BLOCK_N))
-        # Dequantize in the compute dtype: codes and zero points are small integers (exact in fp16 and
-        # bf16), so the only rounding is the one product, as in the fp32 path, at half the ALU work.
-        if MAGIC:
-            # fp16 only: OR-ing a code (< 1024) into the mantissa of 1024.0 gives exactly 1024 + code,
-            # with two integer ops instead of an int-to-float conversion (a quarter-rate instruction).
-            codes = ((codes & MASK) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+            for j in tl.static_range(PER_WORD):
+                offs_k = offs_w * PER_WORD + j
+                mask_k = offs_k < K
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                w = _dequant(words >> (j * BITS), scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n,
+                             mask_k, mask_n, stride_sg, x.dtype, BITS, GROUP_SIZE, MAGIC)
+                acc = _mma(acc, x, w, SWAP_AB)
         else:
-            codes = (codes & MASK).to(x.dtype)
-        if GROUP_SIZE > 0:
-            # Natural order and BLOCK_K divides the group: one scale/zero row per K step.
-            soff = (k0 // GROUP_SIZE) * stride_sg + offs_n
-            scale = tl.load(scales_ptr + soff, mask=mask_n, other=0.0)[None, :]
-            zero = tl.load(zeros_ptr + soff, mask=mask_n, other=0.0)[None, :]
-        else:
-            g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
-            soff = g[:, None] * stride_sg + offs_n[None, :]
-            scale = tl.load(scales_ptr + soff, mask=wmask, other=0.0)
-            zero = tl.load(zeros_ptr + soff, mask=wmask, other=0.0)
-        if MAGIC:
-            zero = zero + 1024.0  # exact: both are small integers
-        w = (codes - zero) * scale
-        if SWAP_AB:
-            # acc^T = W x^T: the dequantized tile (built in registers) becomes the MMA's left operand,
-            # which Hopper's wgmma can read from registers; the right one must sit in shared memory.
-            acc = tl.dot(tl.trans(w), tl.trans(x), acc)
-        else:
-            acc = tl.dot(x, w, acc)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if BITS == 3:
+                codes = _unpack_gather(qw_ptr, offs_k, offs_n, mask_k[:, None] & mask_n[None, :], stride_qk,
+                                       stride_qn, BITS)
+            else:
+                # PER_WORD codes share a word: load each word once, then fan it out in registers.
+                offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+                words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                                mask=(offs_w < K // PER_WORD)[:, None] & mask_n[None, :],
+                                other=0).to(tl.uint32, bitcast=True)
+                shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+                codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, BLOCK_N))
+            w = _dequant(codes, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, mask_k, mask_n,
+                         stride_sg, x.dtype, BITS, GROUP_SIZE, MAGIC)
+            acc = _mma(acc, x, w, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -200,9 +232,9 @@ class _SplitKState:
 
 _SPLIT_K = _SplitKState()
 # Kernel variants a config may switch on (docs/results/kernels.md measures each): SWAP_AB computes
-# y^T = W x^T, MAGIC dequantizes fp16 without int-to-float conversions, GATHER loads each code's word
-# per K row instead of fanning each word out (elementwise from the load, so layouts can propagate).
-_VARIANT = dict(SWAP_AB=0, MAGIC=0, GATHER=0)
+# y^T = W x^T, MAGIC dequantizes fp16 without int-to-float conversions, STRIDED runs one MMA per code
+# position of the packed words (needs BLOCK_K >= 16 * 32 / bits; 3 bits ignores it).
+_VARIANT = dict(SWAP_AB=0, MAGIC=0, STRIDED=0)
 _SMS: dict[int, int] = {}
 
 
@@ -227,6 +259,8 @@ def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None =
     group_size = p.group_size
     if group_size > 0:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+    if cfg["BLOCK_K"] * p.bits // 32 < 16:
+        cfg["STRIDED"] = 0  # each per-code MMA needs K >= 16
     split_k = cfg["SPLIT_K"]
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     if y.stride(1) != 1:
