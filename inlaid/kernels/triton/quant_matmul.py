@@ -72,8 +72,10 @@ def _mma(acc, x, w, SWAP_AB: tl.constexpr):
     if SWAP_AB:
         # acc^T += W x^T: the dequantized tile (built in registers) is the MMA's left operand, which
         # Hopper's wgmma can read from registers; the right one must sit in shared memory.
-        return tl.dot(tl.trans(w), tl.trans(x), acc)
-    return tl.dot(x, w, acc)
+        acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+    else:  # (no early return: Triton's code generator would go on to trace the rest for this branch too)
+        acc = tl.dot(x, w, acc)
+    return acc
 
 
 @triton.jit
