@@ -97,12 +97,14 @@ def bench_shape(k, n, bits, ms, bw, exllama):
     return rows
 
 
-VARIANTS = [(swap, magic, strided) for swap in (0, 1) for magic in (0, 1) for strided in (0, 1)]
+VARIANTS = [(swap, magic) for swap in (0, 1) for magic in (0, 1)]
 
 
 def sweep(ms) -> None:
     """Block-shape sweep of the Triton kernel over the decode shapes (how `_config` was tuned): per
     shape and M, the default config's time and the best few, printed as it goes."""
+    import itertools
+
     import triton
 
     from inlaid.kernels.triton.quant_matmul import _config, quant_matmul_triton
@@ -119,11 +121,9 @@ def sweep(ms) -> None:
             t_default = timed(lambda i: quant_matmul_triton(x, layers[i]), copies, reps=10)
             bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
             found = []
-            grid = [(v, bn, bk, sk) for v in VARIANTS for bn in (64, 128) for bk in ((128,) if v[2] else (64, 128))
-                    for sk in (4, 8)]
-            for variant, bn, bk, sk in grid:
+            for variant, bn, bk, sk in itertools.product(VARIANTS, (64, 128), (64, 128), (4, 8)):
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=4,
-                           num_stages=3, **dict(zip(("SWAP_AB", "MAGIC", "STRIDED"), variant)))
+                           num_stages=3, **dict(zip(("SWAP_AB", "MAGIC"), variant)))
                 try:
                     found.append((timed(lambda i: quant_matmul_triton(x, layers[i], config=cfg), copies, reps=5),
                                   cfg))
@@ -136,10 +136,10 @@ def sweep(ms) -> None:
                 print(f"    {t:.1f} µs ({floor_us / t:.0%}) {cfg}", flush=True)
             for variant in VARIANTS:  # what each kernel variant can do at its best tiling
                 t, cfg = next(((t, c) for t, c in found
-                               if tuple(c[v] for v in ("SWAP_AB", "MAGIC", "STRIDED")) == variant), (None, None))
+                               if (c["SWAP_AB"], c["MAGIC"]) == variant), (None, None))
                 if cfg is None:
                     continue
-                print(f"    variant swap/magic/strided={variant}: best {t:.1f} µs ({floor_us / t:.0%}) "
+                print(f"    variant swap/magic={variant}: best {t:.1f} µs ({floor_us / t:.0%}) "
                       f"BN {cfg['BLOCK_N']} BK {cfg['BLOCK_K']} split {cfg['SPLIT_K']}", flush=True)
         del layers
         torch.cuda.empty_cache()

@@ -110,7 +110,7 @@ def _quant_matmul_kernel(
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_ym,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP_AB: tl.constexpr, MAGIC: tl.constexpr, STRIDED: tl.constexpr,
+    SWAP_AB: tl.constexpr, MAGIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -137,42 +137,24 @@ def _quant_matmul_kernel(
     k_start = pid_k * k_per_split
     PER_WORD: tl.constexpr = 32 // BITS
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        if STRIDED and BITS != 3:
-            # Code j of every word in the tile is one [BLOCK_K / PER_WORD, BLOCK_N] operand whose rows
-            # are k = 8w + j (4 bits): one MMA per j against the x columns at stride PER_WORD. Each
-            # operand is an elementwise function of the loaded words, so no reshape (and no shared
-            # memory round trip for it) sits between the load and the MMA.
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if BITS == 3:
+            codes = _unpack_gather(qw_ptr, offs_k, offs_n, mask_k[:, None] & mask_n[None, :], stride_qk,
+                                   stride_qn, BITS)
+        else:
+            # PER_WORD codes share a word: load each word once, then fan it out in registers.
             offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
             words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                             mask=(offs_w < K // PER_WORD)[:, None] & mask_n[None, :],
                             other=0).to(tl.uint32, bitcast=True)
-            for j in tl.static_range(PER_WORD):
-                offs_k = offs_w * PER_WORD + j
-                mask_k = offs_k < K
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                w = _dequant(words >> (j * BITS), scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n,
-                             mask_k, mask_n, stride_sg, x.dtype, BITS, GROUP_SIZE, MAGIC)
-                acc = _mma(acc, x, w, SWAP_AB)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            if BITS == 3:
-                codes = _unpack_gather(qw_ptr, offs_k, offs_n, mask_k[:, None] & mask_n[None, :], stride_qk,
-                                       stride_qn, BITS)
-            else:
-                # PER_WORD codes share a word: load each word once, then fan it out in registers.
-                offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-                words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-                                mask=(offs_w < K // PER_WORD)[:, None] & mask_n[None, :],
-                                other=0).to(tl.uint32, bitcast=True)
-                shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
-                codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, BLOCK_N))
-            w = _dequant(codes, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, mask_k, mask_n,
-                         stride_sg, x.dtype, BITS, GROUP_SIZE, MAGIC)
-            acc = _mma(acc, x, w, SWAP_AB)
+            shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+            codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, BLOCK_N))
+        w = _dequant(codes, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, mask_k, mask_n, stride_sg,
+                     x.dtype, BITS, GROUP_SIZE, MAGIC)
+        acc = _mma(acc, x, w, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -184,16 +166,15 @@ def _config(m: int, n: int, k: int, sms: int) -> dict:
     """Block shapes by M regime, from `scripts/bench_kernels.py --sweep` on an H100 over the Llama-2-7B
     shapes, 4-bit g128 (docs/results/kernels.md)."""
     if m <= 32:
-        # Decode: the weight read is all the work. The sweep's best at M 16 and 32 on all four shapes
-        # was BLOCK_K 64 with the K loop split 8 ways (4-8x more programs than SMs keep more loads in
-        # flight), BLOCK_N 128 only for wide outputs at M 17-32.
-        block_m = 16 if m <= 16 else 32
-        block_n = 128 if m > 16 and n >= 8192 else 64
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=4)
+        # Decode: the weight read is all the work. The sweeps' best at M 8-32 on all four shapes: the
+        # swapped product with fp16 magic dequantization (5-15% faster than the plain one at every
+        # shape), BLOCK_N 128 x BLOCK_K 64, the K loop split 8 ways (4-8x more programs than SMs keep
+        # more loads in flight).
         split_k = 8
         while split_k > 1 and k // (64 * split_k) < 2:  # at least two K steps per split
             split_k //= 2
-        return dict(cfg, SPLIT_K=split_k, GROUP_M=8, num_stages=3)
+        return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=128, BLOCK_K=64, SPLIT_K=split_k, GROUP_M=8,
+                    num_warps=4, num_stages=3, SWAP_AB=1, MAGIC=1)
     if m <= 64:
         block_m, block_n, block_k, warps = 64, 64, 128, 4
     else:
@@ -233,10 +214,9 @@ class _SplitKState:
 
 
 _SPLIT_K = _SplitKState()
-# Kernel variants a config may switch on (docs/results/kernels.md measures each): SWAP_AB computes
-# y^T = W x^T, MAGIC dequantizes fp16 without int-to-float conversions, STRIDED runs one MMA per code
-# position of the packed words (needs BLOCK_K >= 16 * 32 / bits; 3 bits ignores it).
-_VARIANT = dict(SWAP_AB=0, MAGIC=0, STRIDED=0)
+# Kernel variants a config switches on (docs/results/kernels.md measures each): SWAP_AB computes
+# y^T = W x^T, MAGIC dequantizes fp16 without int-to-float conversions.
+_VARIANT = dict(SWAP_AB=0, MAGIC=0)
 _SMS: dict[int, int] = {}
 
 
@@ -261,8 +241,6 @@ def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None =
     group_size = p.group_size
     if group_size > 0:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
-    if cfg["BLOCK_K"] * p.bits // 32 < 16:
-        cfg["STRIDED"] = 0  # each per-code MMA needs K >= 16
     split_k = cfg["SPLIT_K"]
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     if y.stride(1) != 1:
