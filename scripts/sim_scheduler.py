@@ -6,8 +6,10 @@
 Replays the workloads of `inlaid bench sweep rates --tasks sample --arrival gamma --cv 2` through the
 real scheduler, block manager and output-length predictor, on a virtual clock: each step's duration
 comes from a linear model of the engine (``StepModel``), fitted by hand to the H100 runs in
-docs/results. Host time the scheduler itself takes is left out, so the two policies differ only in
-what they choose to run. It answers "is this ordering effect real, and
+docs/results. Host time the scheduler itself takes is left out, so the policies differ only in
+what they choose to run. Three variants on the same workloads: fcfs, inlaid without SLO targets,
+and inlaid given the SLO it is measured against (``SchedulerConfig.ttft_slo_s`` / ``latency_slo_s``:
+requests that can no longer meet it are served last). It answers "is this ordering effect real, and
 is it stable across seeds?" in seconds; the GPU bench answers "how fast is it really".
 """
 
@@ -49,17 +51,22 @@ class StepModel:
             self.per_decode * decode
 
 
-def simulate(policy: str, spec: WorkloadSpec, max_num_seqs: int, model: StepModel) -> list[RequestTimeline]:
+def simulate(policy: str, spec: WorkloadSpec, max_num_seqs: int, model: StepModel,
+             slo: tuple[float | None, float | None] = (None, None)) -> list[RequestTimeline]:
+    """``slo``: (TTFT, latency) targets in seconds given to the scheduler; None leaves them out."""
+    now = 0.0
     scheduler = Scheduler(SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
-                                          max_loras=8), BlockManager(6000, 16))
+                                          max_loras=8, ttft_slo_s=slo[0], latency_slo_s=slo[1]),
+                          BlockManager(6000, 16), clock=lambda: now)
     pending = list(reversed(generate(spec)))
     info: dict[str, tuple] = {}  # request id -> (request, first token time)
-    done, now = [], 0.0
+    done = []
     while pending or not scheduler.is_finished():
         while pending and pending[-1].arrival_s <= now:
             r = pending.pop()
             scheduler.add(Sequence(str(r.request_id), [1] * r.input_len,
-                                   SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True), r.adapter))
+                                   SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True), r.adapter,
+                                   arrival_time=r.arrival_s))
             info[str(r.request_id)] = (r, None)
         if scheduler.is_finished():
             now = pending[-1].arrival_s
@@ -91,25 +98,34 @@ def main() -> None:
     args = parser.parse_args()
     model = StepModel(eager_fixed=args.eager_fixed_ms / 1e3, per_prefill_seq=args.per_prefill_seq_ms / 1e3)
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"SLO: TTFT <= {args.ttft_slo} s and latency <= {args.latency_slo} s; seeds {seeds}\n")
-    print("| rate | fcfs attainment | inlaid attainment | inlaid / fcfs per seed | fcfs mean latency (s) "
-          "| inlaid mean latency (s) |")
-    print("|---:|---:|---:|---|---:|---:|")
+    slo = (args.ttft_slo, args.latency_slo)
+    variants = {"fcfs": ("fcfs", (None, None)), "inlaid": ("inlaid", (None, None)), "inlaid+SLO": ("inlaid", slo)}
+    print(f"SLO: TTFT <= {args.ttft_slo} s and latency <= {args.latency_slo} s; seeds {seeds}; "
+          "inlaid+SLO is given that SLO\n")
+    print("| rate | attainment fcfs | inlaid | inlaid+SLO | inlaid / fcfs per seed | inlaid+SLO / fcfs per seed "
+          "| mean latency (s) fcfs / inlaid / inlaid+SLO | p99 latency (s) fcfs / inlaid / inlaid+SLO |")
+    print("|---:|---:|---:|---:|---|---|---:|---:|")
     for rate in (float(r) for r in args.rates.split(",")):
-        att = {"fcfs": [], "inlaid": []}
-        lat = {"fcfs": [], "inlaid": []}
+        att: dict[str, list[float]] = {name: [] for name in variants}
+        lat: dict[str, list[float]] = {name: [] for name in variants}
+        p99: dict[str, list[float]] = {name: [] for name in variants}
         for seed in seeds:
             spec = WorkloadSpec(args.requests, pattern="powerlaw", arrival="gamma", rate=rate, cv=2.0,
                                 task_lengths=SAMPLE_TASKS, seed=seed)
-            for policy in att:
-                summary = summarize(simulate(policy, spec, args.max_num_seqs, model), args.ttft_slo,
+            for name, (policy, targets) in variants.items():
+                summary = summarize(simulate(policy, spec, args.max_num_seqs, model, targets), args.ttft_slo,
                                     args.latency_slo)
-                att[policy].append(summary.slo.attainment)
-                lat[policy].append(summary.latency_s.mean)
-        ratios = " ".join(f"{i / f:.2f}" if f else "inf" for i, f in zip(att["inlaid"], att["fcfs"]))
-        print(f"| {rate:g} | {statistics.fmean(att['fcfs']):.0%} ± {statistics.pstdev(att['fcfs']):.0%} "
-              f"| {statistics.fmean(att['inlaid']):.0%} ± {statistics.pstdev(att['inlaid']):.0%} | {ratios} "
-              f"| {statistics.fmean(lat['fcfs']):.2f} | {statistics.fmean(lat['inlaid']):.2f} |", flush=True)
+                att[name].append(summary.slo.attainment)
+                lat[name].append(summary.latency_s.mean)
+                p99[name].append(summary.latency_s.p99)
+
+        def ratios(name: str) -> str:
+            return " ".join(f"{v / f:.2f}" if f else "inf" for v, f in zip(att[name], att["fcfs"]))
+
+        cells = [f"{statistics.fmean(att[n]):.0%} ± {statistics.pstdev(att[n]):.0%}" for n in variants]
+        print(f"| {rate:g} | {' | '.join(cells)} | {ratios('inlaid')} | {ratios('inlaid+SLO')} "
+              f"| {' / '.join(f'{statistics.fmean(lat[n]):.2f}' for n in variants)} "
+              f"| {' / '.join(f'{statistics.fmean(p99[n]):.1f}' for n in variants)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,27 @@ Policies:
   a request overtakes any request R tokens shorter after R / aging_rate steps: nothing starves. Grouping: an adapter's group score is its best
   member's score, minus ``task_affinity`` if it ran last step (warm slot, fewer LoRA segments); the
   β best groups run. Aging lowers waiting scores without bound, so every adapter wins a slot.
+- ``inlaid`` with SLO targets (``ttft_slo_s`` / ``latency_slo_s``; None, the default, is the plain
+  ``inlaid`` above): a request that can no longer meet the SLO (``misses_slo``: no first token
+  ``ttft_slo_s`` after arrival, or time spent + predicted remaining output × the recent step time
+  past ``latency_slo_s``) scores ``slo_miss_penalty`` tokens worse, which puts it behind every
+  request that still can (unless one has aged that much longer); within each class the score above
+  decides. Running requests are demoted too: in 3 a late one is skipped, then fed in 4 where its
+  score puts it among the waiting ones (paused, KV kept, until then). Serving requests that will
+  miss anyway makes the ones queued behind them miss too: under a burst this is most of the loss.
+  Starvation bound: a late request is overtaken only by requests that arrived within
+  (its remaining + ``slo_miss_penalty`` + ``task_affinity``) / aging_rate steps after it, at most
+  (max_tokens + 1024 + 16) / 1 steps with the defaults; aging_rate 0 gives no bound, as without SLOs.
+  Times come from the ``clock`` given to the Scheduler, on which ``Sequence.arrival_time`` is read.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -33,6 +48,9 @@ from inlaid.engine.sequence import Sequence, SequenceStatus
 from inlaid.errors import ConfigError, RequestError
 
 POLICIES = ("fcfs", "inlaid")
+# Weight of the newest step in the step-time estimate. Reactive on purpose: the estimate must rise
+# within a step or two of a burst, whose eager prefill steps are what make running requests late.
+STEP_TIME_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,10 @@ class SchedulerConfig:
     task_affinity: float = 16.0  # tokens of priority for adapters of the previous step, inlaid only
     enable_chunked_prefill: bool = True
     eos_token_ids: tuple[int, ...] = ()
+    # SLO targets (seconds), inlaid only: requests that can no longer meet them are served last
+    ttft_slo_s: float | None = None
+    latency_slo_s: float | None = None
+    slo_miss_penalty: float = 1024.0  # tokens of priority lost by such a request (bounds its wait)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -56,6 +78,16 @@ class SchedulerConfig:
             raise ConfigError("max_loras and max_tasks_per_step (β) must be >= 1")
         if self.aging_rate < 0 or self.task_affinity < 0:
             raise ConfigError("aging_rate and task_affinity must be >= 0")
+        for name in ("ttft_slo_s", "latency_slo_s"):
+            value = getattr(self, name)
+            if value is not None and not _is_positive(value):
+                raise ConfigError(f"{name} {value!r}: must be a positive number of seconds or None")
+        if not (_is_positive(self.slo_miss_penalty) or self.slo_miss_penalty == 0):
+            raise ConfigError(f"slo_miss_penalty {self.slo_miss_penalty!r}: must be a finite number >= 0")
+
+    @property
+    def slo_aware(self) -> bool:
+        return self.policy == "inlaid" and (self.ttft_slo_s is not None or self.latency_slo_s is not None)
 
     @property
     def adapter_cap(self) -> int | None:
@@ -111,10 +143,16 @@ class _Budget:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 predictor: OutputLengthPredictor | None = None) -> None:
+                 predictor: OutputLengthPredictor | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.block_manager = block_manager
         self.predictor = predictor if predictor is not None else OutputLengthPredictor()
+        self.clock = clock  # the clock of Sequence.arrival_time (a virtual one in simulations)
+        self.step_time: float | None = None  # seconds per step, recent steps weighted most
+        self._step_started: float | None = None
+        self._now = 0.0  # clock reading of the current step's schedule() (SLO-aware only)
+        self._key = self.priority  # this step's ordering (schedule() fixes it)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._live: dict[str, Sequence] = {}
@@ -168,11 +206,32 @@ class Scheduler:
         predicted = seq.predicted_output_len or seq.sampling.max_tokens
         return predicted_remaining(predicted, seq.num_output_tokens, seq.sampling.max_tokens)
 
+    def misses_slo(self, seq: Sequence, now: float, remaining: float | None = None) -> bool:
+        """Whether ``seq`` can no longer meet the SLO at time ``now``: its first token came, or is
+        still missing, later than ``ttft_slo_s`` after arrival; or the time it has spent plus its
+        ``remaining`` output (default: predicted) at the recent step time exceeds ``latency_slo_s``.
+        The latency test is a forecast: it changes its mind when the step time does."""
+        cfg = self.config
+        waited = now - seq.arrival_time
+        if cfg.ttft_slo_s is not None:
+            ttft = waited if seq.first_token_time is None else seq.first_token_time - seq.arrival_time
+            if ttft > cfg.ttft_slo_s:
+                return True
+        if cfg.latency_slo_s is not None and self.step_time is not None:
+            if remaining is None:
+                remaining = self.remaining_output(seq)
+            return waited + remaining * self.step_time > cfg.latency_slo_s
+        return False
+
     def priority(self, seq: Sequence) -> tuple[float, int]:
         if self.config.policy == "fcfs":
             return 0.0, seq.arrival_index
         age = self._step - seq.arrival_step
-        return self.remaining_output(seq) - self.config.aging_rate * age, seq.arrival_index
+        remaining = self.remaining_output(seq)
+        score = remaining - self.config.aging_rate * age
+        if self.config.slo_aware and self.misses_slo(seq, self._now, remaining):
+            score += self.config.slo_miss_penalty
+        return score, seq.arrival_index
 
     def _choose_adapters(self, running: list[Sequence], waiting: list[Sequence], key) -> set[str] | None:
         """The adapters allowed this step (None: all). ``running`` and ``waiting`` are sorted by ``key``."""
@@ -180,7 +239,7 @@ class Scheduler:
         if cap is None:
             return None
         group_scores: dict[str, tuple[float, int]] = {}
-        for seq in heapq.merge(running, waiting, key=key):
+        for seq in heapq.merge(running, waiting, key=key):  # (demoted ones among either: same key)
             if seq.adapter is not None and seq.adapter not in group_scores:
                 score, index = key(seq)  # the group's best member comes first
                 if self.config.policy == "inlaid" and seq.adapter in self._previous_adapters:
@@ -192,6 +251,8 @@ class Scheduler:
         self._step += 1
         plan = StepPlan(self._step)
         budget = _Budget(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        if self.config.slo_aware:
+            self._now = self._step_started = self.clock()
         # Scores are fixed within a step: compute each once (sorting with priority() as the key
         # cost ~1 ms a step with a few hundred waiting requests under `inlaid`).
         if self.config.policy == "fcfs":
@@ -199,12 +260,20 @@ class Scheduler:
         else:
             scores = {id(seq): self.priority(seq) for seq in chain(self.running, self.waiting)}
             key = lambda seq: scores[id(seq)]  # noqa: E731
+        self._key = key
         running = sorted(self.running, key=key)
         waiting = sorted(self.waiting, key=key)
         allowed = self._choose_adapters(running, waiting, key)
+        # A late running request gives its place in the batch to waiting requests that can still
+        # make it (it keeps its KV blocks, paused): under a burst the batch is otherwise full of
+        # requests that miss anyway, and everyone queued behind them misses too. It competes with
+        # the waiting ones by score, penalty included, so aging brings it back.
+        demoted = [seq for seq in running if self.misses_slo(seq, self._now)] if self.config.slo_aware else []
+        if demoted:
+            running = [seq for seq in running if seq not in demoted]
         paused = self._schedule_running(running, allowed, budget, plan)
-        if not plan.preempted:  # memory is short: admitting now would only preempt again
-            self._admit(waiting, allowed, paused, budget, plan)
+        candidates = list(heapq.merge(waiting, demoted, key=key)) if demoted else waiting
+        self._admit(candidates, allowed, paused, budget, plan, len(demoted))
         self._previous_adapters = plan.adapters
         # who is next in line after this step, best first (the engine prefetches their adapters)
         self.next_in_line = [seq for seq in waiting if seq.status is not SequenceStatus.RUNNING]
@@ -226,7 +295,9 @@ class Scheduler:
                        plan: StepPlan) -> bool:
         """Make KV room for ``seq``'s pending tokens, preempting the worst unscheduled sequences."""
         while not self.block_manager.may_append(seq):
-            victim = max(chain(queue, paused), key=self.priority, default=None)
+            # the queue may hold waiting requests too (see _admit): only running ones have blocks
+            victim = max((s for s in chain(queue, paused) if s.status is SequenceStatus.RUNNING),
+                         key=self._key, default=None)
             if victim is None:
                 self._preempt(seq, plan)
                 return False
@@ -235,21 +306,39 @@ class Scheduler:
         self.block_manager.append_slot(seq)
         return True
 
-    def _admit(self, waiting: list[Sequence], allowed: set[str] | None, paused: list[Sequence],
-               budget: _Budget, plan: StepPlan) -> None:
-        for seq in waiting:
-            if budget.exhausted:
-                break
+    def _admit(self, candidates: list[Sequence], allowed: set[str] | None, paused: list[Sequence],
+               budget: _Budget, plan: StepPlan, num_demoted: int = 0) -> None:
+        """Admit waiting sequences, best first. ``candidates`` may also hold ``num_demoted`` running
+        sequences that miss their SLO: each continues where its score puts it among the waiting ones.
+        (A victim taken from the queue may be one of them: the count is an upper bound, which only
+        costs a longer scan.)"""
+        admitting = not plan.preempted  # memory is short: admitting now would only preempt again
+        queue = deque(candidates)
+        while queue and not budget.exhausted and (admitting or num_demoted):
+            seq = queue.popleft()
+            if seq.status is SequenceStatus.RUNNING:
+                num_demoted -= 1
+                preempted = len(plan.preempted)
+                if not _is_allowed(seq, allowed):
+                    paused.append(seq)
+                elif self._reserve_slots(seq, queue, paused, plan):
+                    self._feed(seq, budget, plan)
+                admitting = admitting and len(plan.preempted) == preempted
+                continue
+            if not admitting:
+                continue  # only demoted running sequences are still looked for
             if not _is_allowed(seq, allowed):
                 continue  # another task's turn; grouping is the point of skipping here
             pending = seq.num_tokens - self.block_manager.cached_prefix_len(seq)
             if not self.config.enable_chunked_prefill and pending > budget.tokens:
-                break
+                admitting = False
+                continue
             while not self.block_manager.can_allocate(seq) and paused:
-                paused.remove(victim := max(paused, key=self.priority))
+                paused.remove(victim := max(paused, key=self._key))
                 self._preempt(victim, plan)
             if not self.block_manager.can_allocate(seq):
-                break
+                admitting = False
+                continue
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.waiting.remove(seq)
@@ -280,6 +369,11 @@ class Scheduler:
         if len(seqs) != len(token_ids):
             raise ValueError(f"{len(seqs)} sequences but {len(token_ids)} sampled tokens")
         finished = []
+        now = self.clock() if self.config.slo_aware else 0.0
+        if self._step_started is not None:
+            took, self._step_started = now - self._step_started, None
+            self.step_time = took if self.step_time is None else \
+                self.step_time + STEP_TIME_WEIGHT * (took - self.step_time)
         for seq, token_id in zip(seqs, token_ids):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the model ran
@@ -289,6 +383,8 @@ class Scheduler:
             if seq.num_computed_tokens < seq.num_tokens:
                 continue
             seq.append_token(token_id)
+            if seq.first_token_time is None and self.config.slo_aware:
+                seq.first_token_time = now
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
                 self.finish(seq, reason)
@@ -299,6 +395,10 @@ class Scheduler:
         if not seq.sampling.ignore_eos and token_id in self.config.eos_token_ids:
             return "stop"
         return "length" if seq.num_output_tokens >= seq.sampling.max_tokens else None
+
+
+def _is_positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _is_allowed(seq: Sequence, allowed: set[str] | None) -> bool:

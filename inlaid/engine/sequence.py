@@ -106,6 +106,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_token_time: float | None = None  # on the scheduler's clock (SLO-aware ordering)
         self.arrival_index = -1  # set by the scheduler: a total order for ties and fcfs
         self.arrival_step = 0  # scheduler step at arrival; aging counts steps from here
         self.predicted_output_len: float | None = None
