@@ -11,7 +11,8 @@
 #   batch-hf  shape 3 at batch 1 and 8, distinct, vs HF + PEFT mixed and fp16 (HF + PEFT needs seconds a
 #             step at batch 32: its batch-32 figure is in scripts/gpu_engine.py's baselines)
 #   adapters  shape 1: throughput vs 1 / 10 / 100 / 1000 adapters (power law), vs fp16 and HF + PEFT
-#   rates     shape 2: SLO attainment vs arrival rate, `inlaid` vs `fcfs`, rates up to saturation
+#   rates     shape 2: SLO attainment vs arrival rate, `inlaid` (SLO-aware) vs `fcfs`, rates up to saturation
+#   rates-plain  shape 2 for `inlaid` without the SLO targets (--no-slo-aware), same workloads
 #   engine    scripts/gpu_engine.py (correctness, decode speed per batch, HF baselines)
 #
 # Each part runs under its own time limit (PART_TIMEOUT_<part>, seconds) so that one slow part still
@@ -77,6 +78,10 @@ for what in "$@"; do
             --rates "${RATES:-16,24,32,48}" --arrival gamma --cv 2 --requests "${RATE_REQUESTS:-300}" --realtime \
             --policy inlaid --baseline fcfs --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 \
             --out "$OUT/results/rates" ;;
+        rates-plain) part rates_plain "${INLAID[@]}" bench sweep rates $M --adapters 5 --tasks sample \
+            --rates "${RATES:-16,24,32,48}" --arrival gamma --cv 2 --requests "${RATE_REQUESTS:-300}" --realtime \
+            --policy inlaid --no-slo-aware --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 \
+            --out "$OUT/results/rates-plain" ;;
         engine) part engine python3 scripts/gpu_engine.py --out "$OUT/results" ;;
         *) echo "unknown part $what"; exit 2 ;;
     esac

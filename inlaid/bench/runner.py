@@ -43,6 +43,7 @@ class BenchConfig:
     realtime: bool = True  # False: every request arrives at 0 (as fast as possible)
     ttft_slo_s: float | None = None
     latency_slo_s: float | None = None
+    slo_aware: bool = True  # inlaid engine runs: the scheduler gets the SLO targets too
     hf_batch_size: int = 8
     hf_max_requests: int | None = None  # hf-peft runs the first N requests only (it is slow)
     warmup_requests: int = 2
@@ -110,6 +111,10 @@ def engine_config_for(config: BenchConfig, variant: str, num_adapters: int) -> E
     changes: dict = {}
     if variant in ("inlaid", "fcfs"):
         changes["policy"] = variant
+    # the SLO the run is measured against, so that inlaid can order by it; fcfs never gets it
+    slo_aware = config.slo_aware and changes.get("policy", base.policy) == "inlaid"
+    changes["ttft_slo_s"] = config.ttft_slo_s if slo_aware else None
+    changes["latency_slo_s"] = config.latency_slo_s if slo_aware else None
     is_dummy = base.model.startswith("dummy:")
     if variant == "fp16" and is_dummy:
         changes["dummy_bits"] = None
@@ -137,7 +142,7 @@ def _engine_result(config: BenchConfig, workload: Workload, variant: str, tick, 
         run = run_engine(engine, workload, adapter_map, realtime=config.realtime, seed=config.seed, progress=tick)
         bits, group = base_quantization(engine)
         params.update(model=engine_config.model, policy=engine_config.policy, bits=bits,
-                      max_loras=engine_config.max_loras)
+                      max_loras=engine_config.max_loras, slo_aware=engine.scheduler.config.slo_aware)
         return RunResult(
             name=variant, target="engine", params=params, summary=_summary(config, run.timelines),
             requests=_request_rows(run.timelines, run.predicted_output_len),

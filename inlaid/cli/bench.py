@@ -86,6 +86,7 @@ class _Target:
     dtype: str | None = None
     ttft_slo: float | None = None
     latency_slo: float | None = None
+    slo_aware: bool = True
     realtime: bool = True
     hf_batch_size: int = _B.hf_batch_size
     hf_max_requests: int | None = None
@@ -108,6 +109,7 @@ class _Target:
         return BenchConfig(engine=engine, url=self.url, baselines=tuple(self.baseline or ()),
                            fp16_model=self.fp16_model, max_concurrency=self.max_concurrency, api_key=self.api_key,
                            realtime=self.realtime, ttft_slo_s=self.ttft_slo, latency_slo_s=self.latency_slo,
+                           slo_aware=self.slo_aware,
                            hf_batch_size=self.hf_batch_size, hf_max_requests=self.hf_max_requests,
                            warmup_requests=self.warmup,
                            hbm_bandwidth=self.hbm_tbps * 1e12, seed=self.seed)
@@ -207,6 +209,10 @@ Device = Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda 
 Dtype = Annotated[Optional[str], typer.Option(help="float16, bfloat16 or float32.")]
 TtftSlo = Annotated[Optional[float], typer.Option(help="TTFT SLO in seconds.")]
 LatencySlo = Annotated[Optional[float], typer.Option(help="End-to-end latency SLO in seconds.")]
+SloAware = Annotated[bool, typer.Option("--slo-aware/--no-slo-aware",
+                                        help="--policy inlaid: give the engine's scheduler the --ttft-slo / "
+                                             "--latency-slo targets, so it serves requests that can no longer "
+                                             "meet them last (fcfs runs never get them).")]
 Realtime = Annotated[bool, typer.Option("--realtime/--as-fast-as-possible",
                                         help="Honour arrival times, or send every request at 0.")]
 HfBatch = Annotated[int, typer.Option(help="hf-peft: requests per generate() batch.")]
@@ -230,7 +236,8 @@ def serve_cmd(
     max_loras: MaxLoras = _E.max_loras, max_lora_rank: MaxLoraRank = _E.max_lora_rank,
     max_num_seqs: MaxNumSeqs = _E.max_num_seqs, max_num_batched_tokens: MaxBatchedTokens = _E.max_num_batched_tokens,
     max_tasks_per_step: MaxTasks = _E.max_tasks_per_step, num_kv_blocks: KvBlocks = None, device: Device = None,
-    dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, realtime: Realtime = True,
+    dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, slo_aware: SloAware = True,
+    realtime: Realtime = True,
     hf_batch_size: HfBatch = _B.hf_batch_size, hf_max_requests: HfMax = None, warmup: Warmup = _B.warmup_requests,
     hbm_tbps: Hbm = HBM_BYTES_PER_S / 1e12,
     requests: Requests = 200, pattern: Pattern = _W.pattern, adapters: Adapters = None, alpha: Alpha = _W.alpha,
@@ -259,7 +266,8 @@ def sweep_adapters_cmd(
     max_loras: MaxLoras = _E.max_loras, max_lora_rank: MaxLoraRank = _E.max_lora_rank,
     max_num_seqs: MaxNumSeqs = _E.max_num_seqs, max_num_batched_tokens: MaxBatchedTokens = _E.max_num_batched_tokens,
     max_tasks_per_step: MaxTasks = _E.max_tasks_per_step, num_kv_blocks: KvBlocks = None, device: Device = None,
-    dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, realtime: Realtime = True,
+    dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, slo_aware: SloAware = True,
+    realtime: Realtime = True,
     hf_batch_size: HfBatch = _B.hf_batch_size, hf_max_requests: HfMax = None, warmup: Warmup = _B.warmup_requests,
     hbm_tbps: Hbm = HBM_BYTES_PER_S / 1e12,
     counts: Annotated[str, typer.Option(help="Numbers of adapters, comma-separated.")] = "1,10,100,1000",
@@ -289,7 +297,8 @@ def sweep_rates_cmd(
     max_loras: MaxLoras = _E.max_loras, max_lora_rank: MaxLoraRank = _E.max_lora_rank,
     max_num_seqs: MaxNumSeqs = _E.max_num_seqs, max_num_batched_tokens: MaxBatchedTokens = _E.max_num_batched_tokens,
     max_tasks_per_step: MaxTasks = _E.max_tasks_per_step, num_kv_blocks: KvBlocks = None, device: Device = None,
-    dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, realtime: Realtime = True,
+    dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, slo_aware: SloAware = True,
+    realtime: Realtime = True,
     hf_batch_size: HfBatch = _B.hf_batch_size, hf_max_requests: HfMax = None, warmup: Warmup = _B.warmup_requests,
     hbm_tbps: Hbm = HBM_BYTES_PER_S / 1e12,
     rates: Annotated[str, typer.Option(help="Arrival rates in req/s, comma-separated.")] = "1,2,4,8",
@@ -316,7 +325,7 @@ def sweep_batch_cmd(
     max_loras: MaxLoras = _E.max_loras, max_lora_rank: MaxLoraRank = _E.max_lora_rank,
     max_num_seqs: MaxNumSeqs = _E.max_num_seqs, max_num_batched_tokens: MaxBatchedTokens = _E.max_num_batched_tokens,
     max_tasks_per_step: MaxTasks = _E.max_tasks_per_step, num_kv_blocks: KvBlocks = None, device: Device = None,
-    dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None,
+    dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, slo_aware: SloAware = True,
     hf_batch_size: HfBatch = _B.hf_batch_size, hf_max_requests: HfMax = None, warmup: Warmup = _B.warmup_requests,
     hbm_tbps: Hbm = HBM_BYTES_PER_S / 1e12,
     patterns: Annotated[str, typer.Option(help="Adapter patterns, comma-separated.")] = "distinct,uniform,identical",

@@ -25,7 +25,7 @@ from inlaid.engine.model import CausalLM, load_weights
 from inlaid.engine.predictor import OutputLengthPredictor
 from inlaid.engine.runner import NO_TOKEN, ModelRunner
 from inlaid.engine.sampler import TokenLogprobs
-from inlaid.engine.scheduler import Scheduler, SchedulerConfig
+from inlaid.engine.scheduler import Scheduler, SchedulerConfig, check_slo_target
 from inlaid.engine.sequence import SamplingParams, Sequence
 from inlaid.errors import AdapterError, ConfigError, ModelLoadError, RequestError
 
@@ -53,6 +53,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     policy: str = "fcfs"
     max_tasks_per_step: int = 10
+    # inlaid: SLO targets in seconds; requests that can no longer meet them are served last (None: off)
+    ttft_slo_s: float | None = None
+    latency_slo_s: float | None = None
     enable_prefix_caching: bool = True
     prefetch_adapters: bool = True  # load waiting requests' adapters into free slots between steps
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode (debugging, profiling)
@@ -61,6 +64,10 @@ class EngineConfig:
     dummy_layers: int | None = None  # dummy models: fewer layers than the shape has
     dummy_adapters: int = 0  # dummy models: random adapters "dummy-0".. registered at start
     dummy_rank: int = 16
+
+    def __post_init__(self) -> None:  # before the model loads, not after
+        check_slo_target("ttft_slo_s", self.ttft_slo_s)
+        check_slo_target("latency_slo_s", self.latency_slo_s)
 
 
 @dataclass
@@ -176,7 +183,8 @@ class LLMEngine:
         sched_config = SchedulerConfig(
             policy=cfg.policy, max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens, max_loras=max(cfg.max_loras, 1),
-            max_tasks_per_step=cfg.max_tasks_per_step, eos_token_ids=self.eos_token_ids)
+            max_tasks_per_step=cfg.max_tasks_per_step, eos_token_ids=self.eos_token_ids,
+            ttft_slo_s=cfg.ttft_slo_s, latency_slo_s=cfg.latency_slo_s)
         self.predictor = OutputLengthPredictor()
         self.scheduler = Scheduler(sched_config, self.block_manager, self.predictor)
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, cfg.block_size,

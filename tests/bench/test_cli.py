@@ -21,6 +21,8 @@ def test_help_lists_the_commands():
         assert command in result.output
     sweep_help = runner.invoke(app, ["bench", "sweep", "--help"]).output
     assert all(shape in sweep_help for shape in ("adapters", "rates", "batch"))
+    rates_help = runner.invoke(app, ["bench", "sweep", "rates", "--help"], env={"COLUMNS": "200"}).output
+    assert "--no-slo-aware" in rates_help
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def test_serve_writes_table_json_csv_and_plots(serve_dir):
     results = json.loads((serve_dir / "results.json").read_text())
     assert [r["name"] for r in results] == ["inlaid", "fcfs"]
     assert results[0]["params"]["num_adapters"] == 3 and results[0]["summary"]["num_completed"] == 5
+    assert [r["params"]["slo_aware"] for r in results] == [True, False]  # --slo-aware is the default; fcfs: never
     assert results[0]["predictor"]["mae_at_admission"] is not None
     table = (serve_dir / "summary.md").read_text()
     assert "predictor mae tokens" in table and "output tok per sec × fcfs" in table

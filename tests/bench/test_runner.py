@@ -59,6 +59,7 @@ def test_predictor_mae_memory_and_roofline_are_reported(results):
     assert main.memory["num_adapter_slots"] == 2 and main.memory["adapter_slots_bytes"] > 0
     assert main.roofline["num_decode_steps"] >= 1 and main.roofline["fraction"] > 0
     assert main.params["bits"] == 4 and main.params["policy"] == "inlaid"
+    assert main.params["slo_aware"] is True  # the run's latency SLO reached the scheduler
 
 
 def test_no_lora_baseline_runs_on_the_bare_base(results):
@@ -76,6 +77,25 @@ def test_variants_change_one_thing():
     assert engine_config_for(config, "no-lora", 3).dummy_adapters == 0
     with pytest.raises(ConfigError, match="main run's policy"):
         BenchConfig(tiny_engine_config(), baselines=("inlaid",))
+
+
+@pytest.mark.parametrize("slo_aware", [True, False])
+def test_only_inlaid_runs_get_the_slo_targets(slo_aware: bool) -> None:
+    config = BenchConfig(tiny_engine_config(), baselines=("fcfs", "no-lora"), ttft_slo_s=2.0, latency_slo_s=10.0,
+                         slo_aware=slo_aware)
+    for variant in ("inlaid", "no-lora"):
+        engine = engine_config_for(config, variant, 3)
+        assert (engine.ttft_slo_s, engine.latency_slo_s) == ((2.0, 10.0) if slo_aware else (None, None))
+    fcfs = engine_config_for(config, "fcfs", 3)
+    assert (fcfs.ttft_slo_s, fcfs.latency_slo_s) == (None, None)
+    main_fcfs = BenchConfig(tiny_engine_config(policy="fcfs"), ttft_slo_s=2.0)
+    assert engine_config_for(main_fcfs, "fcfs", 3).ttft_slo_s is None
+
+
+@pytest.mark.parametrize("bad", [0.0, -2.0, float("nan")])
+def test_engine_config_rejects_bad_slo_targets_before_loading(bad: float) -> None:
+    with pytest.raises(ConfigError, match="ttft_slo_s"):
+        tiny_engine_config(ttft_slo_s=bad)
     with pytest.raises(ConfigError, match="choose from"):
         BenchConfig(tiny_engine_config(), baselines=("vllm",))
     with pytest.raises(ConfigError, match="only no-lora"):
