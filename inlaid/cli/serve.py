@@ -52,6 +52,11 @@ def serve_cmd(
     max_model_len: Annotated[Optional[int], typer.Option(
         help="Context length (default: the model's).")] = _E.max_model_len,
     policy: Annotated[str, typer.Option(help="Scheduler: fcfs or inlaid.")] = _E.policy,
+    ttft_slo: Annotated[Optional[float], typer.Option(
+        help="--policy inlaid: time-to-first-token target (s). Requests that can no longer meet the "
+             "targets are served last (more requests inside them, longer waits for the late).")] = None,
+    latency_slo: Annotated[Optional[float], typer.Option(
+        help="--policy inlaid: end-to-end latency target (s), as --ttft-slo.")] = None,
     device: Annotated[Optional[str], typer.Option(
         help="cuda or cpu (default: cuda when available).")] = _E.device,
     dtype: Annotated[Optional[str], typer.Option(
@@ -70,7 +75,8 @@ def serve_cmd(
     settings.resolved_adapter_roots()  # a missing root fails now, before the model loads
     config = EngineConfig(model=model, adapters=parse_adapters(adapter or []), device=device, dtype=dtype,
                           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
-                          max_model_len=max_model_len, policy=policy, num_kv_blocks=num_kv_blocks)
+                          max_model_len=max_model_len, policy=policy, num_kv_blocks=num_kv_blocks,
+                          ttft_slo_s=ttft_slo, latency_slo_s=latency_slo)
     try:
         from inlaid.server import launch
     except ImportError as exc:  # fastapi / uvicorn are the 'serve' extra
