@@ -13,9 +13,10 @@ shared by every layer):
   (longest chunk × sequences) query rows;
 - *decodes*: one query token each, batched into one padded call over gathered context slots.
 
-Decodes run the Triton paged kernel on CUDA (``inlaid.kernels.triton.paged_attention``: K/V read
-in place through the block table, graph-safe shapes) and torch SDPA over gathered K/V elsewhere —
-the simple, correct path the kernel is tested against. Chunks always take the SDPA path.
+On CUDA both run Triton kernels that read K/V in place through the block tables: decodes
+``inlaid.kernels.triton.paged_attention`` (graph-safe shapes), chunks
+``inlaid.kernels.triton.paged_prefill`` (all chunks of a step in one launch). Elsewhere both use
+torch SDPA over gathered K/V: the simple, correct path the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class AttentionBatch:
     decode_lens: torch.Tensor | None = None  # int64 [D]: context length incl. the new token
     decode_tables: torch.Tensor | None = None  # int32 [D, max blocks]: block tables, 0-padded
     decode_lens32: torch.Tensor | None = None  # int32 [D]: decode_lens for the kernel
+    # the prefill kernel's view of the chunks (then ``chunks`` stays empty): block tables int32
+    # [C, max blocks] 0-padded, int32 [3, C] (first row, tokens, start position), its tile map
+    prefill_tables: torch.Tensor | None = None
+    prefill_meta: torch.Tensor | None = None
+    prefill_tiles: torch.Tensor | None = None
     block_size: int = 16
     all_decode: bool = False  # every row is a decode (CUDA-graph batches): no row gather/scatter
 
@@ -59,6 +65,7 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
     slot_mapping: list[int] = []
     chunks: list[Chunk] = []
     decode_rows, decode_tables, decode_lens = [], [], []
+    prefill: list[tuple[list[int], int, int, int]] = []  # kernel path: (table, row, tokens, start)
     use_kernel = _use_kernel(torch.device(device))
     row = 0
     for table, start, num in pieces:
@@ -69,6 +76,9 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
             decode_rows.append(row)
             decode_tables.append(table)
             decode_lens.append(end)
+        elif use_kernel:  # the kernel reads the context through the table: only new slots are listed
+            slot_mapping.extend(_slots(table, end, block_size)[start:])
+            prefill.append((table, row, num, start))
         else:
             context = _slots(table, end, block_size)
             slot_mapping.extend(context[start:])
@@ -76,6 +86,15 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
         row += num
     batch = AttentionBatch(torch.tensor(slot_mapping, dtype=torch.int64, device=device), chunks,
                            block_size=block_size, all_decode=len(decode_rows) == len(pieces))
+    if prefill:
+        from inlaid.kernels.triton.paged_prefill import tile_map
+
+        width = max(len(t) for t, *_ in prefill)
+        batch.prefill_tables = torch.tensor([t + [0] * (width - len(t)) for t, *_ in prefill], dtype=torch.int32,
+                                            device=device)
+        batch.prefill_meta = torch.tensor([[r for _, r, _, _ in prefill], [n for _, _, n, _ in prefill],
+                                           [s for _, _, _, s in prefill]], dtype=torch.int32, device=device)
+        batch.prefill_tiles = tile_map([n for _, _, n, _ in prefill], device)
     if decode_rows:
         batch.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
         batch.decode_lens = torch.tensor(decode_lens, dtype=torch.int64, device=device)
@@ -121,6 +140,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q [T, heads, d] for the step's tokens (their K/V already written) -> out [T, heads, d]."""
     out = torch.empty_like(q)
     groups = q.shape[1] // k_cache.shape[1]
+    if batch.prefill_tables is not None:
+        from inlaid.kernels.triton.paged_prefill import paged_prefill_attention
+
+        paged_prefill_attention(q, k_cache, v_cache, batch.prefill_tables, batch.prefill_meta,
+                                batch.prefill_tiles, batch.block_size, scale, sliding_window, out=out)
     for c in batch.chunks:
         qc = q[c.row_start:c.row_start + c.num_tokens].transpose(0, 1)  # [heads, n, d]
         k = _expand_kv(k_cache[c.context_slots].transpose(0, 1), groups)  # [heads, ctx, d]

@@ -26,7 +26,7 @@ TABLE = (
     ("quant_matmul", "ref", lambda f: True),
     ("lora", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("lora", "ref", lambda f: True),
-    # decode attention over the paged KV cache (prefill chunks always use torch SDPA)
+    # attention over the paged KV cache: the decode kernel and the varlen prefill kernel
     ("paged_attention", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("paged_attention", "ref", lambda f: True),
     # fused RMSNorm + RoPE (one kernel each instead of ~7 and ~5 torch ops)
