@@ -167,7 +167,7 @@ def _config(m: int, n: int, k: int, sms: int) -> dict:
     shapes, 4-bit g128 (docs/results/kernels.md)."""
     if m <= 32:
         # Decode: the weight read is all the work. The sweeps' best at M 8-32 on all four shapes: the
-        # swapped product with fp16 magic dequantization (5-15% faster than the plain one at every
+        # swapped product with fp16 magic dequantization (3-17% faster than the plain one at every
         # shape), BLOCK_N 128 x BLOCK_K 64, the K loop split 8 ways (4-8x more programs than SMs keep
         # more loads in flight).
         split_k = 8
