@@ -55,8 +55,9 @@ class AttentionBatch:
     all_decode: bool = False  # every row is a decode (CUDA-graph batches): no row gather/scatter
 
 
-def _slots(block_table: list[int], end: int, block_size: int) -> list[int]:
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(end)]
+def _slots(block_table: list[int], end: int, block_size: int, start: int = 0) -> list[int]:
+    """Cache slots of positions start..end-1."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
@@ -77,7 +78,7 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
             decode_tables.append(table)
             decode_lens.append(end)
         elif use_kernel:  # the kernel reads the context through the table: only new slots are listed
-            slot_mapping.extend(_slots(table, end, block_size)[start:])
+            slot_mapping.extend(_slots(table, end, block_size, start))
             prefill.append((table, row, num, start))
         else:
             context = _slots(table, end, block_size)

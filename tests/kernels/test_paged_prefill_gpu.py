@@ -35,12 +35,14 @@ def run_both(monkeypatch, heads, kv_heads, dim, block, window, dtype, device="cu
     total = sum(n for _, n in PIECES)
     q = torch.randn(total, heads, dim, generator=gen).to(device=device, dtype=dtype)
     scale = dim ** -0.5
-    outs = {}
+    outs, slot_maps = {}, {}
     for use_kernel in (False, True):
         monkeypatch.setattr(attention, "_use_kernel", lambda _device, flag=use_kernel: flag)
         batch = attention.build_batch(pieces, block, device)
         assert (batch.prefill_tables is not None) == use_kernel and bool(batch.chunks) != use_kernel
+        slot_maps[use_kernel] = batch.slot_mapping
         outs[use_kernel] = attention.paged_attention(q, k, v, batch, scale, window)
+    assert torch.equal(slot_maps[True], slot_maps[False])  # the new tokens' K/V land in the same slots
     return outs[True], outs[False]
 
 
