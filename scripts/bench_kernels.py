@@ -71,7 +71,7 @@ def random_packed(k: int, n: int, bits: int, gen):
 
 
 def bench_shape(k, n, bits, ms, bw, exllama):
-    from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
+    from inlaid.kernels.triton.quant_matmul import quant_matmul_dequant, quant_matmul_triton
 
     gen = torch.Generator().manual_seed(k + n + bits)
     packed = random_packed(k, n, bits, gen)
@@ -85,12 +85,13 @@ def bench_shape(k, n, bits, ms, bw, exllama):
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         t_tri = timed(lambda i: quant_matmul_triton(x, layers[i]), copies)
+        t_deq = timed(lambda i: quant_matmul_dequant(x, layers[i]), copies)
         t_cub = timed(lambda i: x @ dense[i], fp16_copies)
         t_exl = None
         if exllama is not None and bits == 4:
             t_exl = timed(lambda i: exllama(x, layers[i]), copies)
         moved = weight_bytes + (m * k + m * n) * 2
-        rows.append(dict(k=k, n=n, bits=bits, m=m, triton=t_tri, cublas=t_cub, exllama=t_exl,
+        rows.append(dict(k=k, n=n, bits=bits, m=m, triton=t_tri, dequant=t_deq, cublas=t_cub, exllama=t_exl,
                          gbs=moved / (t_tri * 1e-6) / 1e9, roof=floor_us / t_tri))
     del layers, dense
     torch.cuda.empty_cache()
@@ -147,12 +148,13 @@ def sweep(ms) -> None:
 
 def table(rows, bw) -> str:
     out = [f"HBM copy bandwidth measured in this run: {bw / 1e12:.2f} TB/s", "",
-           "| K x N | bits | M | triton µs | cuBLAS fp16 µs | exllamav2 µs | GB/s | % 4-bit floor "
-           "| vs cuBLAS | vs exllamav2 |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| K x N | bits | M | triton µs | dequant + cuBLAS µs | cuBLAS fp16 µs | exllamav2 µs | GB/s "
+           "| % 4-bit floor | vs cuBLAS | vs exllamav2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         exl = "–" if r["exllama"] is None else f"{r['exllama']:.1f}"
         vs_exl = "–" if r["exllama"] is None else f"{r['exllama'] / r['triton']:.2f}x"
-        out.append(f"| {r['k']}x{r['n']} | {r['bits']} | {r['m']} | {r['triton']:.1f} | {r['cublas']:.1f} "
+        out.append(f"| {r['k']}x{r['n']} | {r['bits']} | {r['m']} | {r['triton']:.1f} | {r['dequant']:.1f} "
+                   f"| {r['cublas']:.1f} "
                    f"| {exl} | {r['gbs']:.0f} | {100 * r['roof']:.0f}% | {r['cublas'] / r['triton']:.2f}x "
                    f"| {vs_exl} |")
     return "\n".join(out)

@@ -2,7 +2,9 @@
 
 Rules are read top to bottom; the first whose conditions hold wins. The M thresholds come from the
 kernel benchmark (``scripts/bench_kernels.py``, results in docs/results/kernels.md). Users force a
-backend with the ``backend=`` argument of an op or ``INLAID_BACKEND_<OP>=ref|triton|exllama``.
+backend with the ``backend=`` argument of an op or ``INLAID_BACKEND_<OP>=ref|triton|exllama|dequant``
+(``dequant``: dequantize the weight, then cuBLAS; meant for large M, and no rule picks it until
+the kernel benchmark has measured where it wins).
 """
 
 from __future__ import annotations

@@ -72,6 +72,10 @@ def quant_matmul(x: torch.Tensor, p: PreparedQuant, backend: str | None = None) 
         from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
 
         out = quant_matmul_triton(x2, p)
+    elif choice == "dequant":
+        from inlaid.kernels.triton.quant_matmul import quant_matmul_dequant
+
+        out = quant_matmul_dequant(x2, p)
     elif choice == "exllama":
         from inlaid.kernels.exllama import exllama_matmul
 

@@ -38,6 +38,24 @@ def _unpack_gather(qw_ptr, offs_k, offs_n, wmask, stride_qk, stride_qn, BITS: tl
 
 
 @triton.jit
+def _load_codes(qw_ptr, k0, offs_k, offs_n, mask_k, mask_n, K, stride_qk, stride_qn, BITS: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Raw codes [BLOCK_K, BLOCK_N] of rows k0.. (bits above BITS not yet masked off)."""
+    if BITS == 3:
+        return _unpack_gather(qw_ptr, offs_k, offs_n, mask_k[:, None] & mask_n[None, :], stride_qk, stride_qn,
+                              BITS)
+    else:
+        # PER_WORD codes share a word: load each word once, then fan it out in registers.
+        PER_WORD: tl.constexpr = 32 // BITS
+        offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                        mask=(offs_w < K // PER_WORD)[:, None] & mask_n[None, :], other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+        return tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
 def _dequant(codes, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, mask_k, mask_n, stride_sg, dtype,
              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, MAGIC: tl.constexpr):
     """(code - zero) * scale for a [rows of offs_k, BLOCK_N] tile of raw codes (bits above BITS ignored).
@@ -135,23 +153,13 @@ def _quant_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
-    PER_WORD: tl.constexpr = 32 // BITS
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if BITS == 3:
-            codes = _unpack_gather(qw_ptr, offs_k, offs_n, mask_k[:, None] & mask_n[None, :], stride_qk,
-                                   stride_qn, BITS)
-        else:
-            # PER_WORD codes share a word: load each word once, then fan it out in registers.
-            offs_w = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-            words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-                            mask=(offs_w < K // PER_WORD)[:, None] & mask_n[None, :],
-                            other=0).to(tl.uint32, bitcast=True)
-            shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
-            codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, BLOCK_N))
+        codes = _load_codes(qw_ptr, k0, offs_k, offs_n, mask_k, mask_n, K, stride_qk, stride_qn, BITS, BLOCK_K,
+                            BLOCK_N)
         w = _dequant(codes, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, mask_k, mask_n, stride_sg,
                      x.dtype, BITS, GROUP_SIZE, MAGIC)
         acc = _mma(acc, x, w, SWAP_AB)
@@ -255,3 +263,38 @@ def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None =
         y.stride(0),
         BITS=p.bits, GROUP_SIZE=max(group_size, 0), HAS_BIAS=p.bias is not None, **cfg)
     return y
+
+
+@triton.jit
+def _dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, gidx_ptr, w_ptr, N, K, stride_qk, stride_qn, stride_sg,
+                       stride_wk, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, MAGIC: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    codes = _load_codes(qw_ptr, k0, offs_k, offs_n, mask_k, mask_n, K, stride_qk, stride_qn, BITS, BLOCK_K, BLOCK_N)
+    w = _dequant(codes, scales_ptr, zeros_ptr, gidx_ptr, k0, offs_k, offs_n, mask_k, mask_n, stride_sg,
+                 w_ptr.dtype.element_ty, BITS, GROUP_SIZE, MAGIC)
+    tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w, mask=mask_k[:, None] & mask_n[None, :])
+
+
+def dequantize_triton(p: PreparedQuant, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W^T [K, N] in the scales' dtype, with the same rounding as the GEMM kernel's dequantization."""
+    k, n = p.in_features, p.out_features
+    w = torch.empty((k, n), device=p.qweight.device, dtype=p.scales.dtype) if out is None else out
+    block_k = 64 if p.group_size <= 0 else min(64, p.group_size)  # one group row per tile in natural order
+    _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, 128))](
+        p.qweight, p.scales, p.zeros, p.g_idx, w, n, k, p.qweight.stride(0), p.qweight.stride(1),
+        p.scales.stride(0), w.stride(0), BITS=p.bits, GROUP_SIZE=max(p.group_size, 0),
+        MAGIC=int(p.scales.dtype == torch.float16), BLOCK_K=block_k, BLOCK_N=128, num_warps=4)
+    return w
+
+
+def quant_matmul_dequant(x: torch.Tensor, p: PreparedQuant) -> torch.Tensor:
+    """Large M: dequantize the whole weight once (reads the packed bytes, writes K x N halves), then a
+    cuBLAS GEMM, which at M in the hundreds and more runs near the tensor cores' peak where the fused
+    kernel does not (docs/results/kernels.md: 2.7x slower than cuBLAS fp16 at M = 2048)."""
+    y = x @ dequantize_triton(p)
+    return y if p.bias is None else y + p.bias
