@@ -90,12 +90,12 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
     if prefill:
         from inlaid.kernels.triton.paged_prefill import tile_map
 
-        width = max(len(t) for t, *_ in prefill)
-        batch.prefill_tables = torch.tensor([t + [0] * (width - len(t)) for t, *_ in prefill], dtype=torch.int32,
+        tables, rows, lens, starts = zip(*prefill)
+        width = max(len(t) for t in tables)
+        batch.prefill_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
                                             device=device)
-        batch.prefill_meta = torch.tensor([[r for _, r, _, _ in prefill], [n for _, _, n, _ in prefill],
-                                           [s for _, _, _, s in prefill]], dtype=torch.int32, device=device)
-        batch.prefill_tiles = tile_map([n for _, _, n, _ in prefill], device)
+        batch.prefill_meta = torch.tensor([rows, lens, starts], dtype=torch.int32, device=device)
+        batch.prefill_tiles = tile_map(list(lens), device)
     if decode_rows:
         batch.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
         batch.decode_lens = torch.tensor(decode_lens, dtype=torch.int64, device=device)

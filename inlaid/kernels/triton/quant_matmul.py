@@ -280,10 +280,10 @@ def _dequantize_kernel(qw_ptr, scales_ptr, zeros_ptr, gidx_ptr, w_ptr, N, K, str
     tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w, mask=mask_k[:, None] & mask_n[None, :])
 
 
-def dequantize_triton(p: PreparedQuant, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_triton(p: PreparedQuant) -> torch.Tensor:
     """W^T [K, N] in the scales' dtype, with the same rounding as the GEMM kernel's dequantization."""
     k, n = p.in_features, p.out_features
-    w = torch.empty((k, n), device=p.qweight.device, dtype=p.scales.dtype) if out is None else out
+    w = torch.empty((k, n), device=p.qweight.device, dtype=p.scales.dtype)
     block_k = 64 if p.group_size <= 0 else min(64, p.group_size)  # one group row per tile in natural order
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, 128))](
         p.qweight, p.scales, p.zeros, p.g_idx, w, n, k, p.qweight.stride(0), p.qweight.stride(1),
