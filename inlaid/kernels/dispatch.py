@@ -3,8 +3,7 @@
 Rules are read top to bottom; the first whose conditions hold wins. The M thresholds come from the
 kernel benchmark (``scripts/bench_kernels.py``, results in docs/results/kernels.md). Users force a
 backend with the ``backend=`` argument of an op or ``INLAID_BACKEND_<OP>=ref|triton|exllama|dequant``
-(``dequant``: dequantize the weight, then cuBLAS; meant for large M, and no rule picks it until
-the kernel benchmark has measured where it wins).
+(``dequant``: dequantize the weight, then cuBLAS).
 """
 
 from __future__ import annotations
@@ -20,10 +19,13 @@ log = logging.getLogger(__name__)
 
 # (op, backend, condition on facts) — facts: cuda, bits, m, group_size, has_triton, has_exllama
 TABLE = (
-    # exllamav2 is fastest for 4-bit at M <= 8 (1.5-3x our Triton kernel there, H100 run of
-    # docs/results/kernels.md); from M = 16 our kernel is faster than it.
+    # H100, commit 0ff1cdd (docs/results/kernels.md): exllamav2 is fastest for 4-bit at M <= 4
+    # (up to 1.7x our Triton kernel on the wide shapes); from M = 8 the Triton kernel is faster.
     ("quant_matmul", "exllama", lambda f: f["cuda"] and f["has_exllama"] and f["bits"] == 4
-     and f["m"] <= 8),
+     and f["m"] <= 4),
+    # From M = 256 dequantizing the weight once and calling cuBLAS beats the fused kernel on every
+    # Llama-2-7B shape (1.1-1.5x at M = 256, 2.0-2.3x at M = 2048): prefill.
+    ("quant_matmul", "dequant", lambda f: f["cuda"] and f["has_triton"] and f["m"] >= 256),
     ("quant_matmul", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("quant_matmul", "ref", lambda f: True),
     ("lora", "triton", lambda f: f["cuda"] and f["has_triton"]),

@@ -56,8 +56,9 @@ def test_dispatch_table(monkeypatch):
     monkeypatch.setattr(dispatch, "has_module", lambda name: True)
     cuda = torch.device("cuda")
     assert dispatch.choose("quant_matmul", cuda, bits=3, m=1, group_size=128) == "triton"
-    assert dispatch.choose("quant_matmul", cuda, bits=4, m=4096, group_size=128) == "triton"
-    assert dispatch.choose("quant_matmul", cuda, bits=4, m=8, group_size=128) == "exllama"
-    assert dispatch.choose("quant_matmul", cuda, bits=4, m=16, group_size=128) == "triton"
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=4096, group_size=128) == "dequant"
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=255, group_size=128) == "triton"
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=4, group_size=128) == "exllama"
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=8, group_size=128) == "triton"
     monkeypatch.setenv("INLAID_BACKEND_QUANT_MATMUL", "ref")
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=1, group_size=128) == "ref"
