@@ -1,13 +1,17 @@
-"""quant_matmul benchmark: Triton and exllamav2 vs fp16 cuBLAS on Llama-2-7B shapes (GPU only).
+"""quant_matmul benchmark: our backends (Triton, the CUDA small-M GEMM, dequantize + cuBLAS) and
+exllamav2 vs fp16 cuBLAS on Llama-2-7B shapes (GPU only).
 
     python scripts/bench_kernels.py [--quick]
+    python scripts/bench_kernels.py --sweep 16 32        # Triton block shapes
+    python scripts/bench_kernels.py --sweep-cuda 1 16 32  # CUDA GEMM launch configs
 
 Weights are rotated among enough copies to exceed L2 (50 MB on an H100), so each call reads its
 weight from HBM as in a real forward. Time = median over repetitions of (CUDA-event time of one
 CUDA-graph replay that calls the op once on every copy) / copies: GPU time without Python launch
-overhead, as a decode step under CUDA graphs sees it. Columns: µs, effective GB/s over the bytes each call must read (packed
-weight + scales + zeros + x + y), % of the 4-bit weight-read floor at the measured HBM bandwidth,
-speedups vs fp16 cuBLAS (`x @ W`) and vs exllamav2. Writes $OUT/kernels.md when OUT is set.
+overhead, as a decode step under CUDA graphs sees it. Columns: µs per backend; "best" = our fastest
+backend at that M (which one in brackets), its % of the 4-bit weight-read floor at the measured HBM
+bandwidth and its speedups vs fp16 cuBLAS (`x @ W`) and vs exllamav2. Writes $OUT/kernels.md when OUT
+is set.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from inlaid.quant.primitives import group_index, pack_linear
 
 SHAPES = [(4096, 4096, "attn o / q"), (4096, 12288, "fused qkv"), (4096, 22016, "fused gate/up"),
           (11008, 4096, "down")]
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048]
+MS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 2048]
 L2_BYTES = 50 * 2**20
 
 
@@ -70,7 +74,15 @@ def random_packed(k: int, n: int, bits: int, gen):
     return pack_linear(codes, scales, zeros, group_index(k, 128), bits)
 
 
-def bench_shape(k, n, bits, ms, bw, exllama):
+def cuda_gemm():
+    """quant_matmul_cuda, or None where it cannot run (no nvcc / sm_80)."""
+    from inlaid.kernels import cuda_gemm as cg
+
+    return cg.quant_matmul_cuda if cg.available(0) else None
+
+
+def bench_shape(k, n, bits, ms, bw, exllama, cuda):
+    from inlaid.kernels.cuda_gemm import MAX_M
     from inlaid.kernels.triton.quant_matmul import quant_matmul_dequant, quant_matmul_triton
 
     gen = torch.Generator().manual_seed(k + n + bits)
@@ -87,12 +99,15 @@ def bench_shape(k, n, bits, ms, bw, exllama):
         t_tri = timed(lambda i: quant_matmul_triton(x, layers[i]), copies)
         t_deq = timed(lambda i: quant_matmul_dequant(x, layers[i]), copies)
         t_cub = timed(lambda i: x @ dense[i], fp16_copies)
-        t_exl = None
+        t_exl = t_cuda = None
         if exllama is not None and bits == 4:
             t_exl = timed(lambda i: exllama(x, layers[i]), copies)
-        moved = weight_bytes + (m * k + m * n) * 2
-        rows.append(dict(k=k, n=n, bits=bits, m=m, triton=t_tri, dequant=t_deq, cublas=t_cub, exllama=t_exl,
-                         gbs=moved / (t_tri * 1e-6) / 1e9, roof=floor_us / t_tri))
+        if cuda is not None and bits == 4 and m <= MAX_M:
+            t_cuda = timed(lambda i: cuda(x, layers[i]), copies)
+        ours = {"triton": t_tri, "cuda": t_cuda, "dequant": t_deq}
+        best = min((t, name) for name, t in ours.items() if t is not None)
+        rows.append(dict(k=k, n=n, bits=bits, m=m, cublas=t_cub, exllama=t_exl, best=best,
+                         roof=floor_us / best[0], **ours))
     del layers, dense
     torch.cuda.empty_cache()
     return rows
@@ -148,16 +163,51 @@ def sweep(ms) -> None:
 
 def table(rows, bw) -> str:
     out = [f"HBM copy bandwidth measured in this run: {bw / 1e12:.2f} TB/s", "",
-           "| K x N | bits | M | triton µs | dequant + cuBLAS µs | cuBLAS fp16 µs | exllamav2 µs | GB/s "
-           "| % 4-bit floor | vs cuBLAS | vs exllamav2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| K x N | bits | M | triton µs | cuda µs | dequant + cuBLAS µs | cuBLAS fp16 µs | exllamav2 µs "
+           "| best (ours) | % 4-bit floor | vs cuBLAS | vs exllamav2 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def us(t):
+        return "–" if t is None else f"{t:.1f}"
+
     for r in rows:
-        exl = "–" if r["exllama"] is None else f"{r['exllama']:.1f}"
-        vs_exl = "–" if r["exllama"] is None else f"{r['exllama'] / r['triton']:.2f}x"
-        out.append(f"| {r['k']}x{r['n']} | {r['bits']} | {r['m']} | {r['triton']:.1f} | {r['dequant']:.1f} "
-                   f"| {r['cublas']:.1f} "
-                   f"| {exl} | {r['gbs']:.0f} | {100 * r['roof']:.0f}% | {r['cublas'] / r['triton']:.2f}x "
-                   f"| {vs_exl} |")
+        best, name = r["best"]
+        vs_exl = "–" if r["exllama"] is None else f"{r['exllama'] / best:.2f}x"
+        out.append(f"| {r['k']}x{r['n']} | {r['bits']} | {r['m']} | {us(r['triton'])} | {us(r['cuda'])} "
+                   f"| {us(r['dequant'])} | {us(r['cublas'])} | {us(r['exllama'])} | {best:.1f} ({name}) "
+                   f"| {100 * r['roof']:.0f}% | {r['cublas'] / best:.2f}x | {vs_exl} |")
     return "\n".join(out)
+
+
+def sweep_cuda(ms) -> None:
+    """Launch configs of the CUDA GEMM (nw column tiles per warp, unroll, split-K) on the decode
+    shapes: the default's time and the best few per shape and M."""
+    import itertools
+
+    from inlaid.kernels.cuda_gemm import default_config, quant_matmul_cuda
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for k, n, name in SHAPES:
+        packed = random_packed(k, n, 4, torch.Generator().manual_seed(0))
+        copies = max(2, -(-3 * L2_BYTES // (packed.qweight.numel() * 4)))
+        layers = [prepare(packed, "cuda") for _ in range(copies)]
+        floor_us = k * n / 2 / 3.0e12 * 1e6
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            default = default_config(m, n, k, sms)
+            found = []
+            for cfg in itertools.product((1, 2), (2, 4), (1, 2, 4, 8, 16)):
+                if k // 64 < cfg[2]:
+                    continue
+                found.append((timed(lambda i: quant_matmul_cuda(x, layers[i], config=cfg), copies, reps=10),
+                              cfg))
+            found.sort()
+            t_default = next(t for t, c in found if c == default)
+            print(f"sweep-cuda {k}x{n} ({name}) M={m}: default {default} {t_default:.1f} µs "
+                  f"({floor_us / t_default:.0%} of the 3.0 TB/s floor); best: "
+                  + ", ".join(f"{c} {t:.1f} µs ({floor_us / t:.0%})" for t, c in found[:4]), flush=True)
+        del layers
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -166,12 +216,17 @@ def main() -> None:
     parser.add_argument("--no-exllama", action="store_true")
     parser.add_argument("--sweep", type=int, nargs="*", metavar="M",
                         help="only sweep Triton block shapes on the decode shapes at these M")
+    parser.add_argument("--sweep-cuda", type=int, nargs="*", metavar="M",
+                        help="only sweep the CUDA GEMM's launch configs at these M")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: skipping the kernel benchmark")
         return
     if args.sweep:
         sweep(args.sweep)
+        return
+    if args.sweep_cuda:
+        sweep_cuda(args.sweep_cuda)
         return
     exllama = None
     if not args.no_exllama:
@@ -182,15 +237,18 @@ def main() -> None:
             exllama = exllama_matmul
         except Exception as exc:  # noqa: BLE001 - the benchmark still runs without exllamav2
             print(f"exllamav2 unavailable ({exc}); its column stays empty")
+    cuda = cuda_gemm()
+    if cuda is None:
+        print("the CUDA GEMM is unavailable here; its column stays empty")
     bw = hbm_bandwidth()
     ms = [1, 16, 64, 256] if args.quick else MS
     rows = []
     for k, n, name in SHAPES:
         print(f"{k}x{n} ({name}) ...", flush=True)
-        rows += bench_shape(k, n, 4, ms, bw, exllama)
+        rows += bench_shape(k, n, 4, ms, bw, exllama, cuda)
         print(table(rows[-len(ms):], bw).split("\n", 2)[2], flush=True)  # progress, in case of a time-out
     for bits in (2, 3, 8):
-        rows += bench_shape(4096, 12288, bits, [1, 16, 64], bw, None)
+        rows += bench_shape(4096, 12288, bits, [1, 16, 64], bw, None, None)
     text = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + table(rows, bw))
     emit(text, "kernels.md")
 

@@ -6,6 +6,8 @@
 #   tests     the GPU test suite (kernels, quantization, engine, model; the server needs fastapi)
 #   kernels   GPU tests of the kernels, then the quant_matmul block-shape sweep at M = 16, 32
 #   table     scripts/bench_kernels.py: every quant_matmul backend vs cuBLAS and exllamav2, M 1-2048
+#   cuda      GPU tests of the CUDA small-M GEMM (and the other quant_matmul backends), then its
+#             launch-config sweep at M = ${SWEEP_M:-1 8 16 32}
 #   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)
 #   batch     shape 3: prefill / decode / end-to-end latency, distinct / uniform / identical, batch 8-64,
 #             vs the fp16 base (batch 1 is the same for every pattern: see batch-hf)
@@ -64,6 +66,8 @@ for what in "$@"; do
             tests/model ;;
         kernels) part kernels bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels && \
             python3 scripts/bench_kernels.py --sweep ${SWEEP_M:-16 32}" ;;
+        cuda) part cuda bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_gemm_gpu.py \
+            tests/kernels/test_quant_matmul_gpu.py && python3 scripts/bench_kernels.py --sweep-cuda ${SWEEP_M:-1 8 16 32}" ;;
         table) part table python3 scripts/bench_kernels.py ;;
         profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;
         batch) part batch "${INLAID[@]}" bench sweep batch $M --patterns distinct,uniform,identical \

@@ -304,6 +304,7 @@ class LLMEngine:
         """After the last swapped layer: rebuild what depended on the old weights."""
         if self.runner.graphs is not None:
             self.runner.capture_graphs()
+        self.model.release_retired()
 
     def unregister_adapter(self, name: str) -> None:
         if any(r.seq.adapter == name for r in self._requests.values()):

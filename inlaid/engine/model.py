@@ -26,7 +26,7 @@ from inlaid.engine.attention import AttentionBatch, paged_attention, write_kv
 from inlaid.kernels import dispatch
 from inlaid.kernels.lora import LoraBatchMeta
 from inlaid.kernels.qlinear import DenseLinear, LoraSlots, QuantLinear
-from inlaid.kernels.quant_matmul import prepare
+from inlaid.kernels.quant_matmul import prepare, refresh_backend_state
 from inlaid.model.arch import HESSIAN_GROUPS, module_path
 from inlaid.quant.primitives import PackedLinear, concat_packed, dequantize_linear
 
@@ -193,6 +193,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.shape = s = ModelShape.from_config(config)
         self.device, self.dtype = torch.device(device), dtype
+        self.retired_state: list[dict] = []  # see swap_layer
         if dequantize is None:
             dequantize = self.device.type == "cpu"
         self.is_quantized = bool(weights.packed) and not dequantize
@@ -235,9 +236,10 @@ class CausalLM(nn.Module):
     def swap_layer(self, layer: int, weights: LoadedWeights) -> None:
         """Copy layer ``layer``'s projections from ``weights`` into the live tensors, in place: CUDA
         graphs captured earlier keep pointing at the same memory. Shapes must match (a
-        re-quantization of the same base with the same settings). Backend state built from the old
-        weights (exllamav2's shuffled copy) is dropped; the caller re-captures graphs after the
-        last layer."""
+        re-quantization of the same base with the same settings). The CUDA GEMM's re-laid-out copy
+        is rebuilt in place too. Other backend state built from the old weights (exllamav2's
+        q-matrix) is retired, not freed: graphs captured earlier may still read it until the
+        caller re-captures them after the last layer (``release_retired``)."""
         for group, projs in FUSED.items():
             live = self.layers[layer].linears[group].quant
             new = _to_device(_fuse([weights.linear(module_path(layer, p)) for p in projs]),
@@ -253,7 +255,11 @@ class CausalLM(nn.Module):
                     old.copy_(value)
             if not isinstance(live, DenseLinear):
                 live.group_size = new.group_size
-                live.backend_state.clear()
+                self.retired_state += refresh_backend_state(live)
+
+    def release_retired(self) -> None:
+        """Free backend state retired by ``swap_layer`` (after the graphs are re-captured)."""
+        self.retired_state.clear()
 
     @torch.inference_mode()
     def warmup(self, max_tokens: int) -> None:

@@ -2,8 +2,9 @@
 
 Rules are read top to bottom; the first whose conditions hold wins. The M thresholds come from the
 kernel benchmark (``scripts/bench_kernels.py``, results in docs/results/kernels.md). Users force a
-backend with the ``backend=`` argument of an op or ``INLAID_BACKEND_<OP>=ref|triton|exllama|dequant``
-(``dequant``: dequantize the weight, then cuBLAS).
+backend with the ``backend=`` argument of an op or ``INLAID_BACKEND_<OP>=ref|triton|cuda|exllama|dequant``
+(``cuda``: the 4-bit small-M tensor-core GEMM of ``inlaid.kernels.cuda_gemm``; ``dequant``:
+dequantize the weight, then cuBLAS).
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# (op, backend, condition on facts) — facts: cuda, bits, m, group_size, has_triton, has_exllama
+# (op, backend, condition on facts) — facts: cuda, bits, m, group_size, has_triton, has_exllama,
+# cuda_gemm (the CUDA GEMM is enabled, builds here and holds this layer in its layout)
 TABLE = (
+    # Experimental and off by default (INLAID_CUDA_GEMM=1): not yet run on a GPU, so its M range is
+    # a placeholder until scripts/bench_kernels.py has measured it against the rules below.
+    ("quant_matmul", "cuda", lambda f: f["cuda"] and f["cuda_gemm"] and f["m"] <= 32),
     # H100, commit 0ff1cdd (docs/results/kernels.md): exllamav2 is fastest for 4-bit at M <= 4
     # (up to 1.7x our Triton kernel on the wide shapes); from M = 8 the Triton kernel is faster.
     ("quant_matmul", "exllama", lambda f: f["cuda"] and f["has_exllama"] and f["bits"] == 4
@@ -55,7 +60,8 @@ def choose(op: str, device: torch.device, **facts) -> str:
         _log_once(op, forced, "forced by environment")
         return forced
     f = {"cuda": device.type == "cuda", "has_triton": has_module("triton"),
-         "has_exllama": has_module("exllamav2"), "bits": None, "m": 0, "group_size": -1, **facts}
+         "has_exllama": has_module("exllamav2"), "bits": None, "m": 0, "group_size": -1, "cuda_gemm": False,
+         **facts}
     for name, backend, rule in TABLE:
         if name == op and rule(f):
             _log_once(op, backend, f"device={device.type}")

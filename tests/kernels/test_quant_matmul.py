@@ -60,5 +60,8 @@ def test_dispatch_table(monkeypatch):
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=255, group_size=128) == "triton"
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=4, group_size=128) == "exllama"
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=8, group_size=128) == "triton"
+    # the CUDA GEMM only where the layer holds its layout (INLAID_CUDA_GEMM=1 at load)
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=16, group_size=128, cuda_gemm=True) == "cuda"
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=33, group_size=128, cuda_gemm=True) == "triton"
     monkeypatch.setenv("INLAID_BACKEND_QUANT_MATMUL", "ref")
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=1, group_size=128) == "ref"

@@ -90,28 +90,42 @@ def test_triton_bf16_and_split_k(split_k):
     assert rel(quant_matmul_triton(x, p, config=cfg), ref) < TOL
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("split_k,m", [(2, 32), (8, 3), (4, 40)])
-def test_split_k_reduces_in_one_kernel_and_restores_its_workspace(split_k, m):
+def test_split_k_reduces_in_one_kernel_and_restores_its_workspace(split_k, m, backend):
     """The last program of each tile writes y and re-zeroes the workspace and counters: repeated calls,
     NaN-poisoned outputs and CUDA-graph replays with new inputs all match the reference."""
+    from inlaid.kernels import cuda_gemm
+    from inlaid.kernels import quant_matmul as qm
     from inlaid.kernels.triton import quant_matmul as tq
 
-    packed, _, _ = random_layer(1024, 320, 4, 128, True, False, bias=True, seed=split_k)
+    if backend == "cuda" and not cuda_gemm.available(0):
+        pytest.skip("the CUDA GEMM needs sm_80+ and nvcc")
+    packed, _, _ = random_layer(1024, 320 if backend == "triton" else 384, 4, 128, True, False, bias=True,
+                               seed=split_k)
+    n = packed.scales.shape[1]
     p = prepare(packed, "cuda", torch.float16)
     p32 = prepare(packed, "cuda", torch.float32)
-    cfg = dict(BLOCK_M=16 if m <= 16 else 32 if m <= 32 else 64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split_k,
-               GROUP_M=8, num_warps=4, num_stages=3)
+    if backend == "triton":
+        cfg = dict(BLOCK_M=16 if m <= 16 else 32 if m <= 32 else 64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split_k,
+                   GROUP_M=8, num_warps=4, num_stages=3)
+
+        def call(x, out):
+            return tq.quant_matmul_triton(x, p, config=cfg, out=out)
+    else:
+        def call(x, out):
+            return cuda_gemm.quant_matmul_cuda(x, p, config=(1, 2, split_k), out=out)
     for _ in range(3):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
-        out = torch.full((m, 320), float("nan"), device="cuda", dtype=torch.float16)
-        assert rel(tq.quant_matmul_triton(x, p, config=cfg, out=out), quant_matmul_ref(x.float(), p32)) < TOL
-    ws, counts = tq._SPLIT_K.buffers[0]
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+        assert rel(call(x, out), quant_matmul_ref(x.float(), p32)) < TOL
+    ws, counts = qm._SPLIT_K.buffers[0]
     assert not ws.any() and not counts.any()
     x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
-    out = torch.empty(m, 320, device="cuda", dtype=torch.float16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        tq.quant_matmul_triton(x, p, config=cfg, out=out)
+        call(x, out)
     for _ in range(3):
         x.copy_(torch.randn(m, 1024, device="cuda", dtype=torch.float16))
         graph.replay()

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inlaid.kernels.quant_matmul import PreparedQuant
+from inlaid.kernels.quant_matmul import PreparedQuant, split_k_state
 
 
 @triton.jit
@@ -197,31 +197,6 @@ def _config(m: int, n: int, k: int, sms: int) -> dict:
                 num_warps=warps, num_stages=3)
 
 
-class _SplitKState:
-    """Per device: the fp32 workspace and the per-tile arrival counters of split-K calls.
-
-    Both are all zero between calls (each call's last programs restore that), so they are allocated
-    zeroed once and grown, never cleared. Grown buffers replace the old ones, which stay referenced:
-    a CUDA graph captured earlier keeps their addresses. Calls on one device must not overlap in
-    time (one stream, as in the engine; CUDA-graph capture included)."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.retired: list[torch.Tensor] = []
-
-    def get(self, device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = device.index or 0
-        ws, counts = self.buffers.get(key, (None, None))
-        if ws is None or ws.numel() < numel or counts.numel() < tiles:
-            if ws is not None:
-                self.retired += [ws, counts]
-            ws = torch.zeros(max(numel, 1 << 20), device=device, dtype=torch.float32)
-            counts = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
-            self.buffers[key] = (ws, counts)
-        return ws, counts
-
-
-_SPLIT_K = _SplitKState()
 # Kernel variants a config switches on (docs/results/kernels.md measures each): SWAP_AB computes
 # y^T = W x^T, MAGIC dequantizes fp16 without int-to-float conversions.
 _VARIANT = dict(SWAP_AB=0, MAGIC=0)
@@ -255,7 +230,7 @@ def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None =
         raise ValueError("out must be contiguous along N")
     bias = p.bias if p.bias is not None else p.scales  # any pointer; unused without HAS_BIAS
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
-    ws, counts = _SPLIT_K.get(x.device, m * n, tiles) if split_k > 1 else (y, p.g_idx)  # unused at split 1
+    ws, counts = split_k_state(x.device, m * n, tiles) if split_k > 1 else (y, p.g_idx)  # unused at split 1
     _quant_matmul_kernel[(tiles, split_k)](
         x, p.qweight, p.scales, p.zeros, p.g_idx, bias, y, ws, counts,
         m, n, k,

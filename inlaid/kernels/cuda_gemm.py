@@ -1,0 +1,241 @@
+"""CUDA backend of ``quant_matmul`` for small M: a 4-bit tensor-core GEMM over a load-time re-layout.
+
+The kernel (``cuda/qgemm4.cu``, whose header explains the layout) is compiled with ``nvcc`` on first
+use for the GPU at hand and called through ``ctypes``: no torch headers, so the build takes seconds,
+and the launch goes on torch's current stream (CUDA graphs capture it like any other kernel). No
+``nvcc``, a GPU older than sm_80, or a layer the layout cannot express: the backend reports itself
+unavailable and dispatch uses the Triton kernel.
+
+``shuffle`` and ``unshuffle`` are pure torch (the CPU tests check that one inverts the other with the
+kernel's index map, and emulate the kernel's arithmetic); only ``quant_matmul_cuda`` needs the GPU.
+
+Status: EXPERIMENTAL, off by default. The kernel compiles and its layout is verified on the CPU, but it
+has not yet run on a GPU (tests/kernels/test_cuda_gemm_gpu.py, scripts/bench_kernels.py --sweep-cuda
+are ready for that). ``INLAID_CUDA_GEMM=1`` turns it on: ``prepare`` then builds the layout and the
+dispatch table picks it for M <= 32. ``backend="cuda"`` forces it for one call either way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inlaid.kernels.quant_matmul import PreparedQuant, split_k_state
+from inlaid.quant.primitives import unpack_rows
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).parent / "cuda" / "qgemm4.cu"
+MAX_M = 64
+WARPS = 4  # warps per block (kWarps in the kernel): a block covers 64 * nw output columns
+
+
+def _lane_map() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every (lane, word j, nibble pair q, half h) of a 16-column x 64-k super tile: the column
+    offset, the k offset and the bit position of its code (the kernel header's table)."""
+    lane = torch.arange(32).view(32, 1, 1, 1)
+    j = torch.arange(4).view(1, 4, 1, 1)
+    q = torch.arange(4).view(1, 1, 4, 1)
+    h = torch.arange(2).view(1, 1, 1, 2)
+    g, t = lane // 4, lane % 4
+    col = g + 8 * (q % 2)
+    k = 16 * t + 4 * j + 2 * (q // 2) + h
+    bit = 4 * q + 16 * h
+    shape = (32, 4, 4, 2)
+    return col.expand(shape), k.expand(shape), bit.expand(shape)
+
+
+@dataclass
+class CudaQuant:
+    """One layer in the kernel's layout."""
+
+    qw: torch.Tensor  # int32 [N/16, K/64, 32, 4]: one uint4 per lane per super tile
+    sz: torch.Tensor  # fp16 [G, N/16, 8, 4]: (scale g, scale g+8, 1024+zero g, 1024+zero g+8)
+    gidx16: torch.Tensor  # int32 [K/16]: group of each 16-k chunk (in permuted order)
+    perm: torch.Tensor | None  # int64 [K]: x's column order (act-order), None for natural order
+
+
+def layout_problem(p: PreparedQuant) -> str | None:
+    """Why this layer cannot use the kernel (None: it can)."""
+    k, n = p.in_features, p.out_features
+    if p.bits != 4:
+        return f"{p.bits}-bit (the kernel is 4-bit)"
+    if p.scales.dtype != torch.float16:
+        return f"{p.scales.dtype} (the kernel is fp16)"
+    if k % 64 or n % (16 * WARPS):
+        return f"shape {k}x{n} (needs K % 64 == 0 and N % 64 == 0)"
+    g_sorted = torch.sort(p.g_idx.long(), stable=True).values.view(-1, 16)
+    if not bool((g_sorted == g_sorted[:, :1]).all()):
+        return "groups that do not come in whole 16-column chunks once sorted"
+    return None
+
+
+def _shuffle_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [K, n] (n a multiple of 16) -> int32 words [n/16, K/64, 32, 4] of the kernel."""
+    k, n = codes.shape
+    col, kk, bit = (t.to(codes.device) for t in _lane_map())
+    tiles = codes.reshape(k // 64, 64, n // 16, 16).permute(2, 0, 1, 3)  # [NT, KS, 64 k, 16 cols]
+    words = (tiles[:, :, kk, col] << bit).sum(dim=(-1, -2))  # [NT, KS, 32, 4]; the bits are disjoint
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def shuffle(p: PreparedQuant, chunk_bytes: int = 64 << 20) -> CudaQuant:
+    """The kernel's layout of a prepared layer (raises ValueError where ``layout_problem`` says).
+    Built a slice of columns at a time: the int64 intermediates of a whole 4096 x 22016 layer would
+    take 1.4 GB."""
+    problem = layout_problem(p)
+    if problem:
+        raise ValueError(f"the CUDA GEMM cannot take this layer: {problem}")
+    k, n = p.in_features, p.out_features
+    g_idx = p.g_idx.long()
+    natural = bool((g_idx[1:] >= g_idx[:-1]).all())
+    perm = None if natural else torch.sort(g_idx, stable=True).indices
+    step = max(16, chunk_bytes // (16 * k) // 16 * 16)
+    words = []
+    for c0 in range(0, n, step):
+        codes = unpack_rows(p.qweight[:, c0:c0 + step], 4)  # [K, step] int64
+        words.append(_shuffle_codes(codes if perm is None else codes[perm]))
+    if perm is not None:
+        g_idx = g_idx[perm]
+    rows = torch.arange(8, device=p.scales.device)
+    s = p.scales.view(-1, n // 16, 16)
+    z = (p.zeros.view(-1, n // 16, 16).float() + 1024).to(torch.float16)  # exact: small integers
+    sz = torch.stack([s[..., rows], s[..., rows + 8], z[..., rows], z[..., rows + 8]], dim=-1)
+    return CudaQuant(qw=torch.cat(words).contiguous(), sz=sz.contiguous(),
+                     gidx16=g_idx[::16].to(torch.int32).contiguous(), perm=perm)
+
+
+def unshuffle(cq: CudaQuant, n: int) -> torch.Tensor:
+    """Codes [K, N] (original k order) back from the kernel's words: the inverse of ``shuffle``."""
+    nt, ks = cq.qw.shape[:2]
+    col, kk, bit = (t.to(cq.qw.device) for t in _lane_map())
+    words = cq.qw.to(torch.int64) & 0xFFFFFFFF
+    vals = (words[..., None, None] >> bit) & 0xF  # [NT, KS, 32, 4, 4, 2]
+    tiles = torch.empty(nt, ks, 64, 16, dtype=torch.int64, device=cq.qw.device)
+    tiles[:, :, kk, col] = vals
+    codes = tiles.permute(1, 2, 0, 3).reshape(ks * 64, n)
+    if cq.perm is not None:
+        out = torch.empty_like(codes)
+        out[cq.perm] = codes
+        codes = out
+    return codes
+
+
+# --- build and launch -------------------------------------------------------------------------------
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc") or (shutil.which("/usr/local/cuda/bin/nvcc"))
+
+
+def build(arch: str, nvcc: str | None = None) -> Path:
+    """Compile the kernel for ``arch`` (e.g. "sm_90") into a cached shared library; returns its path.
+    The cache key is the source's hash, so an edited kernel is rebuilt."""
+    nvcc = nvcc or _nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME)")
+    src = SOURCE.read_bytes()
+    digest = hashlib.sha256(src + arch.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("INLAID_CACHE", Path.home() / ".cache" / "inlaid")) / "kernels"
+    lib = cache / f"qgemm4-{arch}-{digest}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: no half files
+        out = Path(tmp) / lib.name
+        cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}",
+               "-o", str(out), str(SOURCE)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{run.stderr[-2000:]}")
+        os.replace(out, lib)
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _library(device_index: int):
+    major, minor = torch.cuda.get_device_capability(device_index)
+    lib = ctypes.CDLL(str(build(f"sm_{major}{minor}")))
+    fn = lib.inlaid_qgemm4
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def available(device_index: int = 0) -> bool:
+    """Whether the kernel can run on this GPU (sm_80+ and a working nvcc); logs why not, once."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device_index) < (8, 0):
+        log.info("quant_matmul: the CUDA GEMM needs sm_80+; using Triton")
+        return False
+    try:
+        _library(device_index)
+    except (RuntimeError, OSError) as err:
+        log.warning("quant_matmul: the CUDA GEMM is unavailable (%s); using Triton", err)
+        return False
+    return True
+
+
+def enabled() -> bool:
+    """Whether dispatch may pick the kernel (``INLAID_CUDA_GEMM=1``; see the module's status note)."""
+    return os.environ.get("INLAID_CUDA_GEMM", "0") == "1"
+
+
+_SMS: dict[int, int] = {}
+
+
+def default_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int]:
+    """(nw, unroll, split): K split until there are ~4 blocks per SM, keeping >= 8 super tiles each."""
+    nw, unroll = 1, 2
+    blocks = n // (16 * WARPS * nw)
+    split = 1
+    while blocks * split < 4 * sms and k // (64 * split * 2) >= 8:
+        split *= 2
+    return nw, unroll, split
+
+
+def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: tuple[int, int, int] | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M <= 64, K] fp16 (CUDA) -> y [M, N] fp16. ``config`` = (nw, unroll, split) forces the
+    launch (benchmarks). The layer's kernel layout is normally built by ``prepare``."""
+    m, k = x.shape
+    n = p.out_features
+    if x.dtype != torch.float16 or k != p.in_features or not 1 <= m <= MAX_M:
+        raise ValueError(f"the CUDA GEMM takes fp16 x [1..{MAX_M}, {p.in_features}], got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    cq = p.backend_state.get("cuda")
+    if cq is None:  # prepared where the kernel was unavailable, or forced
+        cq = p.backend_state["cuda"] = shuffle(p)
+    if cq.perm is not None:
+        x = x.index_select(1, cq.perm)
+    x = x.contiguous()
+    dev = x.device.index or 0
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    nw, unroll, split = config or default_config(m, n, k, _SMS[dev])
+    y = out if out is not None else torch.empty((m, n), device=x.device, dtype=torch.float16)
+    if not y.is_contiguous():
+        raise ValueError("out must be contiguous")
+    ws, counts = split_k_state(x.device, m * n, n // (16 * WARPS * nw)) if split > 1 else (y, cq.gidx16)
+    bias = p.bias.to(torch.float16) if p.bias is not None else None
+    err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
+                        bias.data_ptr() if bias is not None else None, y.data_ptr(), ws.data_ptr(),
+                        counts.data_ptr(), m, n, k, nw, unroll, split,
+                        torch.cuda.current_stream(x.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"qgemm4 launch failed (code {err}) for M={m} N={n} K={k} "
+                           f"config={(nw, unroll, split)}")
+    return y

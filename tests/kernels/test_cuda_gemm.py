@@ -1,0 +1,118 @@
+"""The CUDA small-M GEMM's load-time layout, checked on the CPU.
+
+The kernel itself runs only on a GPU (tests/kernels/test_cuda_gemm_gpu.py). Here: ``shuffle`` and
+``unshuffle`` invert each other; an emulation of the kernel's arithmetic (its index expressions and
+PTX's m16n8k16 fragment layout, written out in torch) reproduces x @ W^T from the shuffled words;
+layers the layout cannot take are refused; and the source compiles where nvcc exists."""
+
+import shutil
+
+import pytest
+import torch
+
+from inlaid.kernels import cuda_gemm
+from inlaid.kernels.quant_matmul import prepare, quant_matmul_ref
+from inlaid.quant.primitives import unpack_rows
+
+from .test_quant_matmul import random_layer
+
+LAYOUTS = [(128, False, True), (32, False, False), (-1, False, True), (64, True, False)]
+
+
+@pytest.mark.parametrize("group_size,act_order,sym", LAYOUTS)
+def test_shuffle_round_trips(group_size, act_order, sym):
+    packed, _, _ = random_layer(256, 192, 4, group_size, sym, act_order, bias=False, seed=group_size)
+    p = prepare(packed, "cpu")
+    # a 2 KB chunk budget forces several column slices (16 columns each) through the chunked path
+    cq = cuda_gemm.shuffle(p, chunk_bytes=2048)
+    assert cq.qw.shape == (192 // 16, 256 // 64, 32, 4) and cq.qw.dtype == torch.int32
+    assert (cq.perm is not None) == act_order
+    assert torch.equal(cuda_gemm.unshuffle(cq, 192), unpack_rows(packed.qweight, 4))
+    assert torch.equal(cq.qw, cuda_gemm.shuffle(p).qw)  # chunking does not change the result
+
+
+def emulate(x: torch.Tensor, cq: cuda_gemm.CudaQuant, n: int) -> torch.Tensor:
+    """What the kernel computes, in float64, following its code: per super tile ks and lane (g, t),
+    word j feeds MMA j; nibble pair q of a word is A register q; the A register q holds
+    A[g + 8 (q & 1)][2t + h + 8 (q >> 1)] (h = half), the B registers r = 0, 1 hold
+    B[2t + h + 8 r][g] = x[token][64 ks + 16 t + 4 j + 2 r + h]."""
+    m, k = x.shape
+    nt, ks = cq.qw.shape[:2]
+    if cq.perm is not None:
+        x = x[:, cq.perm]
+    lane = torch.arange(32).view(32, 1, 1, 1)
+    j = torch.arange(4).view(1, 4, 1, 1)
+    q = torch.arange(4).view(1, 1, 4, 1)
+    h = torch.arange(2).view(1, 1, 1, 2)
+    g, t = lane // 4, lane % 4
+    full = (32, 4, 4, 2)
+    # A: dequantize every code as the kernel does ((1024 + code) - (1024 + zero), times the scale, in fp16)
+    words = cq.qw.to(torch.int64) & 0xFFFFFFFF  # [NT, KS, 32, 4]
+    shifts = 4 * torch.arange(4).view(4, 1) + 16 * torch.arange(2).view(1, 2)  # [q, h]
+    codes = (words[..., None, None] >> shifts) & 0xF  # [NT, KS, 32, 4 j, 4 q, 2 h]
+    lanes = torch.arange(32)
+    grp = cq.gidx16.long().view(ks, 4)[:, lanes % 4]  # [KS, 32]: the group of the lane's 16 k
+    sz = cq.sz.float()[grp][:, lanes, :, lanes // 4]  # [32, KS, NT, 4]: the lane's row g
+    sz = sz.permute(2, 1, 0, 3)  # [NT, KS, 32, 4]
+    odd = (q % 2).expand(full)
+    scale = torch.where(odd == 1, sz[..., None, None, None, 1], sz[..., None, None, None, 0])
+    zero = torch.where(odd == 1, sz[..., None, None, None, 3], sz[..., None, None, None, 2])
+    vals = (((codes + 1024).float() - zero) * scale).half().double()  # [NT, KS, 32, 4 j, 4 q, 2 h]
+    a = torch.zeros(nt, ks, 4, 16, 16, dtype=torch.float64)
+    row = (g + 8 * (q % 2)).expand(full)
+    col = (2 * t + h + 8 * (q // 2)).expand(full)
+    jj = j.expand(full)
+    a[:, :, jj, row, col] = vals
+    # B: token tiles of 8; rows past M are zero
+    mpad = -(-m // 8) * 8
+    xs = torch.zeros(mpad, k, dtype=torch.float64)
+    xs[:m] = x.double()
+    r = torch.arange(2).view(1, 1, 2, 1)
+    lane_b = torch.arange(32).view(32, 1, 1, 1)
+    jb = torch.arange(4).view(1, 4, 1, 1)
+    hb = torch.arange(2).view(1, 1, 1, 2)
+    gb, tb = lane_b // 4, lane_b % 4
+    fb = (32, 4, 2, 2)
+    kphys = (16 * tb + 4 * jb + 2 * r + hb).expand(fb)  # within the super tile
+    lrow = (2 * tb + hb + 8 * r).expand(fb)
+    b = torch.zeros(ks, 4, 16, mpad, dtype=torch.float64)
+    for i in range(mpad // 8):
+        tok = (8 * i + gb).expand(fb)
+        for s in range(ks):
+            b[s, jb.expand(fb), lrow, tok] = xs[tok, 64 * s + kphys]
+    yt = torch.einsum("nsjrl,sjlm->nrm", a, b)  # [NT, 16, Mpad]
+    return yt.permute(2, 0, 1).reshape(mpad, n)[:m]
+
+
+@pytest.mark.parametrize("group_size,act_order,sym", LAYOUTS)
+@pytest.mark.parametrize("m", [1, 11])
+def test_emulated_kernel_matches_reference(group_size, act_order, sym, m):
+    packed, _, _ = random_layer(256, 64, 4, group_size, sym, act_order, bias=False, seed=m)
+    p = prepare(packed, "cpu")
+    x = torch.randn(m, 256).half()
+    ref = quant_matmul_ref(x.double(), prepare(packed, "cpu", torch.float64))
+    got = emulate(x, cuda_gemm.shuffle(p), 64)
+    # the kernel's fp16 dequantization rounds each weight once (relative 2^-11): bound 2e-3
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-3
+
+
+def test_layout_problems_are_named():
+    assert "3-bit" in cuda_gemm.layout_problem(prepare(random_layer(256, 64, 3, 128, True, False, False, 0)[0],
+                                                       "cpu"))
+    assert "bfloat16" in cuda_gemm.layout_problem(
+        prepare(random_layer(256, 64, 4, 128, True, False, False, 0)[0], "cpu", torch.bfloat16))
+    assert "shape" in cuda_gemm.layout_problem(prepare(random_layer(256, 96, 4, 128, True, False, False, 0)[0],
+                                                       "cpu"))
+    # groups of 8 columns cannot share a 16-column chunk's one scale
+    assert "16-column" in cuda_gemm.layout_problem(
+        prepare(random_layer(256, 64, 4, 8, True, False, False, 0)[0], "cpu"))
+    with pytest.raises(ValueError, match="cannot take"):
+        cuda_gemm.shuffle(prepare(random_layer(256, 64, 3, 128, True, False, False, 0)[0], "cpu"))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_kernel_source_compiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("INLAID_CACHE", str(tmp_path))
+    lib = cuda_gemm.build("sm_80")
+    assert lib.exists() and lib.parent == tmp_path / "kernels"
+    assert cuda_gemm.build("sm_80") == lib  # cached by the source's hash
