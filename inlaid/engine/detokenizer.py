@@ -16,11 +16,26 @@ from __future__ import annotations
 CONTEXT_TOKENS = 5  # prompt tokens decoded as context for the first output token's spacing
 
 
+def fast_decoder(tokenizer, skip_special_tokens: bool):
+    """``tokenizer.decode`` with transformers' per-call overhead cut out where that is exact.
+
+    A fast tokenizer's ``decode`` converts its arguments and then calls the Rust tokenizer; the
+    wrapper costs ~5x the decode itself for the 1-6 token windows decoded here, twice per token of
+    every running request (0.9 of 1.6 ms of host time per batch-32 step on a 2-core CPU). Without
+    ``clean_up_tokenization_spaces`` the wrapper adds nothing else, so the Rust decode is exact;
+    otherwise (or for a slow tokenizer) the wrapper is used."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda tokens: backend.decode(tokens, skip_special_tokens=skip_special_tokens)
+    return lambda tokens: tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (),
                  skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._decode = fast_decoder(tokenizer, skip_special_tokens)
         self.stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
         self._tokens = list(prompt_token_ids[-CONTEXT_TOKENS:])
@@ -28,9 +43,6 @@ class IncrementalDetokenizer:
         self._read = len(self._tokens)  # tokens up to here are already in ``text``
         self.text = ""  # all output text so far (stop string cut away once found)
         self._emitted = 0  # characters of ``text`` already streamed
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> bool:
         """Add one output token; True when a stop string was found (the text is cut before it)."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from inlaid.engine.detokenizer import IncrementalDetokenizer
+from inlaid.engine.detokenizer import IncrementalDetokenizer, fast_decoder
 
 from ..conftest import make_tokenizer
 
@@ -39,3 +39,26 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed(tok):
 def test_earliest_of_several_stop_strings_wins(tok):
     text, _, stopped = stream(tok, "a b STOP c END", stop=("END", "STOP"))
     assert stopped and text == "a b "
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_decoder_equals_the_tokenizers_decode(tok, skip):
+    """The Rust decode that skips transformers' wrapper gives the wrapper's text on every window,
+    special tokens included; with clean-up spaces on, the wrapper itself is used."""
+    ids = tok("café 日本, ok. Hello ! x", add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
+    decode = fast_decoder(tok, skip)
+    assert all(decode(ids[i:j]) == tok.decode(ids[i:j], skip_special_tokens=skip)
+               for i in range(len(ids)) for j in range(i, len(ids) + 1))
+
+    class Unused:
+        def decode(self, *args, **kwargs):
+            raise AssertionError("the Rust decode skips the clean-up")
+
+    class CleanUp:
+        clean_up_tokenization_spaces = True
+        backend_tokenizer = Unused()
+
+        def decode(self, tokens, skip_special_tokens):
+            return f"wrapper {tokens} {skip_special_tokens}"
+
+    assert fast_decoder(CleanUp(), skip)([1, 2]) == f"wrapper [1, 2] {skip}"
