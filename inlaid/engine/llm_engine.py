@@ -93,6 +93,7 @@ class _Request:
 
     def __init__(self, seq: Sequence, detok: IncrementalDetokenizer):
         self.seq, self.detok = seq, detok
+        self.prompt_token_ids = seq.prompt_token_ids  # copied once, not on every step's output
         self.logprobs: list[TokenLogprobs] | None = [] if seq.sampling.logprobs is not None else None
         self.prompt_logprobs: dict[int, TokenLogprobs] = {}
         self.first_token_time: float | None = None
@@ -366,7 +367,7 @@ class LLMEngine:
         if seq.sampling.prompt_logprobs is not None:
             prompt_logprobs = [None] + [req.prompt_logprobs.get(p) for p in range(1, seq.num_prompt_tokens)]
         return RequestOutput(
-            request_id=seq.request_id, adapter=seq.adapter, prompt_token_ids=seq.prompt_token_ids,
+            request_id=seq.request_id, adapter=seq.adapter, prompt_token_ids=req.prompt_token_ids,
             output_token_ids=seq.output_token_ids, text=req.detok.text,
             delta_text=req.detok.delta(seq.is_finished), finished=seq.is_finished,
             finish_reason=seq.finish_reason, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs,

@@ -40,9 +40,12 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits [S, V] fp32 -> (token ids, logprobs or None per row)."""
-    tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.is_greedy]
-    if greedy:
+    if len(greedy) == len(params):  # the common case: one kernel, no row index to upload
+        tokens = logits.argmax(-1)
+    else:
+        tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    if greedy and len(greedy) < len(params):
         rows = torch.tensor(greedy, device=logits.device)
         tokens[rows] = logits[rows].argmax(-1)
     for i, p in enumerate(params):
