@@ -219,22 +219,27 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: tuple[int, int,
     cq = p.backend_state.get("cuda")
     if cq is None:  # prepared where the kernel was unavailable, or forced
         cq = p.backend_state["cuda"] = shuffle(p)
+    if x.device != cq.qw.device:
+        raise ValueError(f"x is on {x.device}, the layer on {cq.qw.device}")
     if cq.perm is not None:
         x = x.index_select(1, cq.perm)
     x = x.contiguous()
+    if x.data_ptr() % 16:  # the kernel reads x in 16-byte vectors (an offset view can be misaligned)
+        x = x.clone()
     dev = x.device.index or 0
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     nw, unroll, split = config or default_config(m, n, k, _SMS[dev])
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=torch.float16)
-    if not y.is_contiguous():
-        raise ValueError("out must be contiguous")
+    if not y.is_contiguous() or y.shape != (m, n) or y.dtype != torch.float16 or y.device != x.device:
+        raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor on {x.device}")
     ws, counts = split_k_state(x.device, m * n, n // (16 * WARPS * nw)) if split > 1 else (y, cq.gidx16)
     bias = p.bias.to(torch.float16) if p.bias is not None else None
-    err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
-                        bias.data_ptr() if bias is not None else None, y.data_ptr(), ws.data_ptr(),
-                        counts.data_ptr(), m, n, k, nw, unroll, split,
-                        torch.cuda.current_stream(x.device).cuda_stream)
+    with torch.cuda.device(x.device):  # the launch goes to the current device's context
+        err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
+                            bias.data_ptr() if bias is not None else None, y.data_ptr(), ws.data_ptr(),
+                            counts.data_ptr(), m, n, k, nw, unroll, split,
+                            torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"qgemm4 launch failed (code {err}) for M={m} N={n} K={k} "
                            f"config={(nw, unroll, split)}")

@@ -46,6 +46,34 @@ def test_cuda_gemm_matches_reference(group_size, act_order, sym, m, config):
     assert rel(got, ref) < TOL
 
 
+@pytest.mark.parametrize("k,split", [(320, 4), (384, 8), (320, 3)])
+def test_uneven_and_empty_split_ranges(k, split):
+    """Splits that do not divide the K/64 super tiles: the last ranges are short or empty (those
+    blocks still arrive at the counter), and an uneven last step is masked without a branch."""
+    from inlaid.kernels.cuda_gemm import quant_matmul_cuda
+
+    packed, _, _ = random_layer(k, 384, 4, 64, False, False, bias=True, seed=k + split)
+    p = prepare(packed, "cuda", torch.float16)
+    ref_p = prepare(packed, "cuda", torch.float32)
+    for unroll in (2, 4):
+        x = torch.randn(19, k, device="cuda", dtype=torch.float16)
+        out = torch.full((19, 384), float("nan"), device="cuda", dtype=torch.float16)
+        assert rel(quant_matmul_cuda(x, p, config=(1, unroll, split), out=out), quant_matmul_ref(x.float(), ref_p)) < TOL
+
+
+def test_misaligned_x_and_bad_out_are_handled():
+    from inlaid.kernels.cuda_gemm import quant_matmul_cuda
+
+    packed, _, _ = random_layer(1024, 256, 4, 128, True, False, bias=False, seed=3)
+    p = prepare(packed, "cuda", torch.float16)
+    base = torch.randn(4, 1025, device="cuda", dtype=torch.float16)
+    x = base[:1, 1:]  # contiguous, 2 bytes past a 16-byte boundary
+    assert x.is_contiguous() and x.data_ptr() % 16
+    assert rel(quant_matmul_cuda(x, p), quant_matmul_ref(x.float(), prepare(packed, "cuda", torch.float32))) < TOL
+    with pytest.raises(ValueError, match="out must be"):
+        quant_matmul_cuda(x, p, out=torch.empty(2, 256, device="cuda", dtype=torch.float16))
+
+
 def test_dispatch_uses_it_for_decode_sizes():
     packed, _, _ = random_layer(1024, 256, 4, 128, True, False, bias=False, seed=0)
     p = prepare(packed, "cuda", torch.float16)

@@ -17,8 +17,8 @@
 //   word j, nibble pair q (bits 4q.. and 16+4q..) = A register q of MMA j:
 //   q = 0: row g,   k +0/+1   q = 1: row g+8, k +0/+1   q = 2: row g, k +2/+3   q = 3: row g+8, k +2/+3
 // Dequantization: (pair | 0x64006400) is exactly (1024 + code) in each fp16 half; subtracting
-// (1024 + zero) is exact (small integers) and the one rounding is the multiply by the scale, as in
-// the reference's fp16 dequantization.
+// (1024 + zero) is exact (small integers) and the one rounding is the multiply by the scale: each
+// weight is the fp32 reference's value rounded once to fp16, as in the Triton kernel.
 //
 // Work split: a warp owns NW tiles of 16 output columns over a range of super tiles; the 4 warps of a
 // block own neighbouring columns over the same k range (their x loads hit L1), and the grid's y
@@ -118,8 +118,11 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
         if (ks + U < ks1) load_w(nxt, ks + U);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int k = ks + u;
-            if (k >= ks1) break;
+            // Past the range (the last step of an uneven split) the loads re-read the last super
+            // tile and a zero scale zeroes its weights: no branch, so the compiler can issue the
+            // next super tile's loads before this one's MMAs.
+            const bool live = ks + u < ks1;
+            const int k = live ? ks + u : ks1 - 1;
             uint4 xv[TM][2];
 #pragma unroll
             for (int i = 0; i < TM; ++i) {
@@ -132,7 +135,8 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
             for (int n = 0; n < NW; ++n) {
                 const uint2 zsv = __ldg(sz + ((size_t)grp * NT + tile0 + n) * 8 + g);
                 const half2 sg = bits_h2(zsv.x), zg = bits_h2(zsv.y);  // (s_g, s_g8), (z_g, z_g8)
-                const half2 s0 = __low2half2(sg), s1 = __high2half2(sg);
+                const half2 live2 = __float2half2_rn(live ? 1.f : 0.f);
+                const half2 s0 = __hmul2(__low2half2(sg), live2), s1 = __hmul2(__high2half2(sg), live2);
                 const half2 z0 = __low2half2(zg), z1 = __high2half2(zg);
                 const uint32_t words[4] = {cur[u][n].x, cur[u][n].y, cur[u][n].z, cur[u][n].w};
 #pragma unroll
@@ -238,10 +242,11 @@ int launch_tm(const Args& a) {
 }  // namespace
 
 // C ABI for ctypes. Returns a cudaError_t (0 = launched), or -1 for an unsupported shape or config.
-// Preconditions (checked in Python): contiguous tensors, 16-byte aligned x.
+// Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x.
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, float* ws, int* counts, int M, int N, int K,
                              int nw, int unroll, int split, void* stream) {
+    if ((nw != 1 && nw != 2) || (unroll != 2 && unroll != 4)) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
     const Args a{x, qw, sz, gidx16, bias, y, ws, counts, M, N, K, split,
                  static_cast<cudaStream_t>(stream)};
