@@ -62,6 +62,7 @@ class CudaQuant:
     sz: torch.Tensor  # fp16 [G, N/16, 8, 4]: (scale g, scale g+8, 1024+zero g, 1024+zero g+8)
     gidx16: torch.Tensor  # int32 [K/16]: group of each 16-k chunk (in permuted order)
     perm: torch.Tensor | None  # int64 [K]: x's column order (act-order), None for natural order
+    group16: int = 0  # > 0: every group is this many 16-k chunks in order (the kernel computes it)
 
 
 def layout_problem(p: PreparedQuant) -> str | None:
@@ -110,8 +111,13 @@ def shuffle(p: PreparedQuant, chunk_bytes: int = 64 << 20) -> CudaQuant:
     s = p.scales.view(-1, n // 16, 16)
     z = (p.zeros.view(-1, n // 16, 16).float() + 1024).to(torch.float16)  # exact: small integers
     sz = torch.stack([s[..., rows], s[..., rows + 8], z[..., rows], z[..., rows + 8]], dim=-1)
-    return CudaQuant(qw=torch.cat(words).contiguous(), sz=sz.contiguous(),
-                     gidx16=g_idx[::16].to(torch.int32).contiguous(), perm=perm)
+    gidx16 = g_idx[::16].to(torch.int32).contiguous()
+    groups = int(gidx16[-1]) + 1
+    chunks = gidx16.numel() // groups
+    equal = gidx16.numel() % groups == 0 and torch.equal(
+        gidx16, torch.arange(gidx16.numel(), device=gidx16.device, dtype=torch.int32) // chunks)
+    return CudaQuant(qw=torch.cat(words).contiguous(), sz=sz.contiguous(), gidx16=gidx16, perm=perm,
+                     group16=chunks if equal else 0)
 
 
 def unshuffle(cq: CudaQuant, n: int) -> torch.Tensor:
@@ -168,7 +174,7 @@ def _library(device_index: int):
     major, minor = torch.cuda.get_device_capability(device_index)
     lib = ctypes.CDLL(str(build(f"sm_{major}{minor}")))
     fn = lib.inlaid_qgemm4
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return fn
 
@@ -238,7 +244,7 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: tuple[int, int,
     with torch.cuda.device(x.device):  # the launch goes to the current device's context
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
                             bias.data_ptr() if bias is not None else None, y.data_ptr(), ws.data_ptr(),
-                            counts.data_ptr(), m, n, k, nw, unroll, split,
+                            counts.data_ptr(), m, n, k, nw, unroll, split, cq.group16,
                             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"qgemm4 launch failed (code {err}) for M={m} N={n} K={k} "

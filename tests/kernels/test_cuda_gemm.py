@@ -27,6 +27,8 @@ def test_shuffle_round_trips(group_size, act_order, sym):
     cq = cuda_gemm.shuffle(p, chunk_bytes=2048)
     assert cq.qw.shape == (192 // 16, 256 // 64, 32, 4) and cq.qw.dtype == torch.int32
     assert (cq.perm is not None) == act_order
+    # equal groups in order (also after sorting act-order): the kernel computes each chunk's group
+    assert cq.group16 == (256 // 16 if group_size == -1 else group_size // 16)
     assert torch.equal(cuda_gemm.unshuffle(cq, 192), unpack_rows(packed.qweight, 4))
     assert torch.equal(cq.qw, cuda_gemm.shuffle(p).qw)  # chunking does not change the result
 
@@ -51,7 +53,8 @@ def emulate(x: torch.Tensor, cq: cuda_gemm.CudaQuant, n: int) -> torch.Tensor:
     shifts = 4 * torch.arange(4).view(4, 1) + 16 * torch.arange(2).view(1, 2)  # [q, h]
     codes = (words[..., None, None] >> shifts) & 0xF  # [NT, KS, 32, 4 j, 4 q, 2 h]
     lanes = torch.arange(32)
-    grp = cq.gidx16.long().view(ks, 4)[:, lanes % 4]  # [KS, 32]: the group of the lane's 16 k
+    chunk = torch.arange(ks).view(ks, 1) * 4 + lanes % 4  # [KS, 32]: the lane's 16-k chunk
+    grp = chunk // cq.group16 if cq.group16 > 0 else cq.gidx16.long()[chunk]
     sz = cq.sz.float()[grp][:, lanes, :, lanes // 4]  # [32, KS, NT, 4]: the lane's row g
     sz = sz.permute(2, 1, 0, 3)  # [NT, KS, 32, 4]
     odd = (q % 2).expand(full)
