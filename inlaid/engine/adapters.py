@@ -21,6 +21,7 @@ adapter resident instead of loading it on the critical path.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,11 +33,17 @@ from inlaid.model.lora import LoraAdapter, load_adapter, validate_adapter
 _Pair = tuple[torch.Tensor, torch.Tensor]
 
 
+@dataclass
+class _Stacked:
+    pairs: list[_Pair | None]  # per slice: A [layers, r, in], B [layers, out, r] (zeros: no LoRA there)
+    ranks: torch.Tensor  # int32 [layers]: each layer's rank (largest of its slices)
+
+
 class AdapterManager:
     def __init__(self, model: CausalLM, max_loras: int, max_lora_rank: int):
         self.model = model
         self.max_loras, self.max_lora_rank = max_loras, max_lora_rank
-        self._host: dict[str, list[dict[str, list[_Pair | None]]]] = {}  # name -> per layer, per group
+        self._host: dict[str, dict[str, _Stacked]] = {}  # name -> per fused group
         self._info: dict[str, LoraAdapter] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order: first = least recent
         self._free_slots = list(range(max_loras))
@@ -83,26 +90,33 @@ class AdapterManager:
         del self._host[name], self._info[name]
         self._drop_slot(name)
 
-    def _host_weights(self, adapter: LoraAdapter) -> list[dict[str, list[_Pair | None]]]:
+    def _host_weights(self, adapter: LoraAdapter) -> dict[str, _Stacked]:
+        """Per fused group: each slice's A and B stacked over layers (what ``LoraBank.load`` copies in
+        one go) and each layer's rank, in the compute dtype, pinned on CUDA."""
         pin = self.model.device.type == "cuda"
         dtype = self.model.dtype
-        layers = []
-        for i in range(self.model.shape.num_layers):
-            per_layer = adapter.for_layer(i)
-            groups = {}
-            for group, projs in FUSED.items():
-                pairs: list[_Pair | None] = []
-                for proj in projs:
-                    w = per_layer.get(proj)
-                    if w is None:
-                        pairs.append(None)
-                        continue
-                    a = w.a.to(dtype)
-                    b = (w.b.double() * w.scaling).to(dtype)  # scaling folded in; see module doc
-                    pairs.append((a.pin_memory(), b.pin_memory()) if pin else (a, b))
-                groups[group] = pairs
-            layers.append(groups)
-        return layers
+        per_layer = [adapter.for_layer(i) for i in range(self.model.shape.num_layers)]
+        host = {}
+        for group, projs in FUSED.items():
+            pairs: list[_Pair | None] = []
+            ranks = torch.zeros(len(per_layer), dtype=torch.int32)
+            for proj in projs:
+                present = [(i, layer[proj]) for i, layer in enumerate(per_layer) if proj in layer]
+                if not present:
+                    pairs.append(None)
+                    continue
+                rank = max(w.a.shape[0] for _, w in present)
+                out_f, in_f = present[0][1].b.shape[0], present[0][1].a.shape[1]
+                a = torch.zeros(len(per_layer), rank, in_f, dtype=dtype)
+                b = torch.zeros(len(per_layer), out_f, rank, dtype=dtype)
+                for i, w in present:
+                    r = w.a.shape[0]
+                    a[i, :r] = w.a.to(dtype)
+                    b[i, :, :r] = (w.b.double() * w.scaling).to(dtype)  # scaling folded in; see module doc
+                    ranks[i] = max(int(ranks[i]), r)
+                pairs.append((a.pin_memory(), b.pin_memory()) if pin else (a, b))
+            host[group] = _Stacked(pairs, ranks.pin_memory() if pin else ranks)
+        return host
 
     # --- device slots ---------------------------------------------------------------------------
     def _drop_slot(self, name: str) -> None:
@@ -179,6 +193,6 @@ class AdapterManager:
         self.num_prefetches += ahead
 
     def _copy(self, name: str, slot: int) -> None:
-        for groups, slots in zip(self._host[name], self.model.lora_slots):
-            for group, pairs in groups.items():
-                slots[group].load(slot, pairs, 1.0)
+        for group, bank in self.model.lora_banks.items():
+            stacked = self._host[name][group]
+            bank.load(slot, stacked.pairs, stacked.ranks)

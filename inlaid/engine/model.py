@@ -25,7 +25,7 @@ from inlaid.errors import ModelLoadError
 from inlaid.engine.attention import AttentionBatch, paged_attention, write_kv
 from inlaid.kernels import dispatch
 from inlaid.kernels.lora import LoraBatchMeta
-from inlaid.kernels.qlinear import DenseLinear, LoraSlots, QuantLinear
+from inlaid.kernels.qlinear import DenseLinear, LoraBank, LoraSlots, QuantLinear
 from inlaid.kernels.quant_matmul import prepare, refresh_backend_state
 from inlaid.model.arch import HESSIAN_GROUPS, module_path
 from inlaid.quant.primitives import PackedLinear, concat_packed, dequantize_linear
@@ -210,7 +210,8 @@ class CausalLM(nn.Module):
         self.lm_head = tensor("lm_head.weight") if "lm_head.weight" in d else self.embed  # tied
         # transformers computes cos/sin (and any rope_scaling: llama3, yarn, linear, ...) from the config
         self.rope = LlamaRotaryEmbedding(config=config).to(self.device)
-        self.lora_slots: list[dict[str, LoraSlots]] = []
+        self.lora_slots: list[dict[str, LoraSlots]] = []  # per layer: views into lora_banks
+        self.lora_banks: dict[str, LoraBank] = {}  # per fused group: every layer's slots
         layers = []
         for i in range(s.num_layers):
             linears, slots = {}, {}
@@ -223,8 +224,11 @@ class CausalLM(nn.Module):
                               s.num_kv_heads * s.head_dim]
                 lora = None
                 if max_loras > 0:
-                    lora = slots[group] = LoraSlots(base.in_features, widths or [base.out_features],
-                                                    max_loras, max_lora_rank, device, dtype)
+                    if group not in self.lora_banks:
+                        self.lora_banks[group] = LoraBank(s.num_layers, base.in_features,
+                                                          widths or [base.out_features], max_loras,
+                                                          max_lora_rank, device, dtype)
+                    lora = slots[group] = self.lora_banks[group].layer(i)
                 linears[group] = QuantLinear(base, lora)
             norms = (tensor(f"model.layers.{i}.input_layernorm.weight"),
                      tensor(f"model.layers.{i}.post_attention_layernorm.weight"))

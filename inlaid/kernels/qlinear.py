@@ -54,6 +54,16 @@ class LoraSlots:
         self.ranks = torch.zeros(max_loras, dtype=torch.int32, device=device)
         self.scalings = torch.zeros(max_loras, dtype=torch.float32, device=device)
 
+    @classmethod
+    def of_views(cls, slice_widths: Sequence[int], lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
+                 ranks: torch.Tensor, scalings: torch.Tensor) -> "LoraSlots":
+        """Slots over tensors owned elsewhere (one layer of a :class:`LoraBank`)."""
+        slots = cls.__new__(cls)
+        slots.slice_widths = list(slice_widths)
+        slots.offsets = default_offsets(slots.slice_widths)
+        slots.lora_a, slots.lora_b, slots.ranks, slots.scalings = lora_a, lora_b, ranks, scalings
+        return slots
+
     @property
     def max_rank(self) -> int:
         return self.lora_a[0].shape[1]
@@ -77,6 +87,54 @@ class LoraSlots:
                 self.lora_b[s][slot, :, :b.shape[1]].copy_(b, non_blocking=True)
         self.ranks[slot] = rank
         self.scalings[slot] = scaling
+
+
+class LoraBank:
+    """The slots of one (fused) projection in every layer, one tensor per slice: layer i's
+    :class:`LoraSlots` are views (``layer(i)``), and loading an adapter into a slot is a few copies
+    for all layers at once (``load``) instead of ~36 small ops per layer: at 32 layers, ~1,150
+    launches and copies per adapter, milliseconds of host time, every time a request brings an
+    adapter that is not resident."""
+
+    def __init__(self, num_layers: int, in_features: int, slice_widths: Sequence[int], max_loras: int,
+                 max_rank: int, device="cpu", dtype=torch.float16):
+        self.slice_widths = list(slice_widths)
+        self.max_rank = max_rank
+        self.lora_a = [torch.zeros(num_layers, max_loras, max_rank, in_features, device=device, dtype=dtype)
+                       for _ in slice_widths]
+        self.lora_b = [torch.zeros(num_layers, max_loras, width, max_rank, device=device, dtype=dtype)
+                       for width in slice_widths]
+        self.ranks = torch.zeros(num_layers, max_loras, dtype=torch.int32, device=device)
+        self.scalings = torch.zeros(num_layers, max_loras, dtype=torch.float32, device=device)
+
+    def layer(self, i: int) -> LoraSlots:
+        return LoraSlots.of_views(self.slice_widths, [a[i] for a in self.lora_a], [b[i] for b in self.lora_b],
+                                  self.ranks[i], self.scalings[i])
+
+    def load(self, slot: int, pairs: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+             ranks: torch.Tensor) -> None:
+        """One adapter into ``slot`` of every layer: per slice (A [layers, r_s, in], B [layers, out_s,
+        r_s]) stacked over layers (zeros where a layer has no LoRA on it) or None, and the rank of
+        each layer ([layers] int32: the largest of its slices; the zero rows and columns past a
+        slice's own rank add exactly nothing). Scalings are 1 (folded into B). Copies are async from
+        pinned host memory; everything past the rank is zeroed."""
+        for s, pair in enumerate(pairs):
+            a_dst, b_dst = self.lora_a[s][:, slot], self.lora_b[s][:, slot]
+            if pair is None:
+                a_dst.zero_()
+                b_dst.zero_()
+                continue
+            a, b = pair
+            rank = a.shape[1]
+            if rank > self.max_rank:
+                raise ValueError(f"rank {rank} exceeds max_rank {self.max_rank}")
+            a_dst[:, :rank].copy_(a, non_blocking=True)
+            b_dst[:, :, :rank].copy_(b, non_blocking=True)
+            if rank < self.max_rank:
+                a_dst[:, rank:].zero_()
+                b_dst[:, :, rank:].zero_()
+        self.ranks[:, slot].copy_(ranks, non_blocking=True)
+        self.scalings[:, slot].fill_(1.0)
 
 
 class QuantLinear(nn.Module):

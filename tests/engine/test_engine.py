@@ -289,3 +289,34 @@ def test_prefetch_never_evicts_adapters_of_running_requests(llama):
     assert manager.slot_of("a") == slots["a"] and manager.slot_of("c") == slots["b"]
     assert manager.slot_of("b") is None and manager.slot_of("d") is None
     assert manager.num_prefetches == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES[:1], indirect=True, ids=["llama"])
+def test_adapters_with_rank_patterns_and_layer_subsets_match_peft(family, tmp_path):
+    """Adapters whose slices have different ranks (rank_pattern, alpha_pattern) or that cover only
+    some layers (layers_to_transform) go through the slots stacked over layers, zero-padded to each
+    slice's largest rank; four adapters of different ranks and targets share two slots, so slots
+    are reloaded over adapters of other shapes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, adapters = family
+    torch.manual_seed(21)
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                                      "down_proj"],
+                   rank_pattern={"q_proj": 8, "up_proj": 2}, alpha_pattern={"v_proj": 3},
+                   layers_to_transform=[1], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "patterned", safe_serialization=True)
+    mixed = {"p": tmp_path / "patterned", **adapters}
+    names = ["b", "c", None, "p", "a", "p"]  # b (rank 8 on v) leaves rows that p (rank 4 on v) must clear
+    expect = hf_greedy(base, mixed, PROMPTS, names)
+    llm = LLM(str(base), {k: str(v) for k, v in mixed.items()}, max_loras=2, max_lora_rank=8,
+              num_kv_blocks=256, block_size=4)
+    assert [o.output_token_ids for o in llm.generate(PROMPTS, GREEDY, names)] == expect
+    assert llm.engine.adapters.num_loads >= 3
