@@ -1,13 +1,15 @@
 """Host cost of an engine decode step, by part: what the CPU does between two GPU steps.
 
-    python scripts/bench_host.py [--model default] [--batch 32] [--steps 40]
+    python scripts/bench_host.py [--model default] [--batch 32] [--steps 40] [--finished-only]
 
 On the GPU the decode step is a CUDA-graph replay and the host's work around it is idle GPU time
 (serving.md: 1.41 ms of a 10.6 ms batch-32 step). That host work does not depend on the device, so it
 is measured here on the CPU, with the embedded SmolLM2 model and its real BPE tokenizer: greedy
 decoding of ``--batch`` requests, 128-token prompts, one step per token. Each part is timed around
 its own call; "model" (``ModelRunner.execute``: inputs, forward, sampling) runs on the CPU here and is
-shown only for scale. Prints one table row per part, in ms per step.
+shown only for scale. Prints one table row per part, in ms per step. ``--finished-only`` steps the
+engine as offline generation and the benchmark do (outputs of finished requests only; text decoded
+when read); the default is the server's way (every request's output, every step).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--finished-only", action="store_true")
     args = parser.parse_args()
 
     from inlaid.engine.llm_engine import EngineConfig, LLMEngine
@@ -66,11 +69,12 @@ def main() -> None:
     instrument(totals)
     start = time.perf_counter()
     for _ in range(args.steps):
-        engine.step()
+        engine.step(finished_only=args.finished_only)
     wall = (time.perf_counter() - start) / args.steps * 1e3
     per_step = {label: totals[label] / args.steps * 1e3 for *_, label in PARTS}
     host = wall - per_step["model (execute, CPU forward)"]
-    print(f"| part (batch {args.batch}) | ms per step |\n|---|---:|")
+    mode = "finished outputs only" if args.finished_only else "every output"
+    print(f"| part (batch {args.batch}, {mode}) | ms per step |\n|---|---:|")
     for *_, label in PARTS:
         print(f"| {label} | {per_step[label]:.3f} |")
     print(f"| **host total (step wall time minus execute)** | **{host:.3f}** |")

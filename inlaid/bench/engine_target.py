@@ -152,7 +152,7 @@ class _Loop:
         engine = self.engine
         loads = engine.adapters.num_loads
         start = time.monotonic()
-        outputs = engine.step()
+        outputs = engine.step(finished_only=True)
         duration = time.monotonic() - start
         plan = observer.take_plan()
         if plan is None or plan.is_empty:

@@ -54,7 +54,7 @@ class LLM:
             for prompt, params, adapter in zip(prompts, samplings, names):
                 ids.append(engine.add_request(prompt, params or SamplingParams(), adapter))
             while engine.has_unfinished_requests():
-                for out in engine.step():
+                for out in engine.step(finished_only=True):
                     if out.finished:
                         finished[out.request_id] = out
                         if progress is not None:

@@ -313,7 +313,10 @@ class LLMEngine:
         self.adapters.unregister(name)
 
     # --- the loop -------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One engine step; returns an output per request that got a token (``finished_only``: per
+        request that finished: callers that only collect final results skip building the rest, and
+        the text of requests without stop strings is then decoded once, at the end)."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -338,7 +341,8 @@ class LLMEngine:
                 req.logprobs.append(lp)
             if req.detok.push(token) and not seq.is_finished:
                 self.scheduler.finish(seq, "stop")
-            outputs.append(self._output(req, now))
+            if seq.is_finished or not finished_only:
+                outputs.append(self._output(req, now))
         if self.config.prefetch_adapters:
             self._prefetch_adapters()
         return outputs

@@ -62,3 +62,22 @@ def test_fast_decoder_equals_the_tokenizers_decode(tok, skip):
             return f"wrapper {tokens} {skip_special_tokens}"
 
     assert fast_decoder(CleanUp(), skip)([1, 2]) == f"wrapper [1, 2] {skip}"
+
+
+@pytest.mark.parametrize("cut", range(1, 14))
+def test_text_read_only_at_the_end_equals_the_streamed_text(tok, cut):
+    """Without stop strings the tokens are decoded when the text is read: once at the end (offline
+    generation) or every step (streaming) give the same text as decoding each token eagerly (a stop
+    string that never matches forces that), also when the output ends inside a character."""
+    ids = tok("ok café 日本 ünï", add_special_tokens=False)["input_ids"][:cut]
+    prompt = tok("prompt: ")["input_ids"]
+    lazy, streamed = IncrementalDetokenizer(tok, prompt), IncrementalDetokenizer(tok, prompt)
+    eager = IncrementalDetokenizer(tok, prompt, stop=("\x00never",))
+    deltas = []
+    for token in ids:
+        lazy.push(token)
+        streamed.push(token)
+        eager.push(token)
+        deltas.append(streamed.delta(finished=False))
+    assert lazy.text == eager.text == "".join(deltas) + streamed.delta(finished=True)
+    assert "\ufffd" not in lazy.text and tok.decode(ids).startswith(lazy.text)
