@@ -116,6 +116,13 @@ def bench_shape(k, n, bits, ms, bw, exllama, cuda):
 VARIANTS = [(swap, magic) for swap in (0, 1) for magic in (0, 1)]
 
 
+def sweep_layers(k: int, n: int):
+    """(copies, prepared 4-bit layers over more than L2, the weight-read floor at 3.0 TB/s in µs)."""
+    packed = random_packed(k, n, 4, torch.Generator().manual_seed(0))
+    copies = max(2, -(-3 * L2_BYTES // (packed.qweight.numel() * 4)))
+    return copies, [prepare(packed, "cuda") for _ in range(copies)], k * n / 2 / 3.0e12 * 1e6
+
+
 def sweep(ms) -> None:
     """Block-shape sweep of the Triton kernel over the decode shapes (how `_config` was tuned): per
     shape and M, the default config's time and the best few, printed as it goes."""
@@ -127,10 +134,7 @@ def sweep(ms) -> None:
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for k, n, name in SHAPES:
-        packed = random_packed(k, n, 4, torch.Generator().manual_seed(0))
-        copies = max(2, -(-3 * L2_BYTES // (packed.qweight.numel() * 4)))
-        layers = [prepare(packed, "cuda") for _ in range(copies)]
-        floor_us = k * n / 2 / 3.0e12 * 1e6
+        copies, layers, floor_us = sweep_layers(k, n)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             default = _config(m, n, k, sms)
@@ -188,10 +192,7 @@ def sweep_cuda(ms) -> None:
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for k, n, name in SHAPES:
-        packed = random_packed(k, n, 4, torch.Generator().manual_seed(0))
-        copies = max(2, -(-3 * L2_BYTES // (packed.qweight.numel() * 4)))
-        layers = [prepare(packed, "cuda") for _ in range(copies)]
-        floor_us = k * n / 2 / 3.0e12 * 1e6
+        copies, layers, floor_us = sweep_layers(k, n)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             default = default_config(m, n, k, sms)

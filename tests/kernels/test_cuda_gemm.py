@@ -33,6 +33,12 @@ def test_shuffle_round_trips(group_size, act_order, sym):
     assert torch.equal(cq.qw, cuda_gemm.shuffle(p).qw)  # chunking does not change the result
 
 
+def _axes(*sizes: int) -> list[torch.Tensor]:
+    """One arange per axis, each shaped to broadcast against the others."""
+    return [torch.arange(n).view([n if d == axis else 1 for d in range(len(sizes))])
+            for axis, n in enumerate(sizes)]
+
+
 def emulate(x: torch.Tensor, cq: cuda_gemm.CudaQuant, n: int) -> torch.Tensor:
     """What the kernel computes, in float64, following its code: per super tile ks and lane (g, t),
     word j feeds MMA j; nibble pair q of a word is A register q; the A register q holds
@@ -42,10 +48,7 @@ def emulate(x: torch.Tensor, cq: cuda_gemm.CudaQuant, n: int) -> torch.Tensor:
     nt, ks = cq.qw.shape[:2]
     if cq.perm is not None:
         x = x[:, cq.perm]
-    lane = torch.arange(32).view(32, 1, 1, 1)
-    j = torch.arange(4).view(1, 4, 1, 1)
-    q = torch.arange(4).view(1, 1, 4, 1)
-    h = torch.arange(2).view(1, 1, 1, 2)
+    lane, j, q, h = _axes(32, 4, 4, 2)
     g, t = lane // 4, lane % 4
     full = (32, 4, 4, 2)
     # A: dequantize every code as the kernel does ((1024 + code) - (1024 + zero), times the scale, in fp16)
@@ -70,10 +73,7 @@ def emulate(x: torch.Tensor, cq: cuda_gemm.CudaQuant, n: int) -> torch.Tensor:
     mpad = -(-m // 8) * 8
     xs = torch.zeros(mpad, k, dtype=torch.float64)
     xs[:m] = x.double()
-    r = torch.arange(2).view(1, 1, 2, 1)
-    lane_b = torch.arange(32).view(32, 1, 1, 1)
-    jb = torch.arange(4).view(1, 4, 1, 1)
-    hb = torch.arange(2).view(1, 1, 1, 2)
+    lane_b, jb, r, hb = _axes(32, 4, 2, 2)
     gb, tb = lane_b // 4, lane_b % 4
     fb = (32, 4, 2, 2)
     kphys = (16 * tb + 4 * jb + 2 * r + hb).expand(fb)  # within the super tile

@@ -159,24 +159,8 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
             for (int n = 0; n < NW; ++n) cur[u][n] = nxt[u][n];
     }
 
-    // C fragment: acc[n][i] = (col g, tokens 8i+2t, 8i+2t+1), (col g+8, same tokens)
-    if (split == 1) {
-#pragma unroll
-        for (int n = 0; n < NW; ++n)
-#pragma unroll
-            for (int i = 0; i < TM; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int m = 8 * i + 2 * t + (e & 1);
-                    const int col = (tile0 + n) * 16 + g + 8 * (e >> 1);
-                    if (m < M) {
-                        float v = acc[n][i][e];
-                        if (bias) v += __half2float(bias[col]);
-                        y[(size_t)m * N + col] = __float2half_rn(v);
-                    }
-                }
-        return;
-    }
+    // C fragment: acc[n][i] = (col g, tokens 8i+2t, 8i+2t+1), (col g+8, same tokens). Without a
+    // split the block writes y; otherwise it adds into the workspace.
 #pragma unroll
     for (int n = 0; n < NW; ++n)
 #pragma unroll
@@ -185,8 +169,15 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
             for (int e = 0; e < 4; ++e) {
                 const int m = 8 * i + 2 * t + (e & 1);
                 const int col = (tile0 + n) * 16 + g + 8 * (e >> 1);
-                if (m < M) atomicAdd(ws + (size_t)m * N + col, acc[n][i][e]);
+                if (m >= M) continue;
+                if (split == 1) {
+                    const float v = acc[n][i][e] + (bias ? __half2float(bias[col]) : 0.f);
+                    y[(size_t)m * N + col] = __float2half_rn(v);
+                } else {
+                    atomicAdd(ws + (size_t)m * N + col, acc[n][i][e]);
+                }
             }
+    if (split == 1) return;
     // Every thread's adds are visible device-wide before one thread announces the block's arrival;
     // the block that sees split - 1 arrivals before its own then reads complete sums from L2.
     __threadfence();
