@@ -45,9 +45,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         tokens = logits.argmax(-1)
     else:
         tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    if greedy and len(greedy) < len(params):
-        rows = torch.tensor(greedy, device=logits.device)
-        tokens[rows] = logits[rows].argmax(-1)
+        if greedy:
+            rows = torch.tensor(greedy, device=logits.device)
+            tokens[rows] = logits[rows].argmax(-1)
     for i, p in enumerate(params):
         if not p.is_greedy:
             probs = _filter_logits(logits[i], p).softmax(-1)

@@ -60,8 +60,8 @@ def choose(op: str, device: torch.device, **facts) -> str:
         _log_once(op, forced, "forced by environment")
         return forced
     f = {"cuda": device.type == "cuda", "has_triton": has_module("triton"),
-         "has_exllama": has_module("exllamav2"), "bits": None, "m": 0, "group_size": -1, "cuda_gemm": False,
-         **facts}
+         "has_exllama": has_module("exllamav2"), "bits": None, "m": 0, "group_size": -1,
+         "cuda_gemm": False, **facts}
     for name, backend, rule in TABLE:
         if name == op and rule(f):
             _log_once(op, backend, f"device={device.type}")

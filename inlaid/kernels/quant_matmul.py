@@ -89,7 +89,8 @@ def prepare(p: PackedLinear, device, dtype=torch.float16) -> PreparedQuant:
     if prepared.qweight.device.type == "cuda":
         from inlaid.kernels import cuda_gemm
 
-        if cuda_gemm.enabled() and cuda_gemm.layout_problem(prepared) is None and cuda_gemm.available(prepared.qweight.device.index or 0):
+        if (cuda_gemm.enabled() and cuda_gemm.layout_problem(prepared) is None
+                and cuda_gemm.available(prepared.qweight.device.index or 0)):
             prepared.backend_state["cuda"] = cuda_gemm.shuffle(prepared)
     return prepared
 
@@ -113,7 +114,7 @@ def refresh_backend_state(p: PreparedQuant) -> list[dict]:
     from inlaid.kernels import cuda_gemm
 
     old = p.backend_state.pop("cuda", None)
-    retired = [dict(p.backend_state)]
+    retired = [dict(p.backend_state)] if p.backend_state else []
     p.backend_state.clear()
     if old is None:
         return retired

@@ -65,3 +65,16 @@ def test_dispatch_table(monkeypatch):
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=33, group_size=128, cuda_gemm=True) == "triton"
     monkeypatch.setenv("INLAID_BACKEND_QUANT_MATMUL", "ref")
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=1, group_size=128) == "ref"
+
+
+def test_refresh_backend_state_retires_what_graphs_may_still_read():
+    """After a weight swap, backend state built from the old weights is handed back (to be kept alive
+    until CUDA graphs are re-captured) and the layer starts clean; a layer without any has nothing to
+    retire."""
+    from inlaid.kernels.quant_matmul import refresh_backend_state
+
+    p = prepare(random_layer(256, 64, 4, 128, True, False, False, 0)[0], "cpu")
+    handle = object()
+    p.backend_state["exllama"] = handle
+    assert refresh_backend_state(p) == [{"exllama": handle}] and p.backend_state == {}
+    assert refresh_backend_state(p) == []
