@@ -107,6 +107,8 @@ class BlockManager:
         if not self.enable_prefix_caching or (seq.block_table and seq.block_table[0] in self._stale):
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full == 0 or self._hashes[seq.block_table[num_full - 1]] is not None:
+            return  # published blocks form a prefix: the last full one is published, so all are
         hashes = self._full_block_hashes(seq, num_full)
         first_new = num_full
         while first_new > 0 and self._hashes[seq.block_table[first_new - 1]] is None:
