@@ -17,6 +17,8 @@
 #   rates     shape 2: SLO attainment vs arrival rate, `inlaid` (SLO-aware) vs `fcfs`, rates up to saturation
 #   rates-plain  shape 2 for `inlaid` without the SLO targets (--no-slo-aware), same workloads
 #   engine    scripts/gpu_engine.py (correctness, decode speed per batch, HF baselines)
+#   profile-cuda, engine-cuda   the same two with the CUDA small-M GEMM on (INLAID_CUDA_GEMM=1), results
+#             under results/cuda/: run next to profile / engine for a side-by-side comparison
 #
 # Each part runs under its own time limit (PART_TIMEOUT_<part>, seconds) so that one slow part still
 # leaves the others' results. Everything lands in $OUT/results.tar.gz plus one log per part (the
@@ -89,6 +91,10 @@ for what in "$@"; do
             --policy inlaid --no-slo-aware --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 \
             --out "$OUT/results/rates-plain" ;;
         engine) part engine python3 scripts/gpu_engine.py --out "$OUT/results" ;;
+        profile-cuda) mkdir -p "$OUT/results/cuda"; part profile_cuda env INLAID_CUDA_GEMM=1 \
+            python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results/cuda" ;;
+        engine-cuda) mkdir -p "$OUT/results/cuda"; part engine_cuda env INLAID_CUDA_GEMM=1 \
+            python3 scripts/gpu_engine.py --out "$OUT/results/cuda" ;;
         *) echo "unknown part $what"; exit 2 ;;
     esac
 done
