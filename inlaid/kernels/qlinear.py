@@ -41,28 +41,15 @@ def base_matmul(x: torch.Tensor, base: PreparedQuant | DenseLinear) -> torch.Ten
 
 
 class LoraSlots:
-    """Adapter weights of one (possibly fused) projection, in ``max_loras`` slots."""
+    """Adapter weights of one (possibly fused) projection of one layer, in ``max_loras`` slots: views
+    into a :class:`LoraBank` (``LoraBank(1, ...).layer(0)`` for a standalone layer)."""
 
-    def __init__(self, in_features: int, slice_widths: Sequence[int], max_loras: int, max_rank: int,
-                 device="cpu", dtype=torch.float16):
+    def __init__(self, slice_widths: Sequence[int], lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
+                 ranks: torch.Tensor, scalings: torch.Tensor):
         self.slice_widths = list(slice_widths)
         self.offsets = default_offsets(self.slice_widths)
-        self.lora_a = [torch.zeros(max_loras, max_rank, in_features, device=device, dtype=dtype)
-                       for _ in slice_widths]
-        self.lora_b = [torch.zeros(max_loras, width, max_rank, device=device, dtype=dtype)
-                       for width in slice_widths]
-        self.ranks = torch.zeros(max_loras, dtype=torch.int32, device=device)
-        self.scalings = torch.zeros(max_loras, dtype=torch.float32, device=device)
-
-    @classmethod
-    def of_views(cls, slice_widths: Sequence[int], lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
-                 ranks: torch.Tensor, scalings: torch.Tensor) -> "LoraSlots":
-        """Slots over tensors owned elsewhere (one layer of a :class:`LoraBank`)."""
-        slots = cls.__new__(cls)
-        slots.slice_widths = list(slice_widths)
-        slots.offsets = default_offsets(slots.slice_widths)
-        slots.lora_a, slots.lora_b, slots.ranks, slots.scalings = lora_a, lora_b, ranks, scalings
-        return slots
+        self.lora_a, self.lora_b = lora_a, lora_b  # per slice: [max_loras, max_rank, in], [max_loras, out, max_rank]
+        self.ranks, self.scalings = ranks, scalings  # [max_loras]
 
     @property
     def max_rank(self) -> int:
@@ -74,19 +61,27 @@ class LoraSlots:
         it). Slices of unequal rank (PEFT ``rank_pattern``) run at the largest: the zero rows and
         columns past a slice's own rank add exactly nothing. Everything past the rank is zeroed so a
         later, smaller adapter leaves nothing behind."""
-        rank = max((pair[0].shape[0] for pair in pairs if pair is not None), default=0)
-        if rank > self.max_rank:
-            raise ValueError(f"rank {rank} exceeds max_rank {self.max_rank}")
-        for s, pair in enumerate(pairs):
-            self.lora_a[s][slot].zero_()
-            self.lora_b[s][slot].zero_()
-            if pair is not None:
-                a, b = pair
-                # async from pinned host memory (the engine keeps it alive): no host stall
-                self.lora_a[s][slot, :a.shape[0]].copy_(a, non_blocking=True)
-                self.lora_b[s][slot, :, :b.shape[1]].copy_(b, non_blocking=True)
-        self.ranks[slot] = rank
+        _fill_slot([a[slot][None] for a in self.lora_a], [b[slot][None] for b in self.lora_b],
+                   [None if pair is None else (pair[0][None], pair[1][None]) for pair in pairs])
+        self.ranks[slot] = max((pair[0].shape[0] for pair in pairs if pair is not None), default=0)
         self.scalings[slot] = scaling
+
+
+def _fill_slot(a_dsts: list[torch.Tensor], b_dsts: list[torch.Tensor],
+               pairs: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+    """Copy per slice A [L, r, in] / B [L, out, r] into one slot's A [L, max_rank, in] / B [L, out,
+    max_rank] (L layers, or 1), zeroing what lies past r (None: the whole slice). Copies are async
+    from pinned host memory (the engine keeps it alive)."""
+    for a_dst, b_dst, pair in zip(a_dsts, b_dsts, pairs):
+        rank = 0 if pair is None else pair[0].shape[1]
+        if rank > a_dst.shape[1]:
+            raise ValueError(f"rank {rank} exceeds max_rank {a_dst.shape[1]}")
+        if pair is not None:
+            a_dst[:, :rank].copy_(pair[0], non_blocking=True)
+            b_dst[:, :, :rank].copy_(pair[1], non_blocking=True)
+        if rank < a_dst.shape[1]:
+            a_dst[:, rank:].zero_()
+            b_dst[:, :, rank:].zero_()
 
 
 class LoraBank:
@@ -99,7 +94,6 @@ class LoraBank:
     def __init__(self, num_layers: int, in_features: int, slice_widths: Sequence[int], max_loras: int,
                  max_rank: int, device="cpu", dtype=torch.float16):
         self.slice_widths = list(slice_widths)
-        self.max_rank = max_rank
         self.lora_a = [torch.zeros(num_layers, max_loras, max_rank, in_features, device=device, dtype=dtype)
                        for _ in slice_widths]
         self.lora_b = [torch.zeros(num_layers, max_loras, width, max_rank, device=device, dtype=dtype)
@@ -108,8 +102,8 @@ class LoraBank:
         self.scalings = torch.zeros(num_layers, max_loras, dtype=torch.float32, device=device)
 
     def layer(self, i: int) -> LoraSlots:
-        return LoraSlots.of_views(self.slice_widths, [a[i] for a in self.lora_a], [b[i] for b in self.lora_b],
-                                  self.ranks[i], self.scalings[i])
+        return LoraSlots(self.slice_widths, [a[i] for a in self.lora_a], [b[i] for b in self.lora_b],
+                         self.ranks[i], self.scalings[i])
 
     def load(self, slot: int, pairs: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
              ranks: torch.Tensor) -> None:
@@ -118,21 +112,7 @@ class LoraBank:
         each layer ([layers] int32: the largest of its slices; the zero rows and columns past a
         slice's own rank add exactly nothing). Scalings are 1 (folded into B). Copies are async from
         pinned host memory; everything past the rank is zeroed."""
-        for s, pair in enumerate(pairs):
-            a_dst, b_dst = self.lora_a[s][:, slot], self.lora_b[s][:, slot]
-            if pair is None:
-                a_dst.zero_()
-                b_dst.zero_()
-                continue
-            a, b = pair
-            rank = a.shape[1]
-            if rank > self.max_rank:
-                raise ValueError(f"rank {rank} exceeds max_rank {self.max_rank}")
-            a_dst[:, :rank].copy_(a, non_blocking=True)
-            b_dst[:, :, :rank].copy_(b, non_blocking=True)
-            if rank < self.max_rank:
-                a_dst[:, rank:].zero_()
-                b_dst[:, :, rank:].zero_()
+        _fill_slot([a[:, slot] for a in self.lora_a], [b[:, slot] for b in self.lora_b], pairs)
         self.ranks[:, slot].copy_(ranks, non_blocking=True)
         self.scalings[:, slot].fill_(1.0)
 

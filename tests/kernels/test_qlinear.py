@@ -3,7 +3,7 @@
 import torch
 
 from inlaid.kernels.lora import LoraBatchMeta
-from inlaid.kernels.qlinear import LoraSlots, QuantLinear
+from inlaid.kernels.qlinear import LoraBank, QuantLinear
 from inlaid.kernels.quant_matmul import prepare
 
 from .test_quant_matmul import random_layer
@@ -13,7 +13,7 @@ def test_fused_qkv_with_mixed_adapters_matches_float64():
     widths = (64, 32, 32)  # GQA: q wider than k and v
     k, n = 96, sum(widths)
     packed, w64, bias = random_layer(k, n, 4, 32, True, False, bias=True, seed=5)
-    slots = LoraSlots(k, widths, max_loras=3, max_rank=8, dtype=torch.float64)
+    slots = LoraBank(1, k, widths, max_loras=3, max_rank=8, dtype=torch.float64).layer(0)
     gen = torch.Generator().manual_seed(0)
     adapters = {}
     for slot, (rank, scale) in enumerate([(8, 2.0), (2, 0.5), (4, 1.0)]):
