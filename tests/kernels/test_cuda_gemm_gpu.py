@@ -75,14 +75,19 @@ def test_misaligned_x_and_bad_out_are_handled():
         quant_matmul_cuda(x, p, out=torch.empty(2, 256, device="cuda", dtype=torch.float16))
 
 
-def test_dispatch_uses_it_for_decode_sizes():
+def test_dispatch_uses_it_for_decode_sizes(monkeypatch):
+    """With INLAID_CUDA_GEMM=1 a prepared layer holds the layout and quant_matmul runs the kernel."""
+    from inlaid.kernels import cuda_gemm, dispatch
+
     packed, _, _ = random_layer(1024, 256, 4, 128, True, False, bias=False, seed=0)
     p = prepare(packed, "cuda", torch.float16)
     x = torch.randn(16, 1024, device="cuda", dtype=torch.float16)
-    from inlaid.kernels import dispatch
-
     assert dispatch.choose("quant_matmul", x.device, bits=4, m=16, group_size=128, cuda_gemm=True) == "cuda"
+    calls = []
+    real = cuda_gemm.quant_matmul_cuda
+    monkeypatch.setattr(cuda_gemm, "quant_matmul_cuda", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert rel(quant_matmul(x, p), quant_matmul_ref(x.float(), prepare(packed, "cuda", torch.float32))) < TOL
+    assert calls == [1]
 
 
 def test_new_weights_refresh_the_layout_under_a_captured_graph():
