@@ -38,8 +38,6 @@ def fast_decoder(tokenizer, skip_special_tokens: bool):
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = (),
                  skip_special_tokens: bool = True):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
         self._decode = fast_decoder(tokenizer, skip_special_tokens)
         self.stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1

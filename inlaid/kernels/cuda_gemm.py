@@ -142,7 +142,7 @@ def _nvcc() -> str | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin" / "nvcc").exists():
         return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc") or (shutil.which("/usr/local/cuda/bin/nvcc"))
+    return shutil.which("nvcc") or shutil.which("/usr/local/cuda/bin/nvcc")
 
 
 def build(arch: str, nvcc: str | None = None) -> Path:
@@ -240,10 +240,9 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: tuple[int, int,
     if not y.is_contiguous() or y.shape != (m, n) or y.dtype != torch.float16 or y.device != x.device:
         raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor on {x.device}")
     ws, counts = split_k_state(x.device, m * n, n // (16 * WARPS * nw)) if split > 1 else (y, cq.gidx16)
-    bias = p.bias.to(torch.float16) if p.bias is not None else None
     with torch.cuda.device(x.device):  # the launch goes to the current device's context
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
-                            bias.data_ptr() if bias is not None else None, y.data_ptr(), ws.data_ptr(),
+                            None if p.bias is None else p.bias.data_ptr(), y.data_ptr(), ws.data_ptr(),
                             counts.data_ptr(), m, n, k, nw, unroll, split, cq.group16,
                             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
