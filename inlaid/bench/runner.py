@@ -21,6 +21,7 @@ from inlaid.bench.requests import Workload, map_adapters
 from inlaid.bench.results import RunResult
 from inlaid.bench.roofline import HBM_BYTES_PER_S, decode_roofline, model_bytes
 from inlaid.engine.llm_engine import EngineConfig, LLMEngine
+from inlaid.engine.scheduler import check_slo_target
 from inlaid.errors import ConfigError
 
 BASELINES = ("inlaid", "fcfs", "fp16", "no-lora", "hf-peft", "hf-peft-mixed")
@@ -67,9 +68,8 @@ class BenchConfig:
             raise ConfigError("--baseline fp16 on a real model needs --fp16-model (the unquantized base)")
         if self.hf_max_requests is not None and self.hf_max_requests < 1:
             raise ConfigError("--hf-max-requests must be at least 1")
-        for value, flag in ((self.ttft_slo_s, "--ttft-slo"), (self.latency_slo_s, "--latency-slo")):
-            if value is not None and not value > 0:
-                raise ConfigError(f"{flag} must be positive")
+        check_slo_target("--ttft-slo", self.ttft_slo_s)
+        check_slo_target("--latency-slo", self.latency_slo_s)
 
     @property
     def main_name(self) -> str:

@@ -77,6 +77,8 @@ def serve_cmd(
                           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
                           max_model_len=max_model_len, policy=policy, num_kv_blocks=num_kv_blocks,
                           ttft_slo_s=ttft_slo, latency_slo_s=latency_slo)
+    if (ttft_slo is not None or latency_slo is not None) and policy != "inlaid":
+        raise ConfigError(f"--ttft-slo / --latency-slo need --policy inlaid (the {policy} policy ignores them)")
     try:
         from inlaid.server import launch
     except ImportError as exc:  # fastapi / uvicorn are the 'serve' extra

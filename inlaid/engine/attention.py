@@ -91,25 +91,25 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
         from inlaid.kernels.triton.paged_prefill import tile_map
 
         tables, rows, lens, starts = zip(*prefill)
-        width = max(len(t) for t in tables)
-        batch.prefill_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                                            device=device)
+        batch.prefill_tables = torch.tensor(pad_rows(tables), dtype=torch.int32, device=device)
         batch.prefill_meta = torch.tensor([rows, lens, starts], dtype=torch.int32, device=device)
         batch.prefill_tiles = tile_map(list(lens), device)
     if decode_rows:
         batch.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
         batch.decode_lens = torch.tensor(decode_lens, dtype=torch.int64, device=device)
         if use_kernel:
-            width = max(len(t) for t in decode_tables)
-            batch.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables],
-                                               dtype=torch.int32, device=device)
+            batch.decode_tables = torch.tensor(pad_rows(decode_tables), dtype=torch.int32, device=device)
             batch.decode_lens32 = batch.decode_lens.to(torch.int32)
         else:
             contexts = [_slots(t, n, block_size) for t, n in zip(decode_tables, decode_lens)]
-            width = max(decode_lens)
-            batch.decode_slots = torch.tensor([c + [0] * (width - len(c)) for c in contexts],
-                                              dtype=torch.int64, device=device)
+            batch.decode_slots = torch.tensor(pad_rows(contexts), dtype=torch.int64, device=device)
     return batch
+
+
+def pad_rows(rows) -> list[list[int]]:
+    """Lists of unequal length (block tables, slot lists) padded with 0 to the longest: a tensor's rows."""
+    width = max(len(r) for r in rows)
+    return [list(r) + [0] * (width - len(r)) for r in rows]
 
 
 def _use_kernel(device: torch.device) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inlaid.engine.adapters import AdapterManager
-from inlaid.engine.attention import AttentionBatch, build_batch
+from inlaid.engine.attention import AttentionBatch, build_batch, pad_rows
 from inlaid.engine.model import CausalLM
 from inlaid.engine.sampler import TokenLogprobs, make_generator, sample, token_logprobs
 from inlaid.engine.scheduler import StepPlan
@@ -196,8 +196,7 @@ class DecodeGraphs:
         self.lens[:b].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)
         self.token_slot[:b].copy_(torch.tensor(adapter_slots + [-1] * pad, dtype=torch.int32),
                                   non_blocking=True)
-        width = max(len(t) for t in tables)
-        self.tables[:n, :width].copy_(torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                                   dtype=torch.int32), non_blocking=True)
+        padded = torch.tensor(pad_rows(tables), dtype=torch.int32)
+        self.tables[:n, :padded.shape[1]].copy_(padded, non_blocking=True)
         self.graphs[b].replay()  # the captured step re-groups token_slot for LoRA itself
         return self.logits[b][:n]

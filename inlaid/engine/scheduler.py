@@ -270,7 +270,8 @@ class Scheduler:
         # by score, penalty included, so aging brings it back.
         demoted = [seq for seq in running if self.misses_slo(seq, self._now)] if self.config.slo_aware else []
         if demoted:
-            running = [seq for seq in running if seq not in demoted]
+            late = {id(seq) for seq in demoted}
+            running = [seq for seq in running if id(seq) not in late]
         paused = self._schedule_running(running, allowed, budget, plan)
         candidates = list(heapq.merge(waiting, demoted, key=key)) if demoted else waiting
         self._admit(candidates, allowed, paused, budget, plan, len(demoted))
@@ -311,7 +312,9 @@ class Scheduler:
         """Admit waiting sequences, best first. ``candidates`` may also hold ``num_demoted`` running
         sequences that miss their SLO: each continues where its score puts it among the waiting ones.
         (A victim taken from the queue may be one of them: the count is an upper bound, which only
-        costs a longer scan.)"""
+        costs a longer scan.) A waiting sequence short of KV blocks preempts only paused sequences:
+        demoted ones still queued behind it keep their blocks and may run this step, so under
+        memory pressure "late requests go last" holds for admission order, not for KV."""
         admitting = not plan.preempted  # memory is short: admitting now would only preempt again
         queue = deque(candidates)
         while queue and not budget.exhausted and (admitting or num_demoted):

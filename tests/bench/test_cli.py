@@ -35,6 +35,15 @@ def serve_dir(tmp_path_factory):
     return out
 
 
+def test_no_slo_aware_reaches_the_run(tmp_path):
+    result = runner.invoke(app, ["bench", "serve", *TINY, "--adapters", "2", "--requests", "2", "--arrival",
+                                 "all-at-once", "--input-len", "4:6", "--output-len", "2:3", "--latency-slo", "60",
+                                 "--no-slo-aware", "--no-plots", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["params"]["slo_aware"] for r in results] == [False]
+
+
 def test_serve_writes_table_json_csv_and_plots(serve_dir):
     names = {p.name for p in serve_dir.iterdir()}
     assert {"inlaid.json", "fcfs.json", "results.json", "summary.csv", "summary.md", "inlaid.requests.csv",

@@ -77,6 +77,10 @@ def test_variants_change_one_thing():
     assert engine_config_for(config, "no-lora", 3).dummy_adapters == 0
     with pytest.raises(ConfigError, match="main run's policy"):
         BenchConfig(tiny_engine_config(), baselines=("inlaid",))
+    with pytest.raises(ConfigError, match="choose from"):
+        BenchConfig(tiny_engine_config(), baselines=("vllm",))
+    with pytest.raises(ConfigError, match="only no-lora"):
+        BenchConfig(url="http://127.0.0.1:1", baselines=("fcfs",))
 
 
 @pytest.mark.parametrize("slo_aware", [True, False])
@@ -96,10 +100,6 @@ def test_only_inlaid_runs_get_the_slo_targets(slo_aware: bool) -> None:
 def test_engine_config_rejects_bad_slo_targets_before_loading(bad: float) -> None:
     with pytest.raises(ConfigError, match="ttft_slo_s"):
         tiny_engine_config(ttft_slo_s=bad)
-    with pytest.raises(ConfigError, match="choose from"):
-        BenchConfig(tiny_engine_config(), baselines=("vllm",))
-    with pytest.raises(ConfigError, match="only no-lora"):
-        BenchConfig(url="http://127.0.0.1:1", baselines=("fcfs",))
 
 
 def _plan(*scheduled):

@@ -1,8 +1,8 @@
 """The engine on a CUDA device (GPU only): adapter prefetch on its side stream changes no output.
 
-fp32 on the GPU, so every op takes the deterministic torch path and the comparison can demand
-identical tokens; the prefetch copies, their events and the slot evictions are the same code as in
-fp16 serving."""
+fp32 on the GPU, so the comparisons can demand identical tokens (the Triton kernels run in fp32 too,
+with IEEE dots); the prefetch copies, their events and the slot evictions are the same code as in
+fp16 serving. Also: the CUDA engine with every kernel gives the CPU engine's greedy tokens."""
 
 import pytest
 import torch

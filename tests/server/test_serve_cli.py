@@ -58,6 +58,7 @@ def test_options_reach_the_library(monkeypatch, served):
     (["--adapter-root", "/no/such/root"], "not a directory"),
     (["--max-queue", "0"], "--max-queue"),
     (["--ttft-slo", "0"], "ttft_slo_s"),
+    (["--latency-slo", "5"], "need --policy inlaid"),
 ])
 def test_bad_options_exit_1_with_one_line(capsys, served, args, needle):
     assert run_cli(["serve", served.base, *args]) == 1
