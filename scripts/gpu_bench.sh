@@ -8,6 +8,9 @@
 #   table     scripts/bench_kernels.py: every quant_matmul backend vs cuBLAS and exllamav2, M 1-2048
 #   cuda      GPU tests of the CUDA small-M GEMM (and the other quant_matmul backends), then its
 #             launch-config sweep at M = ${SWEEP_M:-1 8 16 32}
+#   sweep-cuda  only the CUDA GEMM's launch-config sweep (at M = ${SWEEP_M:-1 8 16 32})
+#   attention scripts/bench_attention.py: the paged decode attention kernel by loop tile and warps
+#   lora      scripts/bench_lora.py --sweep, then its table: shrink/expand block configs at batch 32
 #   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)
 #   batch     shape 3: prefill / decode / end-to-end latency, distinct / uniform / identical, batch 8-64,
 #             vs the fp16 base (batch 1 is the same for every pattern: see batch-hf)
@@ -17,8 +20,8 @@
 #   rates     shape 2: SLO attainment vs arrival rate, `inlaid` (SLO-aware) vs `fcfs`, rates up to saturation
 #   rates-plain  shape 2 for `inlaid` without the SLO targets (--no-slo-aware), same workloads
 #   engine    scripts/gpu_engine.py (correctness, decode speed per batch, HF baselines)
-#   profile-cuda, engine-cuda   the same two with the CUDA small-M GEMM on (INLAID_CUDA_GEMM=1), results
-#             under results/cuda/: run next to profile / engine for a side-by-side comparison
+#   profile-nocuda, engine-nocuda   the same two with the CUDA small-M GEMM off (INLAID_CUDA_GEMM=0),
+#             results under results/nocuda/: run next to profile / engine for a side-by-side comparison
 #
 # Each part runs under its own time limit (PART_TIMEOUT_<part>, seconds) so that one slow part still
 # leaves the others' results. Everything lands in $OUT/results.tar.gz plus one log per part (the
@@ -71,6 +74,9 @@ for what in "$@"; do
         cuda) part cuda bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_gemm_gpu.py \
             tests/kernels/test_quant_matmul_gpu.py && python3 scripts/bench_kernels.py --sweep-cuda ${SWEEP_M:-1 8 16 32}" ;;
         table) part table python3 scripts/bench_kernels.py ;;
+        sweep-cuda) part sweep_cuda python3 scripts/bench_kernels.py --sweep-cuda ${SWEEP_M:-1 8 16 32} ;;
+        attention) part attention python3 scripts/bench_attention.py ;;
+        lora) part lora bash -c "python3 scripts/bench_lora.py --sweep && python3 scripts/bench_lora.py" ;;
         profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;
         batch) part batch "${INLAID[@]}" bench sweep batch $M --patterns distinct,uniform,identical \
             --batch-sizes "${BATCH_SIZES:-8,32,64}" --input-len 128 --output-len 64 --baseline fp16 \
@@ -91,10 +97,10 @@ for what in "$@"; do
             --policy inlaid --no-slo-aware --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 \
             --out "$OUT/results/rates-plain" ;;
         engine) part engine python3 scripts/gpu_engine.py --out "$OUT/results" ;;
-        profile-cuda) mkdir -p "$OUT/results/cuda"; part profile_cuda env INLAID_CUDA_GEMM=1 \
-            python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results/cuda" ;;
-        engine-cuda) mkdir -p "$OUT/results/cuda"; part engine_cuda env INLAID_CUDA_GEMM=1 \
-            python3 scripts/gpu_engine.py --out "$OUT/results/cuda" ;;
+        profile-nocuda) mkdir -p "$OUT/results/nocuda"; part profile_nocuda env INLAID_CUDA_GEMM=0 \
+            python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results/nocuda" ;;
+        engine-nocuda) mkdir -p "$OUT/results/nocuda"; part engine_nocuda env INLAID_CUDA_GEMM=0 \
+            python3 scripts/gpu_engine.py --out "$OUT/results/nocuda" ;;
         *) echo "unknown part $what"; exit 2 ;;
     esac
 done

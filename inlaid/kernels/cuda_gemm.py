@@ -9,10 +9,9 @@ unavailable and dispatch uses the Triton kernel.
 ``shuffle`` and ``unshuffle`` are pure torch (the CPU tests check that one inverts the other with the
 kernel's index map, and emulate the kernel's arithmetic); only ``quant_matmul_cuda`` needs the GPU.
 
-Status: EXPERIMENTAL, off by default. The kernel compiles and its layout is verified on the CPU, but it
-has not yet run on a GPU (tests/kernels/test_cuda_gemm_gpu.py, scripts/bench_kernels.py --sweep-cuda
-are ready for that). ``INLAID_CUDA_GEMM=1`` turns it on: ``prepare`` then builds the layout and the
-dispatch table picks it for M <= 32. ``backend="cuda"`` forces it for one call either way.
+On by default where it runs (``INLAID_CUDA_GEMM=0`` turns it off): ``prepare`` then builds the
+layout, and the dispatch table picks the kernel for M 3-16, where it beat the Triton kernel and
+exllamav2 on an H100 (docs/results/kernels.md). ``backend="cuda"`` forces it for one call either way.
 """
 
 from __future__ import annotations
@@ -196,19 +195,24 @@ def available(device_index: int = 0) -> bool:
 
 
 def enabled() -> bool:
-    """Whether dispatch may pick the kernel (``INLAID_CUDA_GEMM=1``; see the module's status note)."""
-    return os.environ.get("INLAID_CUDA_GEMM", "0") == "1"
+    """Whether ``prepare`` builds the layout, so that dispatch may pick the kernel (unless
+    ``INLAID_CUDA_GEMM=0``)."""
+    return os.environ.get("INLAID_CUDA_GEMM", "1") != "0"
 
 
 _SMS: dict[int, int] = {}
 
 
 def default_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int]:
-    """(nw, unroll, split): K split until there are ~4 blocks per SM, keeping >= 8 super tiles each."""
-    nw, unroll = 1, 2
+    """(nw, unroll, split). Two 16-column tiles per warp, and K split until there are ~4 blocks per
+    SM (~2 above M = 8, where each block has more MMAs per weight byte), keeping >= 8 super tiles per
+    block. On an H100 this is the best or within ~5% of the best of --sweep-cuda's 20 configs for the
+    Llama-2-7B shapes at M 1-16 (docs/results/bench_kernels_cuda_sweep_01323f6.log)."""
+    nw, unroll = (2, 2) if n % (16 * WARPS * 2) == 0 else (1, 2)
     blocks = n // (16 * WARPS * nw)
+    target = (4 if m <= 8 else 2) * sms
     split = 1
-    while blocks * split < 4 * sms and k // (64 * split * 2) >= 8:
+    while blocks * split < target and k // (64 * split * 2) >= 8:
         split *= 2
     return nw, unroll, split
 

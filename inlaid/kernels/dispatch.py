@@ -19,15 +19,15 @@ import torch
 log = logging.getLogger(__name__)
 
 # (op, backend, condition on facts) — facts: cuda, bits, m, group_size, has_triton, has_exllama,
-# cuda_gemm (the CUDA GEMM is enabled, builds here and holds this layer in its layout)
+# cuda_gemm (the CUDA GEMM builds here, is not disabled, and holds this layer in its layout)
 TABLE = (
-    # Experimental and off by default (INLAID_CUDA_GEMM=1): not yet run on a GPU, so its M range is
-    # a placeholder until scripts/bench_kernels.py has measured it against the rules below.
-    ("quant_matmul", "cuda", lambda f: f["cuda"] and f["cuda_gemm"] and f["m"] <= 32),
-    # H100, commit 0ff1cdd (docs/results/kernels.md): exllamav2 is fastest for 4-bit at M <= 4
-    # (up to 1.7x our Triton kernel on the wide shapes); from M = 8 the Triton kernel is faster.
+    # H100, commit 01323f6 (docs/results/kernels.md): exllamav2 is fastest at M <= 2 on the wide
+    # shapes (15.2 vs 17.9 us on 4096x12288 at M = 1, the CUDA GEMM at its best config); from M = 4
+    # to 16 our CUDA GEMM is (1.2-1.6x the Triton kernel at M <= 8, up to 1.1x at M = 16); from
+    # M = 24 the Triton kernel is again.
     ("quant_matmul", "exllama", lambda f: f["cuda"] and f["has_exllama"] and f["bits"] == 4
-     and f["m"] <= 4),
+     and f["m"] <= 2),
+    ("quant_matmul", "cuda", lambda f: f["cuda"] and f["cuda_gemm"] and f["m"] <= 16),
     # From M = 256 dequantizing the weight once and calling cuBLAS beats the fused kernel on every
     # Llama-2-7B shape (1.1-1.5x at M = 256, 2.0-2.3x at M = 2048): prefill.
     ("quant_matmul", "dequant", lambda f: f["cuda"] and f["has_triton"] and f["m"] >= 256),

@@ -31,16 +31,16 @@ def _enabled(monkeypatch):
 
 @pytest.mark.parametrize("group_size,act_order,sym", LAYOUTS)
 @pytest.mark.parametrize("m", [1, 5, 8, 17, 32, 33, 64])
-@pytest.mark.parametrize("config", [None, (1, 2, 1), (2, 4, 1), (1, 4, 3), (2, 2, 8)])
+@pytest.mark.parametrize("config", [None, (1, 2, 1), (2, 4, 1), (1, 4, 3), (2, 2, 8), (4, 2, 1), (4, 2, 5)])
 def test_cuda_gemm_matches_reference(group_size, act_order, sym, m, config):
     from inlaid.kernels.cuda_gemm import quant_matmul_cuda
 
-    packed, _, _ = random_layer(1024, 384, 4, group_size, sym, act_order, bias=(m % 2 == 1), seed=m)
+    packed, _, _ = random_layer(1024, 768, 4, group_size, sym, act_order, bias=(m % 2 == 1), seed=m)
     p = prepare(packed, "cuda", torch.float16)
     assert p.backend_state.get("cuda") is not None  # built at load time
     x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
     ref = quant_matmul_ref(x.float(), prepare(packed, "cuda", torch.float32))
-    out = torch.full((m, 384), float("nan"), device="cuda", dtype=torch.float16)
+    out = torch.full((m, 768), float("nan"), device="cuda", dtype=torch.float16)
     got = quant_matmul_cuda(x, p, config=config, out=out)
     assert not torch.isnan(got).any()
     assert rel(got, ref) < TOL
@@ -76,7 +76,7 @@ def test_misaligned_x_and_bad_out_are_handled():
 
 
 def test_dispatch_uses_it_for_decode_sizes(monkeypatch):
-    """With INLAID_CUDA_GEMM=1 a prepared layer holds the layout and quant_matmul runs the kernel."""
+    """By default a prepared layer holds the layout and quant_matmul runs the kernel at M 3-16."""
     from inlaid.kernels import cuda_gemm, dispatch
 
     packed, _, _ = random_layer(1024, 256, 4, 128, True, False, bias=False, seed=0)

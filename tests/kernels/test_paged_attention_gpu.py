@@ -1,6 +1,6 @@
 """Triton paged decode attention against the torch SDPA path over gathered K/V (GPU only).
 
-Fresh random caches, shuffled block tables, GQA and MHA, sliding windows, context lengths from 1 to
+Fresh random caches, shuffled block tables, loop tiles of one and of several blocks, GQA and MHA, sliding windows, context lengths from 1 to
 several blocks, and zero-length padding rows (which must come out as zeros). Bound: fp16 inputs,
 fp32 softmax in both paths: max |diff| < 2e-3."""
 
@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.mark.parametrize("heads,kv_heads,dim,block", [(32, 32, 128, 16), (8, 2, 64, 16), (4, 1, 64, 8)])
 @pytest.mark.parametrize("window", [None, 24])
-def test_paged_decode_matches_sdpa(heads, kv_heads, dim, block, window):
+@pytest.mark.parametrize("tile", [16, 64, 128])
+def test_paged_decode_matches_sdpa(heads, kv_heads, dim, block, window, tile):
     from inlaid.kernels.triton.paged_attention import paged_decode_attention
 
     gen = torch.Generator().manual_seed(heads + dim + (window or 0))
@@ -44,7 +45,8 @@ def test_paged_decode_matches_sdpa(heads, kv_heads, dim, block, window):
     table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).cuda()
     lens_t = torch.tensor(lens, dtype=torch.int32).cuda()
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    got = paged_decode_attention(q, k, v, table_t, lens_t, block, scale, window, out=out)
+    got = paged_decode_attention(q, k, v, table_t, lens_t, block, scale, window, out=out, tile=tile)
     assert (got.float() - want.float()).abs().max().item() < 2e-3
-    zero = paged_decode_attention(q, k, v, table_t, torch.zeros_like(lens_t), block, scale, window)
+    zero = paged_decode_attention(q, k, v, table_t, torch.zeros_like(lens_t), block, scale, window,
+                                  tile=tile)
     assert torch.equal(zero, torch.zeros_like(zero))

@@ -5,10 +5,13 @@ that reads and writes the KV twice more than attention needs, and its shape chan
 it cannot be captured in a CUDA graph. This kernel reads K/V straight from the cache through the
 block table, with shapes fixed by (batch, max blocks per sequence): graph-safe.
 
-Grid (sequences, query heads). A program walks its sequence's blocks with an online softmax in
-fp32 (running max and sum), so any context length runs in one pass. GQA: query head h reads KV head
-h // (heads / kv_heads). Sliding window: blocks entirely before the window are skipped, partial ones
-masked. A sequence with context length 0 (graph padding rows) writes zeros.
+Grid (sequences, query heads). A program walks its sequence's tokens TILE at a time (several KV
+blocks per step, each token's slot looked up through the block table) with an online softmax in fp32
+(running max and sum), so any context length runs in one pass. Tiles wider than a block keep more
+K/V bytes in flight per step: a 16-token step left a decode step's attention at ~45% of its bytes
+floor on an H100 (docs/results/serving.md). GQA: query head h reads KV head h // (heads / kv_heads).
+Sliding window: tiles entirely before the window are skipped, partial ones masked. A sequence with
+context length 0 (graph padding rows) writes zeros.
 """
 
 from __future__ import annotations
@@ -27,36 +30,38 @@ def _paged_decode_kernel(
     lens_ptr,  # [B] int32: context length incl. the new token
     scale, window,
     stride_qb, stride_qh, stride_kslot, stride_kh, stride_ob, stride_oh, stride_tb,
-    GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUPS
     length = tl.load(lens_ptr + b)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_t = tl.arange(0, BLOCK_SIZE)
+    offs_t = tl.arange(0, TILE)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * scale
     if HAS_WINDOW:  # compile-time branch: only one definition of ``first`` exists
         first = tl.maximum(length - window, 0)
     else:
         first = 0
     # loop-carried scalars must start as fp32 tensors, not Python floats
-    m_i = tl.max(tl.full([BLOCK_SIZE], -float("inf"), tl.float32), axis=0)
-    l_i = tl.sum(tl.zeros([BLOCK_SIZE], tl.float32), axis=0)
+    m_i = tl.max(tl.full([TILE], -float("inf"), tl.float32), axis=0)
+    l_i = tl.sum(tl.zeros([TILE], tl.float32), axis=0)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for j in range(first // BLOCK_SIZE, tl.cdiv(length, BLOCK_SIZE)):
-        block = tl.load(tables_ptr + b * stride_tb + j).to(tl.int64)
-        pos = j * BLOCK_SIZE + offs_t
+    for j in range(first // TILE, tl.cdiv(length, TILE)):
+        pos = j * TILE + offs_t
         valid = (pos < length) & (pos >= first)
-        slots = block * BLOCK_SIZE + offs_t
+        # K and V both issued before any math; table entries past the sequence's are never read
+        block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slots = block * BLOCK_SIZE + pos % BLOCK_SIZE
         kv_off = slots[:, None] * stride_kslot + kvh * stride_kh + offs_d[None, :]
         k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1)
         s = tl.where(valid, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
+        p = tl.exp(s - m_new)  # every tile walked holds a valid token: m_new is finite
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
@@ -67,13 +72,15 @@ def _paged_decode_kernel(
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                            scale: float, sliding_window: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, H, D] -> [B, H, D]. ``block_tables`` int32 [B, max_blocks], ``context_lens`` int32 [B]."""
+                           out: torch.Tensor | None = None, tile: int = 64,
+                           num_warps: int = 4) -> torch.Tensor:
+    """q [B, H, D] -> [B, H, D]. ``block_tables`` int32 [B, max_blocks], ``context_lens`` int32 [B];
+    ``tile``: tokens per loop step (a power of 2; at least one block); ``num_warps`` per program."""
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
-    if dim & (dim - 1) or heads % kv_heads or block_size & (block_size - 1):
-        raise ValueError(f"head_dim {dim} and block_size {block_size} must be powers of 2 and heads "
-                         f"{heads} a multiple of kv_heads {kv_heads}")
+    if dim & (dim - 1) or heads % kv_heads or block_size & (block_size - 1) or tile & (tile - 1):
+        raise ValueError(f"head_dim {dim}, block_size {block_size} and tile {tile} must be powers of 2 "
+                         f"and heads {heads} a multiple of kv_heads {kv_heads}")
     if k_cache.stride(2) != 1 or q.stride(2) != 1:
         raise ValueError("q and the caches must be contiguous in head_dim")
     out = torch.empty_like(q) if out is None else out
@@ -81,6 +88,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, out, block_tables, context_lens, scale, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
-        GROUPS=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=dim,
-        HAS_WINDOW=sliding_window is not None, num_warps=4)
+        GROUPS=heads // kv_heads, BLOCK_SIZE=block_size, TILE=max(block_size, tile), HEAD_DIM=dim,
+        HAS_WINDOW=sliding_window is not None, num_warps=num_warps)
     return out
