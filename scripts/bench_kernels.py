@@ -197,8 +197,8 @@ def sweep_cuda(ms) -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             default = default_config(m, n, k, sms)
             found = []
-            for cfg in itertools.product((1, 2, 4), (2, 4), (1, 2, 4, 8, 16)):
-                if k // 64 < cfg[2] or (cfg[0] == 4 and cfg[1] == 4) or n % (64 * cfg[0]):
+            for cfg in itertools.product((1, 2), (2, 4), (1, 2, 4, 8, 16)):
+                if k // 64 < cfg[2] or n % (64 * cfg[0]):
                     continue
                 found.append((timed(lambda i: quant_matmul_cuda(x, layers[i], config=cfg), copies, reps=10),
                               cfg))

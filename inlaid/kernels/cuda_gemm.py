@@ -204,17 +204,22 @@ _SMS: dict[int, int] = {}
 
 
 def default_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int]:
-    """(nw, unroll, split). Two 16-column tiles per warp, and K split until there are ~4 blocks per
-    SM (~2 above M = 8, where each block has more MMAs per weight byte), keeping >= 8 super tiles per
-    block. On an H100 this is the best or within ~5% of the best of --sweep-cuda's 20 configs for the
-    Llama-2-7B shapes at M 1-16 (docs/results/bench_kernels_cuda_sweep_01323f6.log)."""
-    nw, unroll = (2, 2) if n % (16 * WARPS * 2) == 0 else (1, 2)
-    blocks = n // (16 * WARPS * nw)
+    """(nw, unroll, split): K split until there are ~4 blocks per SM (~2 above M = 8, where a block
+    has more MMAs per weight byte), keeping >= 8 super tiles per block; two 16-column tiles per
+    warp where that still reaches the block count (the wide q/k/v and gate/up layers), else one.
+    On an H100 this is the best, or within 5% of the best, of --sweep-cuda's 20 configs for every
+    Llama-2-7B shape at M 8-16 (docs/results/bench_kernels_cuda_sweep_82f77a4.log; M = 1 is
+    exllamav2's in dispatch)."""
     target = (4 if m <= 8 else 2) * sms
+    max_split = 1
+    while k // (64 * max_split * 2) >= 8:  # the largest split leaving >= 8 super tiles per block
+        max_split *= 2
+    nw = 2 if n % (16 * WARPS * 2) == 0 and n // (16 * WARPS * 2) * max_split >= target else 1
+    blocks = n // (16 * WARPS * nw)
     split = 1
-    while blocks * split < target and k // (64 * split * 2) >= 8:
+    while blocks * split < target and split < max_split:
         split *= 2
-    return nw, unroll, split
+    return nw, 2, split
 
 
 def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: tuple[int, int, int] | None = None,

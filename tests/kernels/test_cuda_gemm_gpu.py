@@ -31,7 +31,7 @@ def _enabled(monkeypatch):
 
 @pytest.mark.parametrize("group_size,act_order,sym", LAYOUTS)
 @pytest.mark.parametrize("m", [1, 5, 8, 17, 32, 33, 64])
-@pytest.mark.parametrize("config", [None, (1, 2, 1), (2, 4, 1), (1, 4, 3), (2, 2, 8), (4, 2, 1), (4, 2, 5)])
+@pytest.mark.parametrize("config", [None, (1, 2, 1), (2, 4, 1), (1, 4, 3), (2, 2, 8)])
 def test_cuda_gemm_matches_reference(group_size, act_order, sym, m, config):
     from inlaid.kernels.cuda_gemm import quant_matmul_cuda
 

@@ -239,7 +239,7 @@ int launch_tm(const Args& a) {
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, float* ws, int* counts, int M, int N, int K,
                              int nw, int unroll, int split, int group16, void* stream) {
-    if (!((nw == 1 || nw == 2) && (unroll == 2 || unroll == 4)) && !(nw == 4 && unroll == 2)) return -1;
+    if ((nw != 1 && nw != 2) || (unroll != 2 && unroll != 4)) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
     const Args a{x, qw, sz, gidx16, bias, y, ws, counts, M, N, K, split, group16,
                  static_cast<cudaStream_t>(stream)};
@@ -247,8 +247,5 @@ extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, cons
     if (nw == 1 && unroll == 4) return launch_tm<1, 4>(a);
     if (nw == 2 && unroll == 2) return launch_tm<2, 2>(a);
     if (nw == 2 && unroll == 4) return launch_tm<2, 4>(a);
-    // four tiles per warp: each x fragment feeds 4x more MMAs (the L1/L2 traffic of x is 4M/(16 nw)
-    // times the weights' at M tokens)
-    if (nw == 4 && unroll == 2) return launch_tm<4, 2>(a);
     return -1;
 }
