@@ -25,8 +25,7 @@
 // dimension splits K. Split-K partial sums go into an fp32 workspace; the last block of a column
 // tile to arrive (an arrival counter) writes y and zeroes its workspace tile and counter again, so
 // one launch does the whole product and the workspace is clean for the next call (and for CUDA-graph
-// replays). x is read by each warp straight from global memory (L1 serves the block's other warps),
-// or, with SX, staged once per block in shared memory with cp.async one step ahead.
+// replays).
 
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -41,12 +40,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
-}
-
-// 16 bytes global -> shared without a register round trip; src_bytes 0 writes zeros (rows past M)
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(src_bytes));
 }
 
 __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -71,11 +64,7 @@ __device__ __forceinline__ void dequant_word(uint32_t w, half2 z0, half2 s0, hal
     }
 }
 
-// Shared-memory row of one token's 64-k slice of x: 64 halves plus 8 of padding, so that the 8
-// tokens (g) a quarter warp reads at 32t-byte offsets fall in distinct banks.
-constexpr int kRow = 72;
-
-template <int TM, int NW, int U, bool SX>
+template <int TM, int NW, int U>
 __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
     const half* __restrict__ x,       // [M, K] (K permuted for act-order)
     const uint4* __restrict__ qw,     // [N / 16, K / 64, 32] one uint4 per lane
@@ -112,22 +101,6 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
         xok[i] = r < M;
         xrow[i] = x + (size_t)(xok[i] ? r : 0) * K + 16 * t;
     }
-    // SX: the block stages each step's x (U super tiles x 8 TM tokens) in shared memory once, with
-    // cp.async one step ahead, instead of every warp reading it from L1/L2 into registers: x's
-    // traffic per weight byte grows with M (4M / (16 NW) times the weights'), and its registers
-    // cut occupancy at M = 32 (docs/results/kernels.md).
-    constexpr int kStage = SX ? U * TM * 8 * kRow : 1;
-    __shared__ __align__(16) half xs[SX ? 2 : 1][kStage];
-    auto stage_x = [&](int buf, int ks) {
-        constexpr int chunks = U * TM * 8 * 8;  // 16-byte chunks: 8 per token row
-        for (int c = threadIdx.x; c < chunks; c += kWarps * 32) {
-            const int u = c / (TM * 64), r = (c / 8) % (TM * 8), part = c % 8;
-            const int k = min(ks + u, ks1 - 1);
-            const half* src = x + (size_t)(r < M ? r : 0) * K + (size_t)k * 64 + 8 * part;
-            cp_async16(&xs[buf][(u * TM * 8 + r) * kRow + 8 * part], src, r < M ? 16 : 0);
-        }
-        asm volatile("cp.async.commit_group;");
-    };
 
     // U super tiles per step, the next step's weights loaded before this step's math: 0.5-4 KB of
     // weight loads in flight per warp hide HBM latency without shared memory.
@@ -141,22 +114,9 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
                     ? load_stream(qw + ((size_t)(tile0 + n) * KS + ks + u) * 32 + lane)
                     : make_uint4(0, 0, 0, 0);
     };
-    if (ks0 < ks1) {
-        load_w(cur, ks0);
-        if constexpr (SX) stage_x(0, ks0);
-    }
+    if (ks0 < ks1) load_w(cur, ks0);
     for (int ks = ks0; ks < ks1; ks += U) {
-        const int buf = ((ks - ks0) / U) & 1;
         if (ks + U < ks1) load_w(nxt, ks + U);
-        if constexpr (SX) {
-            if (ks + U < ks1) {  // uniform over the block: every warp has the same K range
-                stage_x(buf ^ 1, ks + U);
-                asm volatile("cp.async.wait_group 1;");
-            } else {
-                asm volatile("cp.async.wait_group 0;");
-            }
-            __syncthreads();
-        }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             // Past the range (the last step of an uneven split) the loads re-read the last super
@@ -167,16 +127,9 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
             uint4 xv[TM][2];
 #pragma unroll
             for (int i = 0; i < TM; ++i) {
-                if constexpr (SX) {
-                    const uint4* p = reinterpret_cast<const uint4*>(
-                        &xs[buf][(u * TM * 8 + 8 * i + g) * kRow + 16 * t]);
-                    xv[i][0] = p[0];
-                    xv[i][1] = p[1];
-                } else {
-                    const uint4* p = reinterpret_cast<const uint4*>(xrow[i] + (size_t)k * 64);
-                    xv[i][0] = xok[i] ? __ldg(p) : make_uint4(0, 0, 0, 0);
-                    xv[i][1] = xok[i] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
-                }
+                const uint4* p = reinterpret_cast<const uint4*>(xrow[i] + (size_t)k * 64);
+                xv[i][0] = xok[i] ? __ldg(p) : make_uint4(0, 0, 0, 0);
+                xv[i][1] = xok[i] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
             }
             // computed, not loaded, for equal groups: the scale load then does not wait on another
             const int grp = group16 > 0 ? (4 * k + t) / group16 : __ldg(gidx16 + 4 * k + t);
@@ -204,7 +157,6 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
         for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int n = 0; n < NW; ++n) cur[u][n] = nxt[u][n];
-        if constexpr (SX) __syncthreads();  // every warp is done with buf before it is refilled
     }
 
     // C fragment: acc[n][i] = (col g, tokens 8i+2t, 8i+2t+1), (col g+8, same tokens). Without a
@@ -258,25 +210,25 @@ struct Args {
     cudaStream_t stream;
 };
 
-template <int TM, int NW, int U, bool SX>
+template <int TM, int NW, int U>
 int launch(const Args& a) {
     const dim3 grid(a.N / (16 * NW * kWarps), a.split);
-    qgemm4_kernel<TM, NW, U, SX><<<grid, kWarps * 32, 0, a.stream>>>(
+    qgemm4_kernel<TM, NW, U><<<grid, kWarps * 32, 0, a.stream>>>(
         static_cast<const half*>(a.x), static_cast<const uint4*>(a.qw),
         static_cast<const uint2*>(a.sz), a.gidx16, static_cast<const half*>(a.bias),
         static_cast<half*>(a.y), a.ws, a.counts, a.M, a.N, a.K, a.group16);
     return static_cast<int>(cudaGetLastError());
 }
 
-template <int NW, int U, bool SX = false>
+template <int NW, int U>
 int launch_tm(const Args& a) {
     const int tm = a.M <= 32 ? (a.M + 7) / 8 : 8;
     switch (tm) {
-        case 1: return launch<1, NW, U, SX>(a);
-        case 2: return launch<2, NW, U, SX>(a);
-        case 3: return launch<3, NW, U, SX>(a);
-        case 4: return launch<4, NW, U, SX>(a);
-        default: return launch<8, NW, U, SX>(a);
+        case 1: return launch<1, NW, U>(a);
+        case 2: return launch<2, NW, U>(a);
+        case 3: return launch<3, NW, U>(a);
+        case 4: return launch<4, NW, U>(a);
+        default: return launch<8, NW, U>(a);
     }
 }
 
@@ -286,12 +238,11 @@ int launch_tm(const Args& a) {
 // Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x.
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, float* ws, int* counts, int M, int N, int K,
-                             int nw, int unroll, int split, int stage_x, int group16, void* stream) {
-    if ((nw != 1 && nw != 2) || (unroll != 2 && unroll != 4) || (stage_x && unroll != 2)) return -1;
+                             int nw, int unroll, int split, int group16, void* stream) {
+    if ((nw != 1 && nw != 2) || (unroll != 2 && unroll != 4)) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
     const Args a{x, qw, sz, gidx16, bias, y, ws, counts, M, N, K, split, group16,
                  static_cast<cudaStream_t>(stream)};
-    if (stage_x) return nw == 1 ? launch_tm<1, 2, true>(a) : launch_tm<2, 2, true>(a);
     if (nw == 1 && unroll == 2) return launch_tm<1, 2>(a);
     if (nw == 1 && unroll == 4) return launch_tm<1, 4>(a);
     if (nw == 2 && unroll == 2) return launch_tm<2, 2>(a);
