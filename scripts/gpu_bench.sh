@@ -17,6 +17,7 @@
 #   batch-hf  shape 3 at batch 1 and 8, distinct, vs HF + PEFT mixed and fp16 (HF + PEFT needs seconds a
 #             step at batch 32: its batch-32 figure is in scripts/gpu_engine.py's baselines)
 #   adapters  shape 1: throughput vs 1 / 10 / 100 / 1000 adapters (power law), vs fp16 and HF + PEFT
+#             (ADAPTER_BASELINES="" runs inlaid alone)
 #   rates     shape 2: SLO attainment vs arrival rate, `inlaid` (SLO-aware) vs `fcfs`, rates up to saturation
 #   rates-plain  shape 2 for `inlaid` without the SLO targets (--no-slo-aware), same workloads
 #   engine    scripts/gpu_engine.py (correctness, decode speed per batch, HF baselines)
@@ -86,8 +87,9 @@ for what in "$@"; do
             --out "$OUT/results/batch-hf" ;;
         adapters) part adapters "${INLAID[@]}" bench sweep adapters $M --rank 16 --counts "${COUNTS:-1,10,100,1000}" \
             --pattern powerlaw --alpha 1 --arrival all-at-once --requests "${ADAPTER_REQUESTS:-300}" \
-            --input-len 8:512 --output-len 8:512 --max-num-seqs 128 --baseline fp16 --baseline hf-peft \
-            --hf-max-requests "${HF_MAX_REQUESTS:-16}" --out "$OUT/results/adapters" ;;
+            --input-len 8:512 --output-len 8:512 --max-num-seqs 128 \
+            ${ADAPTER_BASELINES---baseline fp16 --baseline hf-peft --hf-max-requests ${HF_MAX_REQUESTS:-16}} \
+            --out "$OUT/results/adapters" ;;
         rates) part rates "${INLAID[@]}" bench sweep rates $M --adapters 5 --tasks sample \
             --rates "${RATES:-16,24,32,48}" --arrival gamma --cv 2 --requests "${RATE_REQUESTS:-300}" --realtime \
             --policy inlaid --baseline fcfs --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 \
