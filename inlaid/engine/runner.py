@@ -58,9 +58,39 @@ class ModelRunner:
             self.lora_meta = LoraBatchMeta(max_num_batched_tokens, adapters.max_loras, model.device)
         self._generators: dict[str, torch.Generator | None] = {}
         self._graph_shape = (max_num_seqs, -(-max_model_len // block_size))
+        self._max_len = max_model_len
         self.graphs = None
+        if model.device.type == "cuda":
+            self.warm_prefill(max_num_batched_tokens)
         if cuda_graphs and model.device.type == "cuda":
             self.capture_graphs()
+
+    @torch.inference_mode()
+    def warm_prefill(self, max_tokens: int) -> None:
+        """Run a few prefill-shaped steps whose K/V all go to the sink block, so that the kernels
+        of prefill steps (attention, LoRA and GEMM variants by M, norm/RoPE) compile at start-up
+        and not inside the first requests' steps: on an H100 a first prefill step took 0.71 s in a
+        fresh process and 0.26 s once compiled (docs/results/bench.md, shape 1). Token counts: one
+        below 64, one within 65-255 and one from 256 (the GEMM dispatch's regimes), the step cap;
+        two or more sequences each (none longer than the model's context), the first on an
+        adapter slot when there are slots."""
+        device = self.model.device
+        sink = self.sink_slot // self.block_size
+        for total in sorted({n for n in (37, 128, 300, max_tokens) if 2 <= n <= max_tokens}):
+            parts = max(2, -(-total // self._max_len)) if self._max_len else 2
+            lens = [total // parts + (i < total % parts) for i in range(parts)]
+            pieces = [([sink] * -(-n // self.block_size), 0, n) for n in lens]
+            attn = build_batch(pieces, self.block_size, device)
+            lora = None
+            if self.lora_meta is not None:
+                lora = self.lora_meta.prepare(torch.tensor([0] * lens[0] + [-1] * (total - lens[0]),
+                                                           dtype=torch.int32, device=device))
+            positions = torch.cat([torch.arange(n, device=device) for n in lens])
+            hidden = self.model(torch.zeros(total, dtype=torch.int64, device=device), positions, attn,
+                                self.kv_caches, lora)
+            self.model.logits(hidden[-1:])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def capture_graphs(self) -> None:
         """(Re-)capture the decode graphs: at start-up, and after weights change under them."""

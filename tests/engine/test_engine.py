@@ -320,3 +320,21 @@ def test_adapters_with_rank_patterns_and_layer_subsets_match_peft(family, tmp_pa
               num_kv_blocks=256, block_size=4)
     assert [o.output_token_ids for o in llm.generate(PROMPTS, GREEDY, names)] == expect
     assert llm.engine.adapters.num_loads >= 3
+
+
+def test_prefill_warm_up_writes_only_the_sink_block(llama):
+    """The start-up prefill warm-up (run on GPUs) sends every K/V to the spare sink block: the real
+    cache is untouched and later outputs are unchanged. Run here on the CPU path."""
+    base, adapter = llama
+    llm = LLM(str(base), {"a": str(adapter)}, max_loras=2, max_lora_rank=4, num_kv_blocks=64,
+              max_num_batched_tokens=300)
+    before = llm.generate(PROMPTS[:2], GREEDY, ["a", None])
+    runner = llm.engine.runner
+    real = runner.sink_slot  # slots below it belong to the block manager's blocks
+    kept = [(k[:real].clone(), v[:real].clone()) for k, v in runner.kv_caches]
+    runner.warm_prefill(300)
+    for (k, v), (k0, v0) in zip(runner.kv_caches, kept):
+        assert torch.equal(k[:real], k0) and torch.equal(v[:real], v0)
+        assert k[real:].abs().sum() > 0  # the warm-up did write its K/V (to the sink)
+    after = llm.generate(PROMPTS[:2], GREEDY, ["a", None])
+    assert [o.output_token_ids for o in after] == [o.output_token_ids for o in before]
