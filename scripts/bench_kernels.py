@@ -17,6 +17,7 @@ is set.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import torch
@@ -183,12 +184,17 @@ def table(rows, bw) -> str:
     return "\n".join(out)
 
 
-def sweep_cuda(ms) -> None:
-    """Launch configs of the CUDA GEMM (nw column tiles per warp, unroll, split-K) on the decode
-    shapes: the default's time and the best few per shape and M."""
-    import itertools
+# (nw, unroll, split, stages) of every instantiated launch (the kernel's launch_pipe): register
+# double buffering, then the cp.async ring, each with splits 1-16
+CUDA_CONFIGS = [(nw, u, split, 0) for nw in (1, 2) for u in (2, 4) for split in (1, 2, 4, 8, 16)] + [
+    (nw, u, split, stages) for nw in (1, 2, 4) for u, stages in ((1, 4), (1, 8), (2, 4))
+    for split in (1, 2, 4, 8, 16)]
 
-    from inlaid.kernels.cuda_gemm import default_config, quant_matmul_cuda
+
+def sweep_cuda(ms, json_out=None) -> None:
+    """Launch configs of the CUDA GEMM (``CUDA_CONFIGS``) on the decode shapes: the default's time
+    and the best few per shape and M (every config's time as JSON lines to ``json_out``)."""
+    from inlaid.kernels.cuda_gemm import config_built, default_config, quant_matmul_cuda
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for k, n, name in SHAPES:
@@ -197,12 +203,16 @@ def sweep_cuda(ms) -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             default = default_config(m, n, k, sms)
             found = []
-            for cfg in itertools.product((1, 2), (2, 4), (1, 2, 4, 8, 16)):
-                if k // 64 < cfg[2] or n % (64 * cfg[0]):
+            for cfg in CUDA_CONFIGS:
+                if k // 64 < cfg[2] or n % (64 * cfg[0]) or not config_built(cfg, m):
                     continue
                 found.append((timed(lambda i: quant_matmul_cuda(x, layers[i], config=cfg), copies, reps=10),
                               cfg))
             found.sort()
+            if json_out is not None:
+                json_out.write(json.dumps(dict(k=k, n=n, m=m, floor_us=floor_us, default=default,
+                                               times={str(c): t for t, c in found})) + "\n")
+                json_out.flush()
             t_default = next(t for t, c in found if c == default)
             print(f"sweep-cuda {k}x{n} ({name}) M={m}: default {default} {t_default:.1f} µs "
                   f"({floor_us / t_default:.0%} of the 3.0 TB/s floor); best: "
@@ -211,23 +221,54 @@ def sweep_cuda(ms) -> None:
         torch.cuda.empty_cache()
 
 
+def repeat(backend: str, m: str, k: str, n: str, config: str | None = None) -> None:
+    from inlaid.kernels.quant_matmul import quant_matmul
+
+    m, k, n = int(m), int(k), int(n)
+    packed = random_packed(k, n, 4, torch.Generator().manual_seed(0))
+    layers = [prepare(packed, "cuda") for _ in range(max(2, -(-3 * L2_BYTES // (k * n // 2))))]
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    if backend == "cuda" and config:
+        from inlaid.kernels.cuda_gemm import quant_matmul_cuda
+
+        cfg = tuple(int(v) for v in config.split(","))
+        call = lambda layer: quant_matmul_cuda(x, layer, config=cfg)  # noqa: E731
+    else:
+        call = lambda layer: quant_matmul(x, layer, backend=backend)  # noqa: E731
+    for i in range(20):
+        call(layers[i % len(layers)])
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer M values")
     parser.add_argument("--no-exllama", action="store_true")
     parser.add_argument("--sweep", type=int, nargs="*", metavar="M",
                         help="only sweep Triton block shapes on the decode shapes at these M")
+    parser.add_argument("--json", metavar="PATH", help="--sweep-cuda: every config's time, JSON lines")
     parser.add_argument("--sweep-cuda", type=int, nargs="*", metavar="M",
                         help="only sweep the CUDA GEMM's launch configs at these M")
+    parser.add_argument("--repeat", nargs=4, metavar=("BACKEND", "M", "K", "N"),
+                        help="only call one backend (cuda, triton, exllama) on one shape 20 times, "
+                             "for a profiler (ncu) to pick a call")
+    parser.add_argument("--config", help="--repeat cuda: a launch config nw,unroll,split,stages")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: skipping the kernel benchmark")
+        return
+    if args.repeat:
+        repeat(*args.repeat, config=args.config)
         return
     if args.sweep:
         sweep(args.sweep)
         return
     if args.sweep_cuda:
-        sweep_cuda(args.sweep_cuda)
+        if args.json:
+            with open(args.json, "w") as f:
+                sweep_cuda(args.sweep_cuda, f)
+        else:
+            sweep_cuda(args.sweep_cuda)
         return
     exllama = None
     if not args.no_exllama:

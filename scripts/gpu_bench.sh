@@ -8,7 +8,10 @@
 #   table     scripts/bench_kernels.py: every quant_matmul backend vs cuBLAS and exllamav2, M 1-2048
 #   cuda      GPU tests of the CUDA small-M GEMM (and the other quant_matmul backends), then its
 #             launch-config sweep at M = ${SWEEP_M:-1 8 16 32}
-#   sweep-cuda  only the CUDA GEMM's launch-config sweep (at M = ${SWEEP_M:-1 8 16 32})
+#   sweep-cuda  only the CUDA GEMM's launch-config sweep (at M = ${SWEEP_M:-1 8 16 32}), every
+#             config's time also in results/sweep_cuda.json
+#   ncu       scripts/ncu_gemm.sh: Nsight Compute sections of single GEMM calls, NCU_RUNS="BACKEND M
+#             K N CONFIG;..." (default: both CUDA GEMM pipelines and the Triton kernel, M = 32, gate/up)
 #   attention scripts/bench_attention.py: the paged decode attention kernel by loop tile and warps
 #   lora      scripts/bench_lora.py --sweep, then its table: shrink/expand block configs at batch 32
 #   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)
@@ -73,9 +76,13 @@ for what in "$@"; do
         kernels) part kernels bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels && \
             python3 scripts/bench_kernels.py --sweep ${SWEEP_M:-16 32}" ;;
         cuda) part cuda bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_gemm_gpu.py \
-            tests/kernels/test_quant_matmul_gpu.py && python3 scripts/bench_kernels.py --sweep-cuda ${SWEEP_M:-1 8 16 32}" ;;
+            tests/kernels/test_quant_matmul_gpu.py && python3 scripts/bench_kernels.py --sweep-cuda ${SWEEP_M:-1 8 16 32} \
+            --json $OUT/results/sweep_cuda.json" ;;
         table) part table python3 scripts/bench_kernels.py ;;
-        sweep-cuda) part sweep_cuda python3 scripts/bench_kernels.py --sweep-cuda ${SWEEP_M:-1 8 16 32} ;;
+        sweep-cuda) part sweep_cuda python3 scripts/bench_kernels.py --sweep-cuda ${SWEEP_M:-1 8 16 32} \
+            --json "$OUT/results/sweep_cuda.json" ;;
+        ncu) if [ -n "${NCU_RUNS:-}" ]; then IFS=';' read -ra runs <<< "$NCU_RUNS"; else runs=(); fi
+            part ncu bash scripts/ncu_gemm.sh "${runs[@]}" ;;
         attention) part attention python3 scripts/bench_attention.py ;;
         lora) part lora bash -c "python3 scripts/bench_lora.py --sweep && python3 scripts/bench_lora.py" ;;
         profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;

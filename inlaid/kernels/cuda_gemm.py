@@ -173,7 +173,7 @@ def _library(device_index: int):
     major, minor = torch.cuda.get_device_capability(device_index)
     lib = ctypes.CDLL(str(build(f"sm_{major}{minor}")))
     fn = lib.inlaid_qgemm4
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return fn
 
@@ -203,8 +203,27 @@ def enabled() -> bool:
 _SMS: dict[int, int] = {}
 
 
-def default_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int]:
-    """(nw, unroll, split): K split until there are ~4 blocks per SM (~2 above M = 8, where a block
+# A launch config: (nw 16-column tiles per warp, unroll U super tiles per step, split K ways,
+# stages: 0 = register double buffering, S = the cp.async ring S steps deep); the kernel header
+# explains both pipelines, ``launch_pipe`` there lists the instantiated combinations.
+Config = tuple[int, int, int, int]
+
+
+def config_built(config: Config, m: int) -> bool:
+    """Whether the kernel has this launch config instantiated for M tokens: the Python mirror of
+    ``launch_pipe`` in the kernel (a GPU test checks that the two agree). Above 32 tokens the
+    accumulators and x fragments leave room for fewer tiles and shallower steps."""
+    nw, unroll, _, stages = config
+    wide = m > 32
+    if stages == 0:
+        return nw in (1, 2) and unroll in (2, 4)
+    if nw not in (1, 2, 4) or (stages, unroll) not in ((4, 1), (8, 1), (4, 2)):
+        return False
+    return not wide or (nw == 1 and unroll == 1)
+
+
+def default_config(m: int, n: int, k: int, sms: int) -> Config:
+    """(nw, unroll, split, stages): K split until there are ~4 blocks per SM (~2 above M = 8, where a block
     has more MMAs per weight byte), keeping >= 8 super tiles per block; two 16-column tiles per
     warp where that still reaches the block count (the wide q/k/v and gate/up layers), else one.
     On an H100 this is the best, or within 5% of the best, of --sweep-cuda's 20 configs for every
@@ -219,12 +238,12 @@ def default_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int]:
     split = 1
     while blocks * split < target and split < max_split:
         split *= 2
-    return nw, 2, split
+    return nw, 2, split, 0
 
 
-def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: tuple[int, int, int] | None = None,
+def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M <= 64, K] fp16 (CUDA) -> y [M, N] fp16. ``config`` = (nw, unroll, split) forces the
+    """x [M <= 64, K] fp16 (CUDA) -> y [M, N] fp16. ``config`` (see ``Config``) forces the
     launch (benchmarks). The layer's kernel layout is normally built by ``prepare``."""
     m, k = x.shape
     n = p.out_features
@@ -244,7 +263,7 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: tuple[int, int,
     dev = x.device.index or 0
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    nw, unroll, split = config or default_config(m, n, k, _SMS[dev])
+    nw, unroll, split, stages = config or default_config(m, n, k, _SMS[dev])
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=torch.float16)
     if not y.is_contiguous() or y.shape != (m, n) or y.dtype != torch.float16 or y.device != x.device:
         raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor on {x.device}")
@@ -252,9 +271,9 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: tuple[int, int,
     with torch.cuda.device(x.device):  # the launch goes to the current device's context
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
                             None if p.bias is None else p.bias.data_ptr(), y.data_ptr(), ws.data_ptr(),
-                            counts.data_ptr(), m, n, k, nw, unroll, split, cq.group16,
+                            counts.data_ptr(), m, n, k, nw, unroll, split, stages, cq.group16,
                             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"qgemm4 launch failed (code {err}) for M={m} N={n} K={k} "
-                           f"config={(nw, unroll, split)}")
+                           f"config={(nw, unroll, split, stages)}")
     return y

@@ -22,7 +22,15 @@
 //
 // Work split: a warp owns NW tiles of 16 output columns over a range of super tiles; the 4 warps of a
 // block own neighbouring columns over the same k range (their x loads hit L1), and the grid's y
-// dimension splits K. Split-K partial sums go into an fp32 workspace; the last block of a column
+// dimension splits K.
+//
+// Two ways to keep weight loads in flight (a launch-config field picks one). Register double
+// buffering (stages = 0): U super tiles are loaded into registers while the previous U are
+// multiplied, so at most one step of loads is outstanding and a warp stalls whenever a step's math
+// is shorter than the memory latency. The cp.async ring (stages = S >= 2): every lane copies its own
+// uint4s into a private slot of a shared-memory ring S steps deep and reads back only what it copied
+// itself, so cp.async.wait_group orders it: no __syncthreads, no bank conflicts (a warp's 32
+// consecutive uint4s), and S - 1 steps of loads stay outstanding during the math. Split-K partial sums go into an fp32 workspace; the last block of a column
 // tile to arrive (an arrival counter) writes y and zeroes its workspace tile and counter again, so
 // one launch does the whole product and the workspace is clean for the next call (and for CUDA-graph
 // replays).
@@ -40,6 +48,20 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
+}
+
+// cp.async of 16 bytes, L2 only (the weights are read once). The "memory" clobbers keep the
+// compiler from moving shared-memory reads of a slot across the wait that makes it valid.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -64,188 +86,275 @@ __device__ __forceinline__ void dequant_word(uint32_t w, half2 z0, half2 s0, hal
     }
 }
 
-template <int TM, int NW, int U>
-__global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(
-    const half* __restrict__ x,       // [M, K] (K permuted for act-order)
-    const uint4* __restrict__ qw,     // [N / 16, K / 64, 32] one uint4 per lane
-    const uint2* __restrict__ sz,     // [G, N / 16, 8]: (scale g, scale g+8, 1024+zero g, 1024+zero g+8)
-    const int* __restrict__ gidx16,   // [K / 16] group of each 16-k chunk (read when group16 == 0)
-    const half* __restrict__ bias,    // [N] or null
-    half* __restrict__ y,             // [M, N]
-    float* __restrict__ ws,           // [M, N] fp32, zero between calls (split > 1)
-    int* __restrict__ counts,         // [gridDim.x], zero between calls (split > 1)
-    int M, int N, int K,
-    int group16) {  // > 0: every group is this many 16-k chunks, in order (no table lookup)
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int KS = K / 64, NT = N / 16;
-    const int split = gridDim.y;
-    const int ks_per = (KS + split - 1) / split;
-    const int ks0 = blockIdx.y * ks_per, ks1 = min(KS, ks0 + ks_per);
-    const int tile0 = (blockIdx.x * kWarps + warp) * NW;  // first 16-column tile of this warp
+// What both pipelines share: the block's place in the product, x's rows, and the accumulators.
+struct Params {
+    const half* __restrict__ x;      // [M, K] (K permuted for act-order)
+    const uint4* __restrict__ qw;    // [N / 16, K / 64, 32] one uint4 per lane
+    const uint2* __restrict__ sz;    // [G, N / 16, 8]: (scale g, scale g+8, 1024+zero g, 1024+zero g+8)
+    const int* __restrict__ gidx16;  // [K / 16] group of each 16-k chunk (read when group16 == 0)
+    const half* __restrict__ bias;   // [N] or null
+    half* __restrict__ y;            // [M, N]
+    float* __restrict__ ws;          // [M, N] fp32, zero between calls (split > 1)
+    int* __restrict__ counts;        // [gridDim.x], zero between calls (split > 1)
+    int M, N, K;
+    int group16;  // > 0: every group is this many 16-k chunks, in order (no table lookup)
+};
 
+template <int TM, int NW>
+struct Tile {
+    int lane, g, t, KS, NT, ks0, ks1, tile0;
+    const half* xrow[TM];  // x row of token 8i + g at this thread's k offset
+    bool xok[TM];          // rows past M read row 0 and are masked by zeroing b
     float acc[NW][TM][4];
-#pragma unroll
-    for (int n = 0; n < NW; ++n)
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[n][i][e] = 0.f;
 
-    // x rows this thread reads (token 8i + g); rows past M read row 0 and are masked by zeroing b
-    const half* xrow[TM];
-    bool xok[TM];
+    __device__ __forceinline__ explicit Tile(const Params& p) {
+        lane = threadIdx.x & 31;
+        const int warp = threadIdx.x >> 5;
+        g = lane >> 2;
+        t = lane & 3;
+        KS = p.K / 64;
+        NT = p.N / 16;
+        const int ks_per = (KS + gridDim.y - 1) / gridDim.y;
+        ks0 = blockIdx.y * ks_per;
+        ks1 = min(KS, ks0 + ks_per);
+        tile0 = (blockIdx.x * kWarps + warp) * NW;  // first 16-column tile of this warp
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int r = 8 * i + g;
-        xok[i] = r < M;
-        xrow[i] = x + (size_t)(xok[i] ? r : 0) * K + 16 * t;
+        for (int n = 0; n < NW; ++n)
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[n][i][e] = 0.f;
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int r = 8 * i + g;
+            xok[i] = r < p.M;
+            xrow[i] = p.x + (size_t)(xok[i] ? r : 0) * p.K + 16 * t;
+        }
     }
 
-    // U super tiles per step, the next step's weights loaded before this step's math: 0.5-4 KB of
-    // weight loads in flight per warp hide HBM latency without shared memory.
+    // Where super tile k of this warp's column tile n starts, for this lane.
+    __device__ __forceinline__ const uint4* weights(const Params& p, int n, int k) const {
+        return p.qw + ((size_t)(tile0 + n) * KS + k) * 32 + lane;
+    }
+
+    // The math of super tile k (< ks1) with its weights w[n]. Past the range (the last step of an
+    // uneven split) the caller passes the last super tile with live = false: a zero scale zeroes its
+    // weights, so no branch and the compiler can issue the next loads before these MMAs.
+    __device__ __forceinline__ void super_tile(const Params& p, const uint4 (&w)[NW], int k, bool live) {
+        uint4 xv[TM][2];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const uint4* src = reinterpret_cast<const uint4*>(xrow[i] + (size_t)k * 64);
+            xv[i][0] = xok[i] ? __ldg(src) : make_uint4(0, 0, 0, 0);
+            xv[i][1] = xok[i] ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
+        }
+        // computed, not loaded, for equal groups: the scale load then does not wait on another
+        const int grp = p.group16 > 0 ? (4 * k + t) / p.group16 : __ldg(p.gidx16 + 4 * k + t);
+#pragma unroll
+        for (int n = 0; n < NW; ++n) {
+            const uint2 zsv = __ldg(p.sz + ((size_t)grp * NT + tile0 + n) * 8 + g);
+            const half2 sg = bits_h2(zsv.x), zg = bits_h2(zsv.y);  // (s_g, s_g8), (z_g, z_g8)
+            const half2 live2 = __float2half2_rn(live ? 1.f : 0.f);
+            const half2 s0 = __hmul2(__low2half2(sg), live2), s1 = __hmul2(__high2half2(sg), live2);
+            const half2 z0 = __low2half2(zg), z1 = __high2half2(zg);
+            const uint32_t words[4] = {w[n].x, w[n].y, w[n].z, w[n].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                uint32_t a[4];
+                dequant_word(words[j], z0, s0, z1, s1, a);
+#pragma unroll
+                for (int i = 0; i < TM; ++i) {
+                    const uint32_t* xb = (j < 2) ? &xv[i][0].x : &xv[i][1].x;
+                    mma(acc[n][i], a, xb[(2 * j) & 3], xb[(2 * j + 1) & 3]);
+                }
+            }
+        }
+    }
+
+    // C fragment: acc[n][i] = (col g, tokens 8i+2t, 8i+2t+1), (col g+8, same tokens). Without a
+    // split the block writes y; otherwise it adds into the workspace and the last block of the
+    // column tile to arrive writes y and zeroes its workspace tile and counter again.
+    __device__ __forceinline__ void finish(const Params& p) {
+        const int split = gridDim.y;
+#pragma unroll
+        for (int n = 0; n < NW; ++n)
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int m = 8 * i + 2 * t + (e & 1);
+                    const int col = (tile0 + n) * 16 + g + 8 * (e >> 1);
+                    if (m >= p.M) continue;
+                    if (split == 1) {
+                        const float v = acc[n][i][e] + (p.bias ? __half2float(p.bias[col]) : 0.f);
+                        p.y[(size_t)m * p.N + col] = __float2half_rn(v);
+                    } else {
+                        atomicAdd(p.ws + (size_t)m * p.N + col, acc[n][i][e]);
+                    }
+                }
+        if (split == 1) return;
+        // Every thread's adds are visible device-wide before one thread announces the block's
+        // arrival; the block that sees split - 1 arrivals before its own then reads complete sums
+        // from L2.
+        __threadfence();
+        __syncthreads();
+        __shared__ bool last;
+        if (threadIdx.x == 0) last = atomicAdd(p.counts + blockIdx.x, 1) == split - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        const int width = kWarps * NW * 16, col0 = blockIdx.x * width;
+        for (int idx = threadIdx.x; idx < p.M * width; idx += blockDim.x) {
+            const int m = idx / width, col = col0 + idx % width;
+            float* w = p.ws + (size_t)m * p.N + col;
+            float v = __ldcg(w);
+            if (p.bias) v += __half2float(p.bias[col]);
+            p.y[(size_t)m * p.N + col] = __float2half_rn(v);
+            *w = 0.f;
+        }
+        if (threadIdx.x == 0) p.counts[blockIdx.x] = 0;
+    }
+};
+
+// Register double buffering: U super tiles per step, the next step's weights loaded before this
+// step's math (0.5-4 KB of loads in flight per warp).
+template <int TM, int NW, int U>
+__global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
+    Tile<TM, NW> tile(p);
+    const int ks0 = tile.ks0, ks1 = tile.ks1;
     uint4 cur[U][NW], nxt[U][NW];
     auto load_w = [&](uint4 (&dst)[U][NW], int ks) {
 #pragma unroll
         for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int n = 0; n < NW; ++n)
-                dst[u][n] = (ks + u < ks1)
-                    ? load_stream(qw + ((size_t)(tile0 + n) * KS + ks + u) * 32 + lane)
-                    : make_uint4(0, 0, 0, 0);
+                dst[u][n] = (ks + u < ks1) ? load_stream(tile.weights(p, n, ks + u)) : make_uint4(0, 0, 0, 0);
     };
     if (ks0 < ks1) load_w(cur, ks0);
     for (int ks = ks0; ks < ks1; ks += U) {
         if (ks + U < ks1) load_w(nxt, ks + U);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            // Past the range (the last step of an uneven split) the loads re-read the last super
-            // tile and a zero scale zeroes its weights: no branch, so the compiler can issue the
-            // next super tile's loads before this one's MMAs.
             const bool live = ks + u < ks1;
-            const int k = live ? ks + u : ks1 - 1;
-            uint4 xv[TM][2];
-#pragma unroll
-            for (int i = 0; i < TM; ++i) {
-                const uint4* p = reinterpret_cast<const uint4*>(xrow[i] + (size_t)k * 64);
-                xv[i][0] = xok[i] ? __ldg(p) : make_uint4(0, 0, 0, 0);
-                xv[i][1] = xok[i] ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
-            }
-            // computed, not loaded, for equal groups: the scale load then does not wait on another
-            const int grp = group16 > 0 ? (4 * k + t) / group16 : __ldg(gidx16 + 4 * k + t);
-#pragma unroll
-            for (int n = 0; n < NW; ++n) {
-                const uint2 zsv = __ldg(sz + ((size_t)grp * NT + tile0 + n) * 8 + g);
-                const half2 sg = bits_h2(zsv.x), zg = bits_h2(zsv.y);  // (s_g, s_g8), (z_g, z_g8)
-                const half2 live2 = __float2half2_rn(live ? 1.f : 0.f);
-                const half2 s0 = __hmul2(__low2half2(sg), live2), s1 = __hmul2(__high2half2(sg), live2);
-                const half2 z0 = __low2half2(zg), z1 = __high2half2(zg);
-                const uint32_t words[4] = {cur[u][n].x, cur[u][n].y, cur[u][n].z, cur[u][n].w};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    uint32_t a[4];
-                    dequant_word(words[j], z0, s0, z1, s1, a);
-#pragma unroll
-                    for (int i = 0; i < TM; ++i) {
-                        const uint32_t* xb = (j < 2) ? &xv[i][0].x : &xv[i][1].x;
-                        mma(acc[n][i], a, xb[(2 * j) & 3], xb[(2 * j + 1) & 3]);
-                    }
-                }
-            }
+            tile.super_tile(p, cur[u], live ? ks + u : ks1 - 1, live);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int n = 0; n < NW; ++n) cur[u][n] = nxt[u][n];
     }
-
-    // C fragment: acc[n][i] = (col g, tokens 8i+2t, 8i+2t+1), (col g+8, same tokens). Without a
-    // split the block writes y; otherwise it adds into the workspace.
-#pragma unroll
-    for (int n = 0; n < NW; ++n)
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int m = 8 * i + 2 * t + (e & 1);
-                const int col = (tile0 + n) * 16 + g + 8 * (e >> 1);
-                if (m >= M) continue;
-                if (split == 1) {
-                    const float v = acc[n][i][e] + (bias ? __half2float(bias[col]) : 0.f);
-                    y[(size_t)m * N + col] = __float2half_rn(v);
-                } else {
-                    atomicAdd(ws + (size_t)m * N + col, acc[n][i][e]);
-                }
-            }
-    if (split == 1) return;
-    // Every thread's adds are visible device-wide before one thread announces the block's arrival;
-    // the block that sees split - 1 arrivals before its own then reads complete sums from L2.
-    __threadfence();
-    __syncthreads();
-    __shared__ bool last;
-    if (threadIdx.x == 0) last = atomicAdd(counts + blockIdx.x, 1) == split - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const int width = kWarps * NW * 16, col0 = blockIdx.x * width;
-    for (int idx = threadIdx.x; idx < M * width; idx += blockDim.x) {
-        const int m = idx / width, col = col0 + idx % width;
-        float* p = ws + (size_t)m * N + col;
-        float v = __ldcg(p);
-        if (bias) v += __half2float(bias[col]);
-        y[(size_t)m * N + col] = __float2half_rn(v);
-        *p = 0.f;
-    }
-    if (threadIdx.x == 0) counts[blockIdx.x] = 0;
+    tile.finish(p);
 }
 
-struct Args {
-    const void *x, *qw, *sz;
-    const int* gidx16;
-    const void* bias;
-    void* y;
-    float* ws;
-    int* counts;
-    int M, N, K, split, group16;
-    cudaStream_t stream;
-};
+// The cp.async ring: S slots of U super tiles x NW column tiles per warp, each lane's own uint4s.
+// Step st lives in slot st % S; before its math, step st + S - 1 is issued into the slot that step
+// st - 1 used (this lane read it back in the previous iteration). One group is committed per step,
+// empty ones included, so "at most S - 1 pending" always means "step st has landed".
+template <int TM, int NW, int U, int S>
+__global__ void __launch_bounds__(kWarps * 32) qgemm4_ring_kernel(const Params p) {
+    extern __shared__ uint4 ring[];  // [kWarps][S][U][NW][32]
+    Tile<TM, NW> tile(p);
+    const int ks0 = tile.ks0, ks1 = tile.ks1;
+    const int steps = ks1 > ks0 ? (ks1 - ks0 + U - 1) / U : 0;
+    uint4* mine = ring + (size_t)(threadIdx.x >> 5) * S * U * NW * 32 + tile.lane;
+    auto issue = [&](int st) {
+        if (st < steps) {
+            uint4* dst = mine + (unsigned)(st % S) * U * NW * 32;
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+#pragma unroll
+                for (int n = 0; n < NW; ++n)
+                    cp_async16(dst + (u * NW + n) * 32, tile.weights(p, n, min(ks0 + st * U + u, ks1 - 1)));
+        }
+        cp_commit();
+    };
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) issue(st);
+    for (int st = 0; st < steps; ++st) {
+        issue(st + S - 1);
+        cp_wait<S - 1>();
+        const uint4* src = mine + (unsigned)(st % S) * U * NW * 32;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            uint4 w[NW];
+#pragma unroll
+            for (int n = 0; n < NW; ++n) w[n] = src[(u * NW + n) * 32];
+            const int k = ks0 + st * U + u;
+            tile.super_tile(p, w, k < ks1 ? k : ks1 - 1, k < ks1);
+        }
+    }
+    cp_wait<0>();
+    tile.finish(p);
+}
 
 template <int TM, int NW, int U>
-int launch(const Args& a) {
-    const dim3 grid(a.N / (16 * NW * kWarps), a.split);
-    qgemm4_kernel<TM, NW, U><<<grid, kWarps * 32, 0, a.stream>>>(
-        static_cast<const half*>(a.x), static_cast<const uint4*>(a.qw),
-        static_cast<const uint2*>(a.sz), a.gidx16, static_cast<const half*>(a.bias),
-        static_cast<half*>(a.y), a.ws, a.counts, a.M, a.N, a.K, a.group16);
+int launch_regs(const Params& p, dim3 grid, cudaStream_t stream) {
+    qgemm4_kernel<TM, NW, U><<<grid, kWarps * 32, 0, stream>>>(p);
     return static_cast<int>(cudaGetLastError());
 }
 
-template <int NW, int U>
-int launch_tm(const Args& a) {
-    const int tm = a.M <= 32 ? (a.M + 7) / 8 : 8;
-    switch (tm) {
-        case 1: return launch<1, NW, U>(a);
-        case 2: return launch<2, NW, U>(a);
-        case 3: return launch<3, NW, U>(a);
-        case 4: return launch<4, NW, U>(a);
-        default: return launch<8, NW, U>(a);
+template <int TM, int NW, int U, int S>
+int launch_ring(const Params& p, dim3 grid, cudaStream_t stream) {
+    constexpr int bytes = kWarps * S * U * NW * 32 * 16;
+    static bool opted_in = false;  // above 48 KB dynamic shared memory needs an opt-in, once
+    if (bytes > 48 * 1024 && !opted_in) {
+        const cudaError_t err = cudaFuncSetAttribute(
+            qgemm4_ring_kernel<TM, NW, U, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        if (err != cudaSuccess) return static_cast<int>(err);
+        opted_in = true;
     }
+    qgemm4_ring_kernel<TM, NW, U, S><<<grid, kWarps * 32, bytes, stream>>>(p);
+    return static_cast<int>(cudaGetLastError());
+}
+
+// The instantiated configs (each one costs compile time): register buffering with one or two
+// tiles per warp; the ring with 1, 2 or 4 tiles per warp in three depths, except where the
+// accumulators and x fragments of 64 tokens would spill (more than one tile per warp, or U = 2).
+template <int TM, int NW>
+int launch_pipe(const Params& p, dim3 grid, int unroll, int stages, cudaStream_t stream) {
+    if constexpr (NW <= 2) {
+        if (stages == 0 && unroll == 2) return launch_regs<TM, NW, 2>(p, grid, stream);
+        if (stages == 0 && unroll == 4) return launch_regs<TM, NW, 4>(p, grid, stream);
+    }
+    if constexpr (TM < 8 || NW == 1) {
+        if (stages == 4 && unroll == 1) return launch_ring<TM, NW, 1, 4>(p, grid, stream);
+        if (stages == 8 && unroll == 1) return launch_ring<TM, NW, 1, 8>(p, grid, stream);
+    }
+    if constexpr (TM < 8) {
+        if (stages == 4 && unroll == 2) return launch_ring<TM, NW, 2, 4>(p, grid, stream);
+    }
+    return -1;
+}
+
+template <int TM>
+int launch_nw(const Params& p, dim3 grid, int nw, int unroll, int stages, cudaStream_t stream) {
+    if (nw == 1) return launch_pipe<TM, 1>(p, grid, unroll, stages, stream);
+    if (nw == 2) return launch_pipe<TM, 2>(p, grid, unroll, stages, stream);
+    if (nw == 4) return launch_pipe<TM, 4>(p, grid, unroll, stages, stream);
+    return -1;
 }
 
 }  // namespace
 
 // C ABI for ctypes. Returns a cudaError_t (0 = launched), or -1 for an unsupported shape or config.
 // Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x.
+// Config (launch_pipe lists the instantiated ones): nw column tiles per warp; stages 0 (register
+// double buffering, unroll 2 or 4) or 4 / 8 (the cp.async ring, unroll 1 or 2); split K ways.
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, float* ws, int* counts, int M, int N, int K,
-                             int nw, int unroll, int split, int group16, void* stream) {
-    if ((nw != 1 && nw != 2) || (unroll != 2 && unroll != 4)) return -1;
+                             int nw, int unroll, int split, int stages, int group16, void* stream) {
+    if (nw != 1 && nw != 2 && nw != 4) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
-    const Args a{x, qw, sz, gidx16, bias, y, ws, counts, M, N, K, split, group16,
-                 static_cast<cudaStream_t>(stream)};
-    if (nw == 1 && unroll == 2) return launch_tm<1, 2>(a);
-    if (nw == 1 && unroll == 4) return launch_tm<1, 4>(a);
-    if (nw == 2 && unroll == 2) return launch_tm<2, 2>(a);
-    if (nw == 2 && unroll == 4) return launch_tm<2, 4>(a);
-    return -1;
+    const Params p{static_cast<const half*>(x), static_cast<const uint4*>(qw),
+                   static_cast<const uint2*>(sz), gidx16, static_cast<const half*>(bias),
+                   static_cast<half*>(y), ws, counts, M, N, K, group16};
+    const dim3 grid(N / (16 * nw * kWarps), split);
+    const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    switch (M <= 32 ? (M + 7) / 8 : 8) {
+        case 1: return launch_nw<1>(p, grid, nw, unroll, stages, s);
+        case 2: return launch_nw<2>(p, grid, nw, unroll, stages, s);
+        case 3: return launch_nw<3>(p, grid, nw, unroll, stages, s);
+        case 4: return launch_nw<4>(p, grid, nw, unroll, stages, s);
+        default: return launch_nw<8>(p, grid, nw, unroll, stages, s);
+    }
 }
