@@ -61,7 +61,7 @@ class CudaQuant:
     sz: torch.Tensor  # fp16 [G, N/16, 8, 4]: (scale g, scale g+8, 1024+zero g, 1024+zero g+8)
     gidx16: torch.Tensor  # int32 [K/16]: group of each 16-k chunk (in permuted order)
     perm: torch.Tensor | None  # int64 [K]: x's column order (act-order), None for natural order
-    group16: int = 0  # > 0: every group is this many 16-k chunks in order (the kernel computes it)
+    group16: int = 0  # > 0: every group is this many 16-k chunks in order (a power of two: computed)
 
 
 def layout_problem(p: PreparedQuant) -> str | None:
@@ -241,6 +241,13 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
     return nw, 2, split, 0
 
 
+def _group_shift(cq: CudaQuant) -> int:
+    """log2 of the 16-k chunks per group where that is how the kernel can compute a chunk's group
+    (equal power-of-two groups in order); -1 makes it read ``gidx16``."""
+    g = cq.group16
+    return g.bit_length() - 1 if g > 0 and g & (g - 1) == 0 else -1
+
+
 def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M <= 64, K] fp16 (CUDA) -> y [M, N] fp16. ``config`` (see ``Config``) forces the
@@ -271,7 +278,7 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     with torch.cuda.device(x.device):  # the launch goes to the current device's context
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
                             None if p.bias is None else p.bias.data_ptr(), y.data_ptr(), ws.data_ptr(),
-                            counts.data_ptr(), m, n, k, nw, unroll, split, stages, cq.group16,
+                            counts.data_ptr(), m, n, k, nw, unroll, split, stages, _group_shift(cq),
                             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"qgemm4 launch failed (code {err}) for M={m} N={n} K={k} "

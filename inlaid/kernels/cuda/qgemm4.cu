@@ -16,9 +16,9 @@
 // loads), and its weight codes one uint4 whose word j feeds MMA j:
 //   word j, nibble pair q (bits 4q.. and 16+4q..) = A register q of MMA j:
 //   q = 0: row g,   k +0/+1   q = 1: row g+8, k +0/+1   q = 2: row g, k +2/+3   q = 3: row g+8, k +2/+3
-// Dequantization: (pair | 0x64006400) is exactly (1024 + code) in each fp16 half; subtracting
-// (1024 + zero) is exact (small integers) and the one rounding is the multiply by the scale: each
-// weight is the fp32 reference's value rounded once to fp16, as in the Triton kernel.
+// Dequantization (dequant_word): OR-ing codes into the mantissa of 1024.0 and taking the zero point
+// off are exact (small integers); the one rounding is the multiply by the scale: each weight is the
+// fp32 reference's value rounded once to fp16, as in the Triton kernel.
 //
 // Work split: a warp owns NW tiles of 16 output columns over a range of super tiles; the 4 warps of a
 // block own neighbouring columns over the same k range (their x loads hit L1), and the grid's y
@@ -76,13 +76,22 @@ __device__ __forceinline__ uint32_t h2_bits(half2 h) { return *reinterpret_cast<
 
 __device__ __forceinline__ half2 bits_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
 
-// Four A registers of one MMA from one word of codes. zs: (1024 + zero, scale) of rows g and g + 8.
-__device__ __forceinline__ void dequant_word(uint32_t w, half2 z0, half2 s0, half2 z1, half2 s1,
+// Four A registers of one MMA from one word of codes. Even q are low nibbles (rows g: zero z0,
+// scale s0), odd q high nibbles (rows g + 8). A low nibble OR-ed into the mantissa of 1024.0 is
+// exactly 1024 + code, and minus (1024 + zero) exactly code - zero. A high nibble lands 4 bits up:
+// 1024 + 16 code, and one fma, * 1/16 + nz1 with nz1 = -(64 + zero), gives code - zero exactly too,
+// without shifting it down first (one instruction fewer per register pair). q = 2, 3 are the same
+// after one shift of the word by 8. The one rounding is the multiply by the scale.
+__device__ __forceinline__ void dequant_word(uint32_t w, half2 z0, half2 s0, half2 nz1, half2 s1,
                                              uint32_t* a) {
+    const half2 sixteenth = __float2half2_rn(0.0625f);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        half2 v = bits_h2(((w >> (4 * q)) & 0x000F000Fu) | 0x64006400u);
-        a[q] = h2_bits(__hmul2(__hsub2(v, (q & 1) ? z1 : z0), (q & 1) ? s1 : s0));
+    for (int b = 0; b < 2; ++b) {
+        const uint32_t v = b ? w >> 8 : w;
+        const half2 lo = bits_h2((v & 0x000F000Fu) | 0x64006400u);
+        const half2 hi = bits_h2((v & 0x00F000F0u) | 0x64006400u);
+        a[2 * b] = h2_bits(__hmul2(__hsub2(lo, z0), s0));
+        a[2 * b + 1] = h2_bits(__hmul2(__hfma2(hi, sixteenth, nz1), s1));
     }
 }
 
@@ -91,20 +100,22 @@ struct Params {
     const half* __restrict__ x;      // [M, K] (K permuted for act-order)
     const uint4* __restrict__ qw;    // [N / 16, K / 64, 32] one uint4 per lane
     const uint2* __restrict__ sz;    // [G, N / 16, 8]: (scale g, scale g+8, 1024+zero g, 1024+zero g+8)
-    const int* __restrict__ gidx16;  // [K / 16] group of each 16-k chunk (read when group16 == 0)
+    const int* __restrict__ gidx16;  // [K / 16] group of each 16-k chunk (read when gshift < 0)
     const half* __restrict__ bias;   // [N] or null
     half* __restrict__ y;            // [M, N]
     float* __restrict__ ws;          // [M, N] fp32, zero between calls (split > 1)
     int* __restrict__ counts;        // [gridDim.x], zero between calls (split > 1)
     int M, N, K;
-    int group16;  // > 0: every group is this many 16-k chunks, in order (no table lookup)
+    int gshift;  // >= 0: every group is 2^gshift 16-k chunks, in order (no table lookup)
 };
 
 template <int TM, int NW>
 struct Tile {
     int lane, g, t, KS, NT, ks0, ks1, tile0;
-    const half* xrow[TM];  // x row of token 8i + g at this thread's k offset
-    bool xok[TM];          // rows past M read row 0 and are masked by zeroing b
+    // x row of token 8i + g at this thread's k offset, in 16-byte units. Rows past M read row M - 1:
+    // their products land in accumulator rows that are never stored (no predicates, no selects).
+    const uint4* xrow[TM];
+    const uint2* szrow;  // (scale, zero) pairs of this lane's rows g, g + 8 in group 0, tile tile0
     float acc[NW][TM][4];
 
     __device__ __forceinline__ explicit Tile(const Params& p) {
@@ -124,12 +135,10 @@ struct Tile {
             for (int i = 0; i < TM; ++i)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[n][i][e] = 0.f;
+        szrow = p.sz + (size_t)tile0 * 8 + g;
 #pragma unroll
-        for (int i = 0; i < TM; ++i) {
-            const int r = 8 * i + g;
-            xok[i] = r < p.M;
-            xrow[i] = p.x + (size_t)(xok[i] ? r : 0) * p.K + 16 * t;
-        }
+        for (int i = 0; i < TM; ++i)
+            xrow[i] = reinterpret_cast<const uint4*>(p.x + (size_t)min(8 * i + g, p.M - 1) * p.K) + 2 * t;
     }
 
     // Where super tile k of this warp's column tile n starts, for this lane.
@@ -144,24 +153,24 @@ struct Tile {
         uint4 xv[TM][2];
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
-            const uint4* src = reinterpret_cast<const uint4*>(xrow[i] + (size_t)k * 64);
-            xv[i][0] = xok[i] ? __ldg(src) : make_uint4(0, 0, 0, 0);
-            xv[i][1] = xok[i] ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
+            xv[i][0] = __ldg(xrow[i] + 8 * k);
+            xv[i][1] = __ldg(xrow[i] + 8 * k + 1);
         }
-        // computed, not loaded, for equal groups: the scale load then does not wait on another
-        const int grp = p.group16 > 0 ? (4 * k + t) / p.group16 : __ldg(p.gidx16 + 4 * k + t);
+        // computed, not loaded, for equal power-of-two groups: the scale load then does not wait on
+        // another load (nor on an integer division)
+        const int grp = p.gshift >= 0 ? (4 * k + t) >> p.gshift : __ldg(p.gidx16 + 4 * k + t);
 #pragma unroll
         for (int n = 0; n < NW; ++n) {
-            const uint2 zsv = __ldg(p.sz + ((size_t)grp * NT + tile0 + n) * 8 + g);
+            const uint2 zsv = __ldg(szrow + grp * (8 * NT) + 8 * n);
             const half2 sg = bits_h2(zsv.x), zg = bits_h2(zsv.y);  // (s_g, s_g8), (z_g, z_g8)
             const half2 live2 = __float2half2_rn(live ? 1.f : 0.f);
             const half2 s0 = __hmul2(__low2half2(sg), live2), s1 = __hmul2(__high2half2(sg), live2);
-            const half2 z0 = __low2half2(zg), z1 = __high2half2(zg);
+            const half2 z0 = __low2half2(zg), nz1 = __high2half2(__hsub2(__float2half2_rn(960.f), zg));
             const uint32_t words[4] = {w[n].x, w[n].y, w[n].z, w[n].w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 uint32_t a[4];
-                dequant_word(words[j], z0, s0, z1, s1, a);
+                dequant_word(words[j], z0, s0, nz1, s1, a);
 #pragma unroll
                 for (int i = 0; i < TM; ++i) {
                     const uint32_t* xb = (j < 2) ? &xv[i][0].x : &xv[i][1].x;
@@ -342,12 +351,12 @@ int launch_nw(const Params& p, dim3 grid, int nw, int unroll, int stages, cudaSt
 // double buffering, unroll 2 or 4) or 4 / 8 (the cp.async ring, unroll 1 or 2); split K ways.
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, float* ws, int* counts, int M, int N, int K,
-                             int nw, int unroll, int split, int stages, int group16, void* stream) {
+                             int nw, int unroll, int split, int stages, int gshift, void* stream) {
     if (nw != 1 && nw != 2 && nw != 4) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
     const Params p{static_cast<const half*>(x), static_cast<const uint4*>(qw),
                    static_cast<const uint2*>(sz), gidx16, static_cast<const half*>(bias),
-                   static_cast<half*>(y), ws, counts, M, N, K, group16};
+                   static_cast<half*>(y), ws, counts, M, N, K, gshift};
     const dim3 grid(N / (16 * nw * kWarps), split);
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
     switch (M <= 32 ? (M + 7) / 8 : 8) {
