@@ -184,17 +184,14 @@ def table(rows, bw) -> str:
     return "\n".join(out)
 
 
-# (nw, unroll, split, stages) of every instantiated launch (the kernel's launch_pipe): register
-# double buffering, then the cp.async ring, each with splits 1-16
-CUDA_CONFIGS = [(nw, u, split, 0) for nw in (1, 2) for u in (2, 4) for split in (1, 2, 4, 8, 16)] + [
-    (nw, u, split, stages) for nw in (1, 2, 4) for u, stages in ((1, 4), (1, 8), (2, 4))
-    for split in (1, 2, 4, 8, 16)]
+# (nw, unroll, split) of every instantiated launch
+CUDA_CONFIGS = [(nw, u, split) for nw in (1, 2) for u in (2, 4) for split in (1, 2, 4, 8, 16)]
 
 
 def sweep_cuda(ms, json_out=None) -> None:
     """Launch configs of the CUDA GEMM (``CUDA_CONFIGS``) on the decode shapes: the default's time
     and the best few per shape and M (every config's time as JSON lines to ``json_out``)."""
-    from inlaid.kernels.cuda_gemm import config_built, default_config, quant_matmul_cuda
+    from inlaid.kernels.cuda_gemm import default_config, quant_matmul_cuda
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for k, n, name in SHAPES:
@@ -204,7 +201,7 @@ def sweep_cuda(ms, json_out=None) -> None:
             default = default_config(m, n, k, sms)
             found = []
             for cfg in CUDA_CONFIGS:
-                if k // 64 < cfg[2] or n % (64 * cfg[0]) or not config_built(cfg, m):
+                if k // 64 < cfg[2] or n % (64 * cfg[0]):
                     continue
                 found.append((timed(lambda i: quant_matmul_cuda(x, layers[i], config=cfg), copies, reps=10),
                               cfg))
@@ -252,7 +249,7 @@ def main() -> None:
     parser.add_argument("--repeat", nargs=4, metavar=("BACKEND", "M", "K", "N"),
                         help="only call one backend (cuda, triton, exllama) on one shape 20 times, "
                              "for a profiler (ncu) to pick a call")
-    parser.add_argument("--config", help="--repeat cuda: a launch config nw,unroll,split,stages")
+    parser.add_argument("--config", help="--repeat cuda: a launch config nw,unroll,split")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: skipping the kernel benchmark")

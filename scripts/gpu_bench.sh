@@ -11,7 +11,7 @@
 #   sweep-cuda  only the CUDA GEMM's launch-config sweep (at M = ${SWEEP_M:-1 8 16 32}), every
 #             config's time also in results/sweep_cuda.json
 #   ncu       scripts/ncu_gemm.sh: Nsight Compute sections of single GEMM calls, NCU_RUNS="BACKEND M
-#             K N CONFIG;..." (default: both CUDA GEMM pipelines and the Triton kernel, M = 32, gate/up)
+#             K N CONFIG;..." (default: the CUDA GEMM and the Triton kernel, M = 32, gate/up)
 #   attention scripts/bench_attention.py: the paged decode attention kernel by loop tile and warps
 #   lora      scripts/bench_lora.py --sweep, then its table: shrink/expand block configs at batch 32
 #   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Nsight Compute sections of single quant_matmul calls (one per run, the 11th call of 20):
-#   bash scripts/ncu_gemm.sh "BACKEND M K N CONFIG" ...    CONFIG: nw,unroll,split,stages or -
-# Default: the CUDA GEMM's two pipelines and the Triton kernel at M = 32 on the gate/up shape.
+#   bash scripts/ncu_gemm.sh "BACKEND M K N CONFIG" ...    CONFIG: nw,unroll,split or -
+# Default: the CUDA GEMM (its default config) and the Triton kernel at M = 32 on the gate/up shape.
 # --clock-control none: leave the GPU's clocks as they are (the device's METHOD.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || set -- "cuda 32 4096 22016 2,2,2,0" "cuda 32 4096 22016 2,1,2,8" "triton 32 4096 22016 -"
+[ $# -gt 0 ] || set -- "cuda 32 4096 22016 -" "triton 32 4096 22016 -"
 for run in "$@"; do
     read -r backend m k n cfg <<< "$run"
     echo "##### $backend M=$m K=$k N=$n config=$cfg"

@@ -10,7 +10,7 @@ unavailable and dispatch uses the Triton kernel.
 kernel's index map, and emulate the kernel's arithmetic); only ``quant_matmul_cuda`` needs the GPU.
 
 On by default where it runs (``INLAID_CUDA_GEMM=0`` turns it off): ``prepare`` then builds the
-layout, and the dispatch table picks the kernel for M 3-16, where it beat the Triton kernel and
+layout, and the dispatch table picks the kernel for M 1-32, where it beat the Triton kernel and
 exllamav2 on an H100 (docs/results/kernels.md). ``backend="cuda"`` forces it for one call either way.
 """
 
@@ -173,7 +173,7 @@ def _library(device_index: int):
     major, minor = torch.cuda.get_device_capability(device_index)
     lib = ctypes.CDLL(str(build(f"sm_{major}{minor}")))
     fn = lib.inlaid_qgemm4
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return fn
 
@@ -203,42 +203,27 @@ def enabled() -> bool:
 _SMS: dict[int, int] = {}
 
 
-# A launch config: (nw 16-column tiles per warp, unroll U super tiles per step, split K ways,
-# stages: 0 = register double buffering, S = the cp.async ring S steps deep); the kernel header
-# explains both pipelines, ``launch_pipe`` there lists the instantiated combinations.
-Config = tuple[int, int, int, int]
-
-
-def config_built(config: Config, m: int) -> bool:
-    """Whether the kernel has this launch config instantiated for M tokens: the Python mirror of
-    ``launch_pipe`` in the kernel (a GPU test checks that the two agree). Above 32 tokens the
-    accumulators and x fragments leave room for fewer tiles and shallower steps."""
-    nw, unroll, _, stages = config
-    wide = m > 32
-    if stages == 0:
-        return nw in (1, 2) and unroll in (2, 4)
-    if nw not in (1, 2, 4) or (stages, unroll) not in ((4, 1), (8, 1), (4, 2)):
-        return False
-    return not wide or (nw == 1 and unroll == 1)
+# A launch config: (nw 16-column tiles per warp (1, 2), unroll super tiles per step (2, 4), split
+# K ways).
+Config = tuple[int, int, int]
 
 
 def default_config(m: int, n: int, k: int, sms: int) -> Config:
-    """(nw, unroll, split, stages): K split until there are ~4 blocks per SM (~2 above M = 8, where a block
-    has more MMAs per weight byte), keeping >= 8 super tiles per block; two 16-column tiles per
-    warp where that still reaches the block count (the wide q/k/v and gate/up layers), else one.
-    On an H100 this is the best, or within 5% of the best, of --sweep-cuda's 20 configs for every
-    Llama-2-7B shape at M 8-16 (docs/results/bench_kernels_cuda_sweep_82f77a4.log; M = 1 is
-    exllamav2's in dispatch)."""
-    target = (4 if m <= 8 else 2) * sms
+    """(nw, unroll, split): one 16-column tile per warp, two super tiles per step, and K split until
+    there are ~3 blocks per SM up to M = 16 and ~2 above (where a block holds more MMAs per weight
+    byte and the split-K reduction moves more partial sums), keeping >= 8 super tiles per block.
+    On an H100 the sum over the Llama-2-7B shapes of this rule's times is within 2% of the sum of
+    each point's best of --sweep-cuda's 20 configs at M 1-32, and no point is more than 10% off
+    its best (docs/results/kernels.md)."""
+    target = (3 if m <= 16 else 2) * sms
     max_split = 1
     while k // (64 * max_split * 2) >= 8:  # the largest split leaving >= 8 super tiles per block
         max_split *= 2
-    nw = 2 if n % (16 * WARPS * 2) == 0 and n // (16 * WARPS * 2) * max_split >= target else 1
-    blocks = n // (16 * WARPS * nw)
+    blocks = n // (16 * WARPS)
     split = 1
     while blocks * split < target and split < max_split:
         split *= 2
-    return nw, 2, split, 0
+    return 1, 2, split
 
 
 def _group_shift(cq: CudaQuant) -> int:
@@ -270,7 +255,7 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     dev = x.device.index or 0
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    nw, unroll, split, stages = config or default_config(m, n, k, _SMS[dev])
+    nw, unroll, split = config or default_config(m, n, k, _SMS[dev])
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=torch.float16)
     if not y.is_contiguous() or y.shape != (m, n) or y.dtype != torch.float16 or y.device != x.device:
         raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor on {x.device}")
@@ -278,9 +263,9 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     with torch.cuda.device(x.device):  # the launch goes to the current device's context
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
                             None if p.bias is None else p.bias.data_ptr(), y.data_ptr(), ws.data_ptr(),
-                            counts.data_ptr(), m, n, k, nw, unroll, split, stages, _group_shift(cq),
+                            counts.data_ptr(), m, n, k, nw, unroll, split, _group_shift(cq),
                             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"qgemm4 launch failed (code {err}) for M={m} N={n} K={k} "
-                           f"config={(nw, unroll, split, stages)}")
+                           f"config={(nw, unroll, split)}")
     return y

@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 # (op, backend, condition on facts) — facts: cuda, bits, m, group_size, has_triton, has_exllama,
 # cuda_gemm (the CUDA GEMM builds here, is not disabled, and holds this layer in its layout)
 TABLE = (
-    # H100, commit 01323f6 (docs/results/kernels.md): exllamav2 is fastest at M <= 2 on the wide
-    # shapes (15.2 vs 17.9 us on 4096x12288 at M = 1, the CUDA GEMM at its best config); from M = 4
-    # to 16 our CUDA GEMM is (1.2-1.6x the Triton kernel at M <= 8, up to 1.1x at M = 16); from
-    # M = 24 the Triton kernel is again.
+    # H100, commit ebe2a57 (docs/results/kernels.md): our CUDA GEMM, at its default launch config,
+    # beats the Triton kernel at every M 1-32 on the Llama-2-7B shapes taken together (per layer
+    # 84.8 vs 108.4 us at M = 16, 116.7 vs 125.7 at M = 32) and matches exllamav2 at M = 1 (66.2 vs
+    # 68.2 us per layer; exllamav2 is faster on two of the four shapes by 4-8%). exllamav2 stays
+    # the M <= 2 choice where the CUDA GEMM cannot run (no nvcc, or a layer its layout cannot take).
+    ("quant_matmul", "cuda", lambda f: f["cuda"] and f["cuda_gemm"] and f["m"] <= 32),
     ("quant_matmul", "exllama", lambda f: f["cuda"] and f["has_exllama"] and f["bits"] == 4
      and f["m"] <= 2),
-    ("quant_matmul", "cuda", lambda f: f["cuda"] and f["cuda_gemm"] and f["m"] <= 16),
     # From M = 256 dequantizing the weight once and calling cuBLAS beats the fused kernel on every
     # Llama-2-7B shape (1.1-1.5x at M = 256, 2.0-2.3x at M = 2048): prefill.
     ("quant_matmul", "dequant", lambda f: f["cuda"] and f["has_triton"] and f["m"] >= 256),

@@ -60,11 +60,10 @@ def test_dispatch_table(monkeypatch):
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=255, group_size=128) == "triton"
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=2, group_size=128) == "exllama"
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=4, group_size=128) == "triton"
-    # the CUDA GEMM from M = 3 to 16, only where the layer holds its layout (built by prepare)
-    assert dispatch.choose("quant_matmul", cuda, bits=4, m=2, group_size=128, cuda_gemm=True) == "exllama"
-    for m in (3, 8, 16):
+    # the CUDA GEMM from M = 1 to 32, only where the layer holds its layout (built by prepare)
+    for m in (1, 2, 3, 8, 16, 32):
         assert dispatch.choose("quant_matmul", cuda, bits=4, m=m, group_size=128, cuda_gemm=True) == "cuda"
-    assert dispatch.choose("quant_matmul", cuda, bits=4, m=17, group_size=128, cuda_gemm=True) == "triton"
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=33, group_size=128, cuda_gemm=True) == "triton"
     monkeypatch.setenv("INLAID_BACKEND_QUANT_MATMUL", "ref")
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=1, group_size=128) == "ref"
 

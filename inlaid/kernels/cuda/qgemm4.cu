@@ -24,13 +24,14 @@
 // block own neighbouring columns over the same k range (their x loads hit L1), and the grid's y
 // dimension splits K.
 //
-// Two ways to keep weight loads in flight (a launch-config field picks one). Register double
-// buffering (stages = 0): U super tiles are loaded into registers while the previous U are
-// multiplied, so at most one step of loads is outstanding and a warp stalls whenever a step's math
-// is shorter than the memory latency. The cp.async ring (stages = S >= 2): every lane copies its own
-// uint4s into a private slot of a shared-memory ring S steps deep and reads back only what it copied
-// itself, so cp.async.wait_group orders it: no __syncthreads, no bank conflicts (a warp's 32
-// consecutive uint4s), and S - 1 steps of loads stay outstanding during the math. Split-K partial sums go into an fp32 workspace; the last block of a column
+// Weights are double-buffered in registers: U super tiles are loaded while the previous U are
+// multiplied. What limits the kernel at M = 8-32 is instruction issue, not load latency (ncu at
+// M = 32, gate/up: ~2.5 warps per scheduler, an instruction issued in 39% of cycles; a cp.async
+// ring keeping 3-7 steps of weights in flight through shared memory measured no faster at any
+// shape or M, docs/results/kernels.md), so the main loop is kept short: 489 instructions for 64
+// MMAs at M = 32, two tiles per warp, U = 2.
+//
+// Split-K partial sums go into an fp32 workspace; the last block of a column
 // tile to arrive (an arrival counter) writes y and zeroes its workspace tile and counter again, so
 // one launch does the whole product and the workspace is clean for the next call (and for CUDA-graph
 // replays).
@@ -48,20 +49,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
-}
-
-// cp.async of 16 bytes, L2 only (the weights are read once). The "memory" clobbers keep the
-// compiler from moving shared-memory reads of a slot across the wait that makes it valid.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-}
-
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -225,8 +212,7 @@ struct Tile {
     }
 };
 
-// Register double buffering: U super tiles per step, the next step's weights loaded before this
-// step's math (0.5-4 KB of loads in flight per warp).
+// U super tiles per step, the next step's weights loaded before this step's math.
 template <int TM, int NW, int U>
 __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
     Tile<TM, NW> tile(p);
@@ -255,91 +241,23 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
     tile.finish(p);
 }
 
-// The cp.async ring: S slots of U super tiles x NW column tiles per warp, each lane's own uint4s.
-// Step st lives in slot st % S; before its math, step st + S - 1 is issued into the slot that step
-// st - 1 used (this lane read it back in the previous iteration). One group is committed per step,
-// empty ones included, so "at most S - 1 pending" always means "step st has landed".
-template <int TM, int NW, int U, int S>
-__global__ void __launch_bounds__(kWarps * 32) qgemm4_ring_kernel(const Params p) {
-    extern __shared__ uint4 ring[];  // [kWarps][S][U][NW][32]
-    Tile<TM, NW> tile(p);
-    const int ks0 = tile.ks0, ks1 = tile.ks1;
-    const int steps = ks1 > ks0 ? (ks1 - ks0 + U - 1) / U : 0;
-    uint4* mine = ring + (size_t)(threadIdx.x >> 5) * S * U * NW * 32 + tile.lane;
-    auto issue = [&](int st) {
-        if (st < steps) {
-            uint4* dst = mine + (unsigned)(st % S) * U * NW * 32;
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-#pragma unroll
-                for (int n = 0; n < NW; ++n)
-                    cp_async16(dst + (u * NW + n) * 32, tile.weights(p, n, min(ks0 + st * U + u, ks1 - 1)));
-        }
-        cp_commit();
-    };
-#pragma unroll
-    for (int st = 0; st < S - 1; ++st) issue(st);
-    for (int st = 0; st < steps; ++st) {
-        issue(st + S - 1);
-        cp_wait<S - 1>();
-        const uint4* src = mine + (unsigned)(st % S) * U * NW * 32;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            uint4 w[NW];
-#pragma unroll
-            for (int n = 0; n < NW; ++n) w[n] = src[(u * NW + n) * 32];
-            const int k = ks0 + st * U + u;
-            tile.super_tile(p, w, k < ks1 ? k : ks1 - 1, k < ks1);
-        }
-    }
-    cp_wait<0>();
-    tile.finish(p);
-}
-
 template <int TM, int NW, int U>
 int launch_regs(const Params& p, dim3 grid, cudaStream_t stream) {
     qgemm4_kernel<TM, NW, U><<<grid, kWarps * 32, 0, stream>>>(p);
     return static_cast<int>(cudaGetLastError());
 }
 
-template <int TM, int NW, int U, int S>
-int launch_ring(const Params& p, dim3 grid, cudaStream_t stream) {
-    constexpr int bytes = kWarps * S * U * NW * 32 * 16;
-    static bool opted_in = false;  // above 48 KB dynamic shared memory needs an opt-in, once
-    if (bytes > 48 * 1024 && !opted_in) {
-        const cudaError_t err = cudaFuncSetAttribute(
-            qgemm4_ring_kernel<TM, NW, U, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-        if (err != cudaSuccess) return static_cast<int>(err);
-        opted_in = true;
-    }
-    qgemm4_ring_kernel<TM, NW, U, S><<<grid, kWarps * 32, bytes, stream>>>(p);
-    return static_cast<int>(cudaGetLastError());
-}
-
-// The instantiated configs (each one costs compile time): register buffering with one or two
-// tiles per warp; the ring with 1, 2 or 4 tiles per warp in three depths, except where the
-// accumulators and x fragments of 64 tokens would spill (more than one tile per warp, or U = 2).
 template <int TM, int NW>
-int launch_pipe(const Params& p, dim3 grid, int unroll, int stages, cudaStream_t stream) {
-    if constexpr (NW <= 2) {
-        if (stages == 0 && unroll == 2) return launch_regs<TM, NW, 2>(p, grid, stream);
-        if (stages == 0 && unroll == 4) return launch_regs<TM, NW, 4>(p, grid, stream);
-    }
-    if constexpr (TM < 8 || NW == 1) {
-        if (stages == 4 && unroll == 1) return launch_ring<TM, NW, 1, 4>(p, grid, stream);
-        if (stages == 8 && unroll == 1) return launch_ring<TM, NW, 1, 8>(p, grid, stream);
-    }
-    if constexpr (TM < 8) {
-        if (stages == 4 && unroll == 2) return launch_ring<TM, NW, 2, 4>(p, grid, stream);
-    }
+int launch_unroll(const Params& p, dim3 grid, int unroll, cudaStream_t stream) {
+    if (unroll == 2) return launch_regs<TM, NW, 2>(p, grid, stream);
+    if (unroll == 4) return launch_regs<TM, NW, 4>(p, grid, stream);
     return -1;
 }
 
 template <int TM>
-int launch_nw(const Params& p, dim3 grid, int nw, int unroll, int stages, cudaStream_t stream) {
-    if (nw == 1) return launch_pipe<TM, 1>(p, grid, unroll, stages, stream);
-    if (nw == 2) return launch_pipe<TM, 2>(p, grid, unroll, stages, stream);
-    if (nw == 4) return launch_pipe<TM, 4>(p, grid, unroll, stages, stream);
+int launch_nw(const Params& p, dim3 grid, int nw, int unroll, cudaStream_t stream) {
+    if (nw == 1) return launch_unroll<TM, 1>(p, grid, unroll, stream);
+    if (nw == 2) return launch_unroll<TM, 2>(p, grid, unroll, stream);
     return -1;
 }
 
@@ -347,12 +265,11 @@ int launch_nw(const Params& p, dim3 grid, int nw, int unroll, int stages, cudaSt
 
 // C ABI for ctypes. Returns a cudaError_t (0 = launched), or -1 for an unsupported shape or config.
 // Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x.
-// Config (launch_pipe lists the instantiated ones): nw column tiles per warp; stages 0 (register
-// double buffering, unroll 2 or 4) or 4 / 8 (the cp.async ring, unroll 1 or 2); split K ways.
+// Config: nw (1 or 2) column tiles per warp, unroll (2 or 4) super tiles per step, split K ways.
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, float* ws, int* counts, int M, int N, int K,
-                             int nw, int unroll, int split, int stages, int gshift, void* stream) {
-    if (nw != 1 && nw != 2 && nw != 4) return -1;
+                             int nw, int unroll, int split, int gshift, void* stream) {
+    if ((nw != 1 && nw != 2) || (unroll != 2 && unroll != 4)) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
     const Params p{static_cast<const half*>(x), static_cast<const uint4*>(qw),
                    static_cast<const uint2*>(sz), gidx16, static_cast<const half*>(bias),
@@ -360,10 +277,10 @@ extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, cons
     const dim3 grid(N / (16 * nw * kWarps), split);
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
     switch (M <= 32 ? (M + 7) / 8 : 8) {
-        case 1: return launch_nw<1>(p, grid, nw, unroll, stages, s);
-        case 2: return launch_nw<2>(p, grid, nw, unroll, stages, s);
-        case 3: return launch_nw<3>(p, grid, nw, unroll, stages, s);
-        case 4: return launch_nw<4>(p, grid, nw, unroll, stages, s);
-        default: return launch_nw<8>(p, grid, nw, unroll, stages, s);
+        case 1: return launch_nw<1>(p, grid, nw, unroll, s);
+        case 2: return launch_nw<2>(p, grid, nw, unroll, s);
+        case 3: return launch_nw<3>(p, grid, nw, unroll, s);
+        case 4: return launch_nw<4>(p, grid, nw, unroll, s);
+        default: return launch_nw<8>(p, grid, nw, unroll, s);
     }
 }
