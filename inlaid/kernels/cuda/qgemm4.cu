@@ -25,11 +25,12 @@
 // dimension splits K.
 //
 // Weights are double-buffered in registers: U super tiles are loaded while the previous U are
-// multiplied. What limits the kernel at M = 8-32 is instruction issue, not load latency (ncu at
-// M = 32, gate/up: ~2.5 warps per scheduler, an instruction issued in 39% of cycles; a cp.async
-// ring keeping 3-7 steps of weights in flight through shared memory measured no faster at any
-// shape or M, docs/results/kernels.md), so the main loop is kept short: 489 instructions for 64
-// MMAs at M = 32, two tiles per warp, U = 2.
+// multiplied. HBM is not what limits the kernel at M = 8-32 (ncu at M = 32, gate/up: DRAM at
+// ~30% of peak) but few warps (~2.4 per scheduler: registers and grid size) each running a long
+// chain of dependent instructions. Keeping more weight loads in flight did not help (a cp.async
+// ring 3-7 steps deep through shared memory measured no faster at any shape or M); cutting the
+// main loop's instructions did (750 -> 489 SASS instructions for 64 MMAs at M = 32, two tiles per
+// warp, U = 2; 55.8 -> 49.0 us): docs/results/kernels.md. So every instruction in the loop counts.
 //
 // Split-K partial sums go into an fp32 workspace; the last block of a column
 // tile to arrive (an arrival counter) writes y and zeroes its workspace tile and counter again, so
@@ -82,7 +83,7 @@ __device__ __forceinline__ void dequant_word(uint32_t w, half2 z0, half2 s0, hal
     }
 }
 
-// What both pipelines share: the block's place in the product, x's rows, and the accumulators.
+// The launch's arguments.
 struct Params {
     const half* __restrict__ x;      // [M, K] (K permuted for act-order)
     const uint4* __restrict__ qw;    // [N / 16, K / 64, 32] one uint4 per lane
@@ -96,6 +97,7 @@ struct Params {
     int gshift;  // >= 0: every group is 2^gshift 16-k chunks, in order (no table lookup)
 };
 
+// One warp's share of the product: its column tiles and K range, its x rows, its accumulators.
 template <int TM, int NW>
 struct Tile {
     int lane, g, t, KS, NT, ks0, ks1, tile0;
@@ -242,15 +244,15 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
 }
 
 template <int TM, int NW, int U>
-int launch_regs(const Params& p, dim3 grid, cudaStream_t stream) {
+int launch(const Params& p, dim3 grid, cudaStream_t stream) {
     qgemm4_kernel<TM, NW, U><<<grid, kWarps * 32, 0, stream>>>(p);
     return static_cast<int>(cudaGetLastError());
 }
 
 template <int TM, int NW>
 int launch_unroll(const Params& p, dim3 grid, int unroll, cudaStream_t stream) {
-    if (unroll == 2) return launch_regs<TM, NW, 2>(p, grid, stream);
-    if (unroll == 4) return launch_regs<TM, NW, 4>(p, grid, stream);
+    if (unroll == 2) return launch<TM, NW, 2>(p, grid, stream);
+    if (unroll == 4) return launch<TM, NW, 4>(p, grid, stream);
     return -1;
 }
 
