@@ -113,6 +113,30 @@ def test_layout_problems_are_named():
         cuda_gemm.shuffle(prepare(random_layer(256, 64, 3, 128, True, False, False, 0)[0], "cpu"))
 
 
+# (M, N, K) of the Llama-2-7B decode GEMMs -> the split the rule gives on a 132-SM H100
+# (docs/results/kernels.md derives the rule from the ebe2a57 sweep)
+@pytest.mark.parametrize("m,n,k,split", [(1, 4096, 4096, 8), (16, 12288, 4096, 4), (16, 22016, 4096, 2),
+                                         (8, 4096, 11008, 8), (32, 12288, 4096, 2), (32, 22016, 4096, 1),
+                                         (32, 4096, 11008, 8), (24, 4096, 4096, 8)])
+def test_default_config_rule(m, n, k, split):
+    nw, unroll, got = cuda_gemm.default_config(m, n, k, 132)
+    assert (nw, unroll, got) == (1, 2, split)
+    assert got == 1 or k // 64 // got >= 8  # >= 8 super tiles per block
+    blocks = n // 64 * got
+    target = (3 if m <= 16 else 2) * 132
+    # the smallest power-of-two split that reaches the block target, unless the K limit stops it
+    assert blocks >= target or k // (64 * got * 2) < 8
+    assert got == 1 or n // 64 * (got // 2) < target
+
+
+def test_group_shift_only_for_equal_power_of_two_groups():
+    def cq(group16):
+        return cuda_gemm.CudaQuant(qw=None, sz=None, gidx16=None, perm=None, group16=group16)
+
+    assert [cuda_gemm._group_shift(cq(g)) for g in (1, 2, 8, 256)] == [0, 1, 3, 8]
+    assert [cuda_gemm._group_shift(cq(g)) for g in (0, 3, 688)] == [-1, -1, -1]  # table lookup
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_kernel_source_compiles(tmp_path, monkeypatch):
     monkeypatch.setenv("INLAID_CACHE", str(tmp_path))
