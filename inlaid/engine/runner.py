@@ -69,8 +69,9 @@ class ModelRunner:
     def warm_prefill(self, max_tokens: int) -> None:
         """Run a few prefill-shaped steps whose K/V all go to the sink block, so that the kernels
         of prefill steps (attention, LoRA and GEMM variants by M, norm/RoPE) compile at start-up
-        and not inside the first requests' steps: on an H100 a first prefill step took 0.71 s in a
-        fresh process and 0.26 s once compiled (docs/results/bench.md, shape 1). Token counts: one
+        and not inside the first requests' steps: on an H100 the first 1 x 128-token prefill step of
+        `scripts/gpu_engine.py --profile 32` took 1,210 ms of wall time without it and 508 ms with it
+        (docs/results/bench.md, gpu_profile_5bc1886.log / gpu_profile_e9943e2.log). Token counts: one
         below 64, one within 65-255 and one from 256 (the GEMM dispatch's regimes), the step cap;
         two or more sequences each (none longer than the model's context), the first on an
         adapter slot when there are slots."""

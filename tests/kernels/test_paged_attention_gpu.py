@@ -1,7 +1,8 @@
 """Triton paged decode attention against the torch SDPA path over gathered K/V (GPU only).
 
-Fresh random caches, shuffled block tables, loop tiles of one and of several blocks, GQA and MHA, sliding windows, context lengths from 1 to
-several blocks, and zero-length padding rows (which must come out as zeros). Bound: fp16 inputs,
+Fresh random caches, shuffled block tables, loop tiles of one and of several blocks, GQA and MHA,
+sliding windows, context lengths from 1 to several blocks, and zero-length padding rows (which must
+come out as zeros). Bound: fp16 inputs,
 fp32 softmax in both paths: max |diff| < 2e-3."""
 
 import importlib.util

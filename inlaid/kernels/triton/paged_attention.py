@@ -10,9 +10,9 @@ blocks per step, each token's slot looked up through the block table) with an on
 (running max and sum), so any context length runs in one pass. Tiles wider than a block keep more
 K/V bytes in flight per step: on an H100, 64-token steps instead of one 16-token block take batch 32
 from 42% to 57% of the bytes floor at 192 tokens of context and from 46% to 78% at 1,024; 8 warps
-are slower everywhere (docs/results/bench_attention_82f77a4.log). GQA: query head h reads KV head h // (heads / kv_heads).
-Sliding window: tiles entirely before the window are skipped, partial ones masked. A sequence with
-context length 0 (graph padding rows) writes zeros.
+are slower everywhere (docs/results/bench_attention_82f77a4.log). GQA: query head h reads KV head
+h // (heads / kv_heads). Sliding window: tiles entirely before the window are skipped, partial ones
+masked. A sequence with context length 0 (graph padding rows) writes zeros.
 """
 
 from __future__ import annotations
