@@ -14,6 +14,7 @@
 #             K N CONFIG;..." (default: the CUDA GEMM and the Triton kernel, M = 32, gate/up)
 #   attention scripts/bench_attention.py: the paged decode attention kernel by loop tile and warps
 #   lora      scripts/bench_lora.py --sweep, then its table: shrink/expand block configs at batch 32
+#   ab        scripts/gpu_ab.sh ${AB_VARIANTS:-new:}: decode step times of variants side by side
 #   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)
 #   batch     shape 3: prefill / decode / end-to-end latency, distinct / uniform / identical, batch 8-64,
 #             vs the fp16 base (batch 1 is the same for every pattern: see batch-hf)
@@ -85,6 +86,7 @@ for what in "$@"; do
             part ncu bash scripts/ncu_gemm.sh "${runs[@]}" ;;
         attention) part attention python3 scripts/bench_attention.py ;;
         lora) part lora bash -c "python3 scripts/bench_lora.py --sweep && python3 scripts/bench_lora.py" ;;
+        ab) read -ra variants <<< "${AB_VARIANTS:-new:}"; part ab bash scripts/gpu_ab.sh "${variants[@]}" ;;
         profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;
         batch) part batch "${INLAID[@]}" bench sweep batch $M --patterns distinct,uniform,identical \
             --batch-sizes "${BATCH_SIZES:-8,32,64}" --input-len 128 --output-len 64 --baseline fp16 \

@@ -1,6 +1,7 @@
 """Engine on the GPU: the fast path against the reference path, then decode/prefill speed.
 
     python scripts/gpu_engine.py [--out DIR] [--skip-hf] [--batches 1,8,32,128] [--profile 32]
+                                 [--decode-only]
 
 1. Correctness: dummy Llama-2-7B shapes (2 layers, 4-bit, 4 random rank-16 adapters). The engine
    with the fast kernels (Triton / exllamav2 by the dispatch table) against the same engine with
@@ -14,6 +15,7 @@
 3. Prefill tokens/s (8 prompts of 512 tokens).
 4. Baselines in the same run: HF transformers fp16 generate without adapters, and HF + PEFT with 8
    adapters mixed in one batch (``adapter_names``), batch 32, prompt 128, 32 new tokens.
+``--decode-only`` runs step 2 with CUDA graphs (and 3) only: the A/B runs of scripts/gpu_ab.sh.
 5. ``--profile B`` (instead of 1-4): where a batch-B decode step's time goes. Kernel GPU time per
    step by kernel (torch.profiler over eager steps; graph replays run the same kernels) against the
    step's wall time with and without CUDA graphs, so host overhead and launch gaps show up too.
@@ -57,6 +59,8 @@ def correctness(out: dict) -> None:
               "INLAID_BACKEND_NORM_ROPE")
     for name in forced:
         os.environ[name] = "ref"
+    os.environ["INLAID_BACKEND_LORA_OVERLAP"] = "serial"
+    forced += ("INLAID_BACKEND_LORA_OVERLAP",)
     ref = LLM("dummy:llama-2-7b", **opts, enforce_eager=True)
     full = [p + o.output_token_ids for p, o in zip(prompts, got)]
     scored = ref.generate(full, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), adapters)
@@ -298,6 +302,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--batches", default="1,8,32,128")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only decode (and prefill) speed with CUDA graphs: no correctness, eager, HF")
     parser.add_argument("--profile", type=int, default=0, metavar="B", help="only profile a batch-B decode step")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -308,11 +314,13 @@ def main() -> None:
         profile(results, args.profile)
         (args.out / "gpu_profile.json").write_text(json.dumps(results, indent=2))
         return
-    correctness(results)
     batches = [int(b) for b in args.batches.split(",")]
+    if not args.decode_only:
+        correctness(results)
     decode_speed(results, batches, eager=False)
-    decode_speed(results, batches, eager=True)
-    if not args.skip_hf:
+    if not args.decode_only:
+        decode_speed(results, batches, eager=True)
+    if not (args.skip_hf or args.decode_only):
         hf_baselines(results)
     if "hf" in results:
         b32 = next((r for r in results["decode"] if r["batch"] == 32 and r["mode"] == "graphs"), None)

@@ -123,20 +123,46 @@ def _to_device(base: PackedLinear | DenseLinear, device, dtype, dequantize: bool
 
 
 class Ops:
-    """RMSNorm and RoPE, torch or fused Triton (by the dispatch table's ``norm_rope`` row)."""
+    """The small ops between the projections: RMSNorm (with the residual add before it), RoPE with
+    the KV-cache write, SiLU-and-mul. Torch, or fused Triton kernels (one launch each, see
+    ``inlaid.kernels.triton.norm_rope``) by the dispatch table's ``norm_rope`` row."""
 
     def __init__(self, device: torch.device):
         self.fused = dispatch.choose("norm_rope", device) == "triton"
         if self.fused:
-            from inlaid.kernels.triton.norm_rope import rms_norm_triton, rope_triton_
+            from inlaid.kernels.triton import norm_rope
 
-            self._norm, self._rope = rms_norm_triton, rope_triton_
+            self._k = norm_rope
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return self._norm(x, weight, eps) if self.fused else rms_norm(x, weight, eps)
+        return self._k.rms_norm_triton(x, weight, eps) if self.fused else rms_norm(x, weight, eps)
 
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self._rope(x, cos, sin) if self.fused else apply_rope(x, cos, sin)
+    def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(h + delta), h + delta); ``delta`` None: (norm(h), h)."""
+        if delta is None:
+            return self.norm(h, weight, eps), h
+        if self.fused:
+            return self._k.add_rms_norm_triton(h, delta, weight, eps)
+        h = h + delta
+        return rms_norm(h, weight, eps), h
+
+    def rope_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                      slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotated q; rotated k and v written to the cache slots (q/k/v [T, heads, d])."""
+        if self.fused:
+            return self._k.rope_write_kv_triton(q, k, v, cos, sin, kv[0], kv[1], slot_mapping)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write_kv(kv[0], kv[1], k, v, slot_mapping)
+        return q
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up from the fused [T, 2I] gate/up output."""
+        if self.fused:
+            return self._k.silu_mul_triton(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return nn.functional.silu(gate) * up
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -167,19 +193,21 @@ class DecoderLayer(nn.Module):
         self.q_width, self.kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         self.scale = s.head_dim ** -0.5
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch,
-                kv: tuple[torch.Tensor, torch.Tensor], lora: LoraBatchMeta | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBatch, kv: tuple[torch.Tensor, torch.Tensor],
+                lora: LoraBatchMeta | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, delta) -> (h', delta'): the residual stream is h + delta. The MLP's output is handed
+        on unadded, so the next norm can add it in the same kernel (one launch, not two)."""
         s, lin, ops = self.shape, self.linears, self.ops
-        x = ops.norm(h, self.input_norm, s.rms_norm_eps)
+        x, h = ops.add_norm(h, delta, self.input_norm, s.rms_norm_eps)
         q, k, v = lin["qkv"](x, lora).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
-        q = ops.rope(q.reshape(-1, s.num_heads, s.head_dim), cos, sin)
-        k = ops.rope(k.reshape(-1, s.num_kv_heads, s.head_dim), cos, sin)
-        write_kv(kv[0], kv[1], k, v.reshape(-1, s.num_kv_heads, s.head_dim), attn.slot_mapping)
+        heads = (-1, s.num_kv_heads, s.head_dim)
+        q = ops.rope_write_kv(q.reshape(-1, s.num_heads, s.head_dim), k.reshape(heads), v.reshape(heads),
+                              cos, sin, kv, attn.slot_mapping)
         o = paged_attention(q, kv[0], kv[1], attn, self.scale, s.sliding_window)
-        h = h + lin["o"](o.reshape(-1, self.q_width), lora)
-        x = ops.norm(h, self.post_attention_norm, s.rms_norm_eps)
-        gate, up = lin["gateup"](x, lora).chunk(2, dim=-1)
-        return h + lin["down"](nn.functional.silu(gate) * up, lora)
+        x, h = ops.add_norm(h, lin["o"](o.reshape(-1, self.q_width), lora), self.post_attention_norm,
+                            s.rms_norm_eps)
+        return h, lin["down"](ops.silu_mul(lin["gateup"](x, lora)), lora)
 
 
 class CausalLM(nn.Module):
@@ -285,11 +313,11 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 lora: LoraBatchMeta | None = None) -> torch.Tensor:
-        h = self.embed[input_ids]
+        h, delta = self.embed[input_ids], None
         cos, sin = self.rope_cos_sin(positions)
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, attn, kv, lora)
-        return self.ops.norm(h, self.norm, self.shape.rms_norm_eps)
+            h, delta = layer(h, delta, cos, sin, attn, kv, lora)
+        return self.ops.add_norm(h, delta, self.norm, self.shape.rms_norm_eps)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.lm_head.t()).float()

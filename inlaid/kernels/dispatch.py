@@ -2,7 +2,8 @@
 
 Rules are read top to bottom; the first whose conditions hold wins. The M thresholds come from the
 kernel benchmark (``scripts/bench_kernels.py``, results in docs/results/kernels.md). Users force a
-backend with the ``backend=`` argument of an op or ``INLAID_BACKEND_<OP>=ref|triton|cuda|exllama|dequant``
+backend with the ``backend=`` argument of an op or ``INLAID_BACKEND_<OP>=<backend>``, e.g.
+``INLAID_BACKEND_QUANT_MATMUL=ref|triton|cuda|exllama|dequant`` or ``INLAID_BACKEND_LORA_OVERLAP=serial``
 (``cuda``: the 4-bit small-M tensor-core GEMM of ``inlaid.kernels.cuda_gemm``; ``dequant``:
 dequantize the weight, then cuBLAS).
 """
@@ -36,10 +37,13 @@ TABLE = (
     ("quant_matmul", "ref", lambda f: True),
     ("lora", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("lora", "ref", lambda f: True),
+    # the LoRA shrink on a side stream, concurrent with the base GEMM (inlaid.kernels.qlinear)
+    ("lora_overlap", "stream", lambda f: f["cuda"]),
+    ("lora_overlap", "serial", lambda f: True),
     # attention over the paged KV cache: the decode kernel and the varlen prefill kernel
     ("paged_attention", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("paged_attention", "ref", lambda f: True),
-    # fused RMSNorm + RoPE (one kernel each instead of ~7 and ~5 torch ops)
+    # fused residual add + RMSNorm, RoPE + KV-cache write, SiLU-and-mul (inlaid.kernels.triton.norm_rope)
     ("norm_rope", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("norm_rope", "ref", lambda f: True),
 )

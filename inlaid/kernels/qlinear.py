@@ -6,15 +6,23 @@ One module serves a fused projection (q/k/v or gate/up) as several output slices
 own adapter A/B in fixed GPU slots. The base product goes through ``quant_matmul`` and the adapters
 through ``lora_shrink``/``lora_expand``, all chosen by the dispatch table. (A fused single-pass
 version that writes y once is future work: measure it against this composition first.)
+
+On CUDA the shrink runs on a side stream, concurrently with the base GEMM: both read only x, and at
+decode sizes neither fills the GPU (the small-M GEMM is latency-bound with a few warps per SM, the
+shrink is a few MB of adapter reads), so the shrink's time hides under the GEMM's. The expand, which
+adds into the GEMM's output, waits for both. Captured in a CUDA graph, the fork and join become two
+parallel branches. The ``lora_overlap`` dispatch row turns it off (``INLAID_BACKEND_LORA_OVERLAP=serial``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from inlaid.kernels import dispatch
 from inlaid.kernels.lora import LoraBatchMeta, default_offsets, lora_expand, lora_shrink
 from inlaid.kernels.quant_matmul import PreparedQuant, quant_matmul
 
@@ -127,9 +135,26 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: LoraBatchMeta | None = None) -> torch.Tensor:
         """x [T, in]; ``meta`` groups the T tokens by adapter slot (None: base only)."""
-        y = base_matmul(x, self.quant)
-        if self.lora is not None and meta is not None:
-            lora = self.lora
+        lora = self.lora
+        if lora is None or meta is None:
+            return base_matmul(x, self.quant)
+        if not (x.is_cuda and dispatch.choose("lora_overlap", x.device) == "stream"):
+            y = base_matmul(x, self.quant)
             buf = lora_shrink(x, lora.lora_a, meta, lora.ranks, lora.scalings)
-            lora_expand(buf, lora.lora_b, meta, lora.ranks, y, lora.offsets)
+        else:
+            main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+            # allocated on the main stream, which frees it after the expand: no cross-stream reuse
+            buf = torch.empty(len(lora.lora_a), x.shape[0], lora.max_rank, dtype=torch.float32,
+                              device=x.device)
+            side.wait_stream(main)  # x is ready
+            with torch.cuda.stream(side):
+                lora_shrink(x, lora.lora_a, meta, lora.ranks, lora.scalings, out=buf)
+            y = base_matmul(x, self.quant)
+            main.wait_stream(side)
+        lora_expand(buf, lora.lora_b, meta, lora.ranks, y, lora.offsets)
         return y
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)

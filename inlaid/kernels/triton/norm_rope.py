@@ -1,10 +1,19 @@
-"""Fused RMSNorm and rotary embedding for the decode step.
+"""Fused small ops of a decoder layer: residual add + RMSNorm, RoPE + KV-cache write, SiLU-and-mul.
 
-In a decode step every op touches a few KB, so each torch op costs a kernel launch's fixed time on
-the GPU: RMSNorm in torch is ~7 kernels (upcast, square, mean, add, rsqrt, scale, downcast, weight)
-and RoPE ~5 per tensor. One kernel each. The math is the torch path's (``inlaid.engine.model``):
-statistics in fp32, the normalised row rounded to the activation dtype before the weight multiply,
-rotate-half RoPE — so the two paths agree to rounding.
+In a decode step every op touches a few KB, so each op costs a kernel launch's fixed time on the
+GPU, and inside a CUDA graph still a ~1 µs gap between dependent kernels: RMSNorm in torch is ~7
+kernels (upcast, square, mean, add, rsqrt, scale, downcast, weight), RoPE ~5 per tensor, the cache
+write one ``index_copy_`` per tensor, SiLU-and-mul two. One kernel each here:
+
+- :func:`add_rms_norm_triton`: ``h = h + delta`` (the residual add, rounded to the activation dtype
+  as torch rounds it) and ``norm(h)`` in one pass — 2 launches per layer instead of 4.
+- :func:`rope_write_kv_triton`: rotates q in place, rotates k and writes it and v into their cache
+  slots — 1 launch instead of 4.
+- :func:`silu_mul_triton`: ``silu(gate) * up`` from the fused gate/up output — 1 instead of 2.
+
+The math is the torch path's (``inlaid.engine.model``): statistics in fp32, the normalised row
+rounded to the activation dtype before the weight multiply, rotate-half RoPE, SiLU rounded before
+the product — so the two paths agree to rounding (tests/kernels/test_norm_rope_gpu.py bounds it).
 """
 
 from __future__ import annotations
@@ -15,50 +24,142 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_o, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, d_ptr, h_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_d, stride_h,
+                     stride_o, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_DELTA:
+        # the residual add rounds to the activation dtype (as torch's h + delta does) before the norm
+        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * stride_h + offs, x, mask=mask)
+    x = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     normed = (x * inv).to(out_ptr.dtype.element_ty)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     tl.store(out_ptr + row * stride_o + offs, normed * w, mask=mask)
 
 
+def _norm_launch(x, delta, h, weight, out, eps):
+    n = x.shape[-1]
+    if x.stride(-1) != 1 or (delta is not None and delta.stride(-1) != 1):
+        raise ValueError("rms norm rows must be contiguous")
+    block = triton.next_power_of_2(n)
+    d, hh = (x, x) if delta is None else (delta, h)
+    _rms_norm_kernel[(x.shape[0],)](x, d, hh, weight, out, n, eps, x.stride(0), d.stride(0), hh.stride(0),
+                                    out.stride(0), HAS_DELTA=delta is not None, BLOCK=block,
+                                    num_warps=4 if block <= 4096 else 8)
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H] -> [T, H]; H up to 16384 in one block per row."""
     out = torch.empty_like(x)
-    n = x.shape[-1]
-    block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(x.shape[0],)](x, weight, out, n, eps, x.stride(0), out.stride(0), BLOCK=block,
-                                     num_warps=4 if block <= 4096 else 8)
+    _norm_launch(x, None, None, weight, out, eps)
     return out
 
 
+def add_rms_norm_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h + delta), h + delta) for h, delta [T, H]: the residual add and the next norm."""
+    if delta.shape != h.shape or delta.dtype != h.dtype:
+        raise ValueError(f"delta {delta.dtype} {tuple(delta.shape)} does not match h {h.dtype} "
+                         f"{tuple(h.shape)}")
+    new_h, out = torch.empty_like(h), torch.empty_like(h)
+    _norm_launch(h, delta, new_h, weight, out, eps)
+    return out, new_h
+
+
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, HALF: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
+def _rotate(base, heads, c1, c2, s1, s2, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate-half RoPE of ``heads`` rows of [.., HALF * 2] at ``base``; returns the two halves."""
+    offs_h = tl.arange(0, BLOCK_H)
     offs = tl.arange(0, HALF)
-    base = x_ptr + t * stride_t + h * stride_h
-    x1 = tl.load(base + offs).to(tl.float32)
-    x2 = tl.load(base + HALF + offs).to(tl.float32)
+    ptr = base + offs_h[:, None] * stride_h + offs[None, :]
+    mask = offs_h[:, None] < heads
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1 * c1[None, :] - x2 * s1[None, :], x2 * c2[None, :] + x1 * s2[None, :], mask
+
+
+@triton.jit
+def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, heads, kv_heads,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
+                    stride_cs, stride_ch, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                    BLOCK_HK: tl.constexpr):
+    t = tl.program_id(0)
+    offs = tl.arange(0, HALF)
     # cos/sin repeat their first half (transformers' emb = cat(freqs, freqs)): read each half
     # where the torch path does, so a scaled (e.g. llama3) table is used the same way
     c1 = tl.load(cos_ptr + t * stride_c + offs).to(tl.float32)
     c2 = tl.load(cos_ptr + t * stride_c + HALF + offs).to(tl.float32)
     s1 = tl.load(sin_ptr + t * stride_c + offs).to(tl.float32)
     s2 = tl.load(sin_ptr + t * stride_c + HALF + offs).to(tl.float32)
-    tl.store(base + offs, (x1 * c1 - x2 * s1).to(x_ptr.dtype.element_ty))
-    tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty))
+
+    q_base = q_ptr + t * stride_qt
+    lo, hi, mask = _rotate(q_base, heads, c1, c2, s1, s2, stride_qh, HALF, BLOCK_HQ)
+    ptr = q_base + tl.arange(0, BLOCK_HQ)[:, None] * stride_qh + offs[None, :]
+    tl.store(ptr, lo.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + HALF, hi.to(q_ptr.dtype.element_ty), mask=mask)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    lo, hi, mask = _rotate(k_ptr + t * stride_kt, kv_heads, c1, c2, s1, s2, stride_kh, HALF, BLOCK_HK)
+    offs_h = tl.arange(0, BLOCK_HK)
+    dst = kc_ptr + slot * stride_cs + offs_h[:, None] * stride_ch + offs[None, :]
+    tl.store(dst, lo.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, hi.to(kc_ptr.dtype.element_ty), mask=mask)
+    src = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs[None, :]
+    dst = vc_ptr + slot * stride_cs + offs_h[:, None] * stride_ch + offs[None, :]
+    tl.store(dst, tl.load(src, mask=mask, other=0.0), mask=mask)
+    tl.store(dst + HALF, tl.load(src + HALF, mask=mask, other=0.0), mask=mask)
 
 
-def rope_triton_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """In place: x [T, heads, D] (last dim contiguous) rotated by cos/sin [T, D]; returns x."""
-    tokens, heads, dim = x.shape
-    if x.stride(2) != 1 or cos.stride(1) != 1 or dim & (dim - 1):
+def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotate q [T, heads, D] in place and return it; write rope(k) and v [T, kv_heads, D] into
+    k_cache/v_cache [slots, kv_heads, D] at ``slot_mapping`` [T]. q/k/v may be strided views (slices
+    of the fused qkv output) with a contiguous head dim; cos/sin [T, D]."""
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    if dim & (dim - 1) or any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_cache)):
         raise ValueError("rope needs a contiguous power-of-2 head dim")
-    _rope_kernel[(tokens, heads)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HALF=dim // 2,
-                                  num_warps=1)
-    return x
+    if (k.shape != v.shape or k.shape[0] != tokens or k_cache.shape != v_cache.shape
+            or k_cache.stride() != v_cache.stride() or k_cache.shape[1:] != k.shape[1:]
+            or slot_mapping.shape != (tokens,) or cos.stride() != sin.stride()):
+        raise ValueError("q/k/v, the caches and the slot mapping do not fit together")
+    if tokens:
+        _rope_kv_kernel[(tokens,)](
+            q, k, v, cos, sin, k_cache, v_cache, slot_mapping, heads, kv_heads,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            k_cache.stride(0), k_cache.stride(1), HALF=dim // 2,
+            BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(kv_heads),
+            num_warps=4 if heads * dim >= 2048 else 1)
+    return q
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0)
+    # silu rounds to the activation dtype before the product, as silu(gate) * up does in torch
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + offs, (act.to(tl.float32) * up.to(tl.float32)).to(
+        out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate columns first, then up) -> silu(gate) * up [T, I]."""
+    tokens, width = gate_up.shape
+    if width % 2 or gate_up.stride(1) != 1:
+        raise ValueError("gate_up must be [T, 2I] with contiguous rows")
+    out = torch.empty(tokens, width // 2, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    if tokens:
+        _silu_mul_kernel[(tokens, triton.cdiv(width // 2, block))](
+            gate_up, out, width // 2, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    return out
