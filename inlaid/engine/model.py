@@ -24,7 +24,7 @@ from torch import nn
 from inlaid.errors import ModelLoadError
 from inlaid.engine.attention import AttentionBatch, paged_attention, write_kv
 from inlaid.kernels import dispatch
-from inlaid.kernels.lora import LoraBatchMeta
+from inlaid.kernels.lora import LoraBatchMeta, lora_expand
 from inlaid.kernels.qlinear import DenseLinear, LoraBank, LoraSlots, QuantLinear
 from inlaid.kernels.quant_matmul import prepare, refresh_backend_state
 from inlaid.model.arch import HESSIAN_GROUPS, module_path
@@ -157,8 +157,19 @@ class Ops:
         write_kv(kv[0], kv[1], k, v, slot_mapping)
         return q
 
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up from the fused [T, 2I] gate/up output."""
+    def silu_mul(self, gate_up: torch.Tensor, buf: torch.Tensor | None = None,
+                 slots: LoraSlots | None = None, meta: LoraBatchMeta | None = None) -> torch.Tensor:
+        """silu(gate) * up from the fused [T, 2I] gate/up output. With ``buf`` (the projection's
+        shrink output; ``slots`` its adapters, ``meta`` the step's grouping) the LoRA update is
+        expanded into gate/up first: for decode-sized T on the GPU inside the same kernel."""
+        if buf is not None:
+            m, device = gate_up.shape[0], gate_up.device
+            if (self.fused and gate_up.dtype in (torch.float16, torch.bfloat16)
+                    and dispatch.choose("lora", device) == "triton"
+                    and dispatch.choose("silu_lora", device, m=m) == "fused"):
+                return self._k.silu_mul_lora_triton(gate_up, buf, slots.lora_b, meta.slot_of_token,
+                                                    slots.ranks)
+            lora_expand(buf, slots.lora_b, meta, slots.ranks, gate_up, slots.offsets)
         if self.fused:
             return self._k.silu_mul_triton(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -207,7 +218,8 @@ class DecoderLayer(nn.Module):
         o = paged_attention(q, kv[0], kv[1], attn, self.scale, s.sliding_window)
         x, h = ops.add_norm(h, lin["o"](o.reshape(-1, self.q_width), lora), self.post_attention_norm,
                             s.rms_norm_eps)
-        return h, lin["down"](ops.silu_mul(lin["gateup"](x, lora)), lora)
+        gate_up, buf = lin["gateup"].base_and_shrink(x, lora)
+        return h, lin["down"](ops.silu_mul(gate_up, buf, lin["gateup"].lora, lora), lora)
 
 
 class CausalLM(nn.Module):

@@ -40,6 +40,10 @@ TABLE = (
     # the LoRA shrink on a side stream, concurrent with the base GEMM (inlaid.kernels.qlinear)
     ("lora_overlap", "stream", lambda f: f["cuda"]),
     ("lora_overlap", "serial", lambda f: True),
+    # gate/up's LoRA expand inside the SiLU-and-mul kernel, one program per token: for decode-sized
+    # steps (with many tokens per adapter, the tiled expand reads each B once per tile instead)
+    ("silu_lora", "fused", lambda f: f["cuda"] and f["has_triton"] and f["m"] <= 64),
+    ("silu_lora", "separate", lambda f: True),
     # attention over the paged KV cache: the decode kernel and the varlen prefill kernel
     ("paged_attention", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("paged_attention", "ref", lambda f: True),

@@ -40,6 +40,8 @@ class LoraBatchMeta:
     - ``num_tokens`` int32 [max_loras]: tokens in group g (0 past the last group).
     - ``token_start`` int32 [max_loras]: where group g starts in ``sorted_token_ids`` (0 past the last).
     - ``num_tokens_total``: T of the last ``prepare`` (a host int, fixed by the input's shape).
+    - ``slot_of_token`` int32 [max_tokens]: token t's slot, ``max_loras`` for none (and past T): for
+      kernels that take one token per program.
 
     The kernels walk token tiles: each group cut into tiles of ``block_m`` tokens, listed group after
     group. ``tile_slot`` (−1 past the last tile), ``tile_start`` (into ``sorted_token_ids``) and
@@ -66,7 +68,7 @@ class LoraBatchMeta:
         self.tile_slot = torch.full((max_tiles,), -1, **i32)
         self.tile_start = torch.zeros(max_tiles, **i32)
         self.tile_rows = torch.zeros(max_tiles, **i32)
-        self._slot_key = torch.zeros(max_tokens, **i32)
+        self.slot_of_token = torch.zeros(max_tokens, **i32)
         # Group boundaries: searchsorted of 0..max_loras in the sorted keys (absent key = max_loras).
         self._bounds_query = torch.arange(max_loras + 1, **i32)
         self._tile_index = torch.arange(max_tiles, dtype=torch.int64, device=self.device)
@@ -86,7 +88,7 @@ class LoraBatchMeta:
         if token_slot.dtype.is_floating_point or token_slot.device != self.device:
             raise ValueError(f"token_slot must be an integer tensor on {self.device}")
         absent = self.max_loras  # sorts after every real slot
-        key = self._slot_key
+        key = self.slot_of_token
         key.fill_(absent)
         key[:num].copy_(token_slot)
         key.masked_fill_((key < 0) | (key >= self.max_loras), absent)

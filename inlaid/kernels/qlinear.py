@@ -135,24 +135,32 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: LoraBatchMeta | None = None) -> torch.Tensor:
         """x [T, in]; ``meta`` groups the T tokens by adapter slot (None: base only)."""
+        y, buf = self.base_and_shrink(x, meta)
+        if buf is not None:
+            lora = self.lora
+            lora_expand(buf, lora.lora_b, meta, lora.ranks, y, lora.offsets)
+        return y
+
+    def base_and_shrink(self, x: torch.Tensor, meta: LoraBatchMeta | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(base product, the shrink's buffer or None without LoRA): ``forward`` before its expand,
+        for a consumer that adds the LoRA update itself (the fused expand + SiLU-and-mul)."""
         lora = self.lora
         if lora is None or meta is None:
-            return base_matmul(x, self.quant)
+            return base_matmul(x, self.quant), None
         if not (x.is_cuda and dispatch.choose("lora_overlap", x.device) == "stream"):
             y = base_matmul(x, self.quant)
-            buf = lora_shrink(x, lora.lora_a, meta, lora.ranks, lora.scalings)
-        else:
-            main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-            # allocated on the main stream, which frees it after the expand: no cross-stream reuse
-            buf = torch.empty(len(lora.lora_a), x.shape[0], lora.max_rank, dtype=torch.float32,
-                              device=x.device)
-            side.wait_stream(main)  # x is ready
-            with torch.cuda.stream(side):
-                lora_shrink(x, lora.lora_a, meta, lora.ranks, lora.scalings, out=buf)
-            y = base_matmul(x, self.quant)
-            main.wait_stream(side)
-        lora_expand(buf, lora.lora_b, meta, lora.ranks, y, lora.offsets)
-        return y
+            return y, lora_shrink(x, lora.lora_a, meta, lora.ranks, lora.scalings)
+        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        # allocated on the main stream, which frees it after the expand: no cross-stream reuse
+        buf = torch.empty(len(lora.lora_a), x.shape[0], lora.max_rank, dtype=torch.float32,
+                          device=x.device)
+        side.wait_stream(main)  # x is ready
+        with torch.cuda.stream(side):
+            lora_shrink(x, lora.lora_a, meta, lora.ranks, lora.scalings, out=buf)
+        y = base_matmul(x, self.quant)
+        main.wait_stream(side)
+        return y, buf
 
 
 @functools.lru_cache(maxsize=None)

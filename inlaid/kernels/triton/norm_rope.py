@@ -9,7 +9,8 @@ write one ``index_copy_`` per tensor, SiLU-and-mul two. One kernel each here:
   as torch rounds it) and ``norm(h)`` in one pass — 2 launches per layer instead of 4.
 - :func:`rope_write_kv_triton`: rotates q in place, rotates k and writes it and v into their cache
   slots — 1 launch instead of 4.
-- :func:`silu_mul_triton`: ``silu(gate) * up`` from the fused gate/up output — 1 instead of 2.
+- :func:`silu_mul_triton`: ``silu(gate) * up`` from the fused gate/up output — 1 instead of 2;
+  :func:`silu_mul_lora_triton` also adds gate/up's LoRA update (the expand) for decode-sized steps.
 
 The math is the torch path's (``inlaid.engine.model``): statistics in fp32, the normalised row
 rounded to the activation dtype before the weight multiply, rotate-half RoPE, SiLU rounded before
@@ -162,4 +163,66 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     if tokens:
         _silu_mul_kernel[(tokens, triton.cdiv(width // 2, block))](
             gate_up, out, width // 2, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _silu_mul_lora_kernel(x_ptr, out_ptr, buf_ptr, bg_ptr, bu_ptr, slot_ptr, ranks_ptr, n_cols,
+                          num_loras, stride_x, stride_o, stride_bs, stride_bt, stride_bl, stride_bn,
+                          BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    # Without an adapter the rank is 0 and every LoRA load below is masked off: no branch, no bytes.
+    slot = tl.load(slot_ptr + row)
+    has = slot < num_loras
+    slot = tl.where(has, slot, 0).to(tl.int64)
+    rank = tl.where(has, tl.load(ranks_ptr + slot), 0)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    h_gate = tl.load(buf_ptr + row * stride_bt + offs_r, mask=mask_r, other=0.0)
+    h_up = tl.load(buf_ptr + stride_bs + row * stride_bt + offs_r, mask=mask_r, other=0.0)
+    b_off = slot * stride_bl + offs[:, None] * stride_bn + offs_r[None, :]
+    b_mask = mask[:, None] & mask_r[None, :]
+    b_gate = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
+    b_up = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
+    # the projection's output rounds to the activation dtype once, base + update (as lora_expand
+    # leaves it), then silu rounds, then the product
+    dtype = out_ptr.dtype.element_ty
+    gate = (gate + tl.sum(b_gate * h_gate[None, :], axis=1)).to(dtype).to(tl.float32)
+    up = (up + tl.sum(b_up * h_up[None, :], axis=1)).to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+    tl.store(out_ptr + row * stride_o + offs, (act.to(tl.float32) * up).to(dtype), mask=mask)
+
+
+def silu_mul_lora_triton(gate_up: torch.Tensor, buf: torch.Tensor, lora_b: list[torch.Tensor],
+                         slot_of_token: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` where gate/up are the fused projection's base output ``gate_up`` [T, 2I]
+    plus its LoRA update, expanded here from the shrink's ``buf`` fp32 [2, T, R] and the two slices'
+    B ``lora_b`` [L, I, R] (``slot_of_token`` int32 [>= T], L for none; ``ranks`` int32 [L]).
+
+    For decode-sized T: one program per (token, column block) reads its token's B rows, so the
+    separate expand launch and its read-modify-write of gate_up go away; with many tokens per
+    adapter (prefill) the tiled expand, which reads B once per tile, is the cheaper one."""
+    tokens, width = gate_up.shape
+    inter = width // 2
+    num_loras, _, max_rank = lora_b[0].shape
+    if (width % 2 or gate_up.stride(1) != 1 or len(lora_b) != 2 or buf.shape != (2, tokens, max_rank)
+            or buf.dtype != torch.float32 or buf.stride(2) != 1
+            or any(b.shape != (num_loras, inter, max_rank) or b.stride() != lora_b[0].stride()
+                   or b.stride(2) != 1 or b.dtype != gate_up.dtype for b in lora_b)
+            or slot_of_token.dtype != torch.int32 or slot_of_token.shape[0] < tokens
+            or ranks.shape != (num_loras,) or ranks.dtype != torch.int32):
+        raise ValueError("gate_up [T, 2I], buf fp32 [2, T, R], two B [L, I, R] in gate_up's dtype, "
+                         "int32 slot_of_token [>= T] and ranks [L] expected")
+    out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
+    block = 128
+    if tokens:
+        _silu_mul_lora_kernel[(tokens, triton.cdiv(inter, block))](
+            gate_up, out, buf, lora_b[0], lora_b[1], slot_of_token, ranks, inter, num_loras,
+            gate_up.stride(0), out.stride(0), buf.stride(0), buf.stride(1), lora_b[0].stride(0),
+            lora_b[0].stride(1), BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
+            num_warps=4)
     return out
