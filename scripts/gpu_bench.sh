@@ -3,7 +3,8 @@
 #
 #   bash scripts/gpu_bench.sh [profile] [batch] [adapters] [rates] [engine]
 #
-#   tests     the GPU test suite (kernels, quantization, engine, model; the server needs fastapi)
+#   tests     the GPU test suite (kernels, quantization, engine, model; the server needs fastapi).
+#             pytest gets no -q: with the project's addopts (-q) that would drop the summary line
 #   kernels   GPU tests of the kernels, then the quant_matmul block-shape sweep at M = 16, 32
 #   table     scripts/bench_kernels.py: every quant_matmul backend vs cuBLAS and exllamav2, M 1-2048
 #   cuda      GPU tests of the CUDA small-M GEMM (and the other quant_matmul backends), then its
@@ -72,11 +73,11 @@ part() {  # part NAME CMD...: run under its limit, log to $OUT/NAME.log
 }
 for what in "$@"; do
     case $what in
-        tests) part tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/quant tests/engine \
+        tests) part tests python3 -m pytest -m gpu -p no:cacheprovider tests/kernels tests/quant tests/engine \
             tests/model ;;
-        kernels) part kernels bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels && \
+        kernels) part kernels bash -c "python3 -m pytest -m gpu -p no:cacheprovider tests/kernels && \
             python3 scripts/bench_kernels.py --sweep ${SWEEP_M:-16 32}" ;;
-        cuda) part cuda bash -c "python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_cuda_gemm_gpu.py \
+        cuda) part cuda bash -c "python3 -m pytest -m gpu -p no:cacheprovider tests/kernels/test_cuda_gemm_gpu.py \
             tests/kernels/test_quant_matmul_gpu.py && python3 scripts/bench_kernels.py --sweep-cuda ${SWEEP_M:-1 8 16 32} \
             --json $OUT/results/sweep_cuda.json" ;;
         table) part table python3 scripts/bench_kernels.py ;;

@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
 status=0
-python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+python3 -m pytest -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 rc=$?; [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1  # 5: no GPU tests collected
 INLAID_EXPORTED_LAYER=/tmp/inlaid_exported_layer.safetensors python3 scripts/gpu_quant_timing.py "$@" 2>&1 | tee "$OUT/quant_timing.log" || status=1
 INLAID_EXPORTED_LAYER=/tmp/inlaid_exported_layer.safetensors python3 scripts/exllama_check.py 2>&1 | tee "$OUT/exllama_check.log" || status=1
