@@ -64,8 +64,16 @@ def test_dispatch_table(monkeypatch):
     for m in (1, 2, 3, 8, 16, 32):
         assert dispatch.choose("quant_matmul", cuda, bits=4, m=m, group_size=128, cuda_gemm=True) == "cuda"
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=33, group_size=128, cuda_gemm=True) == "triton"
+    # the decode step's fused LoRA paths: the shrink beside the GEMM on CUDA, gate/up's expand
+    # inside SiLU-and-mul up to M = 64; neither on the CPU
+    assert dispatch.choose("lora_overlap", cuda) == "stream"
+    assert dispatch.choose("lora_overlap", cpu) == "serial"
+    assert [dispatch.choose("silu_lora", cuda, m=m) for m in (1, 64, 65)] == ["fused", "fused", "separate"]
+    assert dispatch.choose("silu_lora", cpu, m=1) == "separate"
     monkeypatch.setenv("INLAID_BACKEND_QUANT_MATMUL", "ref")
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=1, group_size=128) == "ref"
+    monkeypatch.setenv("INLAID_BACKEND_LORA_OVERLAP", "serial")
+    assert dispatch.choose("lora_overlap", cuda) == "serial"
 
 
 def test_refresh_backend_state_retires_what_graphs_may_still_read():
