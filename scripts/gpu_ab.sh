@@ -11,11 +11,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .whl/base.tar ]; then
-    mkdir -p /tmp/ab-base && tar -xf .whl/base.tar -C /tmp/ab-base
+    rm -rf /tmp/ab-base && mkdir -p /tmp/ab-base && tar -xf .whl/base.tar -C /tmp/ab-base
 fi
+status=0
 for round in $(seq 1 "${AB_ROUNDS:-2}"); do
     for variant in "$@"; do
-        label=${variant%%:*} envs=${variant#*:}
+        label=${variant%%:*} envs=""
+        [[ $variant == *:* ]] && envs=${variant#*:}
         path=$PWD
         if [ "$label" = base ]; then
             [ -d /tmp/ab-base/inlaid ] || { echo "base: no .whl/base.tar"; continue; }
@@ -24,7 +26,9 @@ for round in $(seq 1 "${AB_ROUNDS:-2}"); do
         echo "### round $round: $label ${envs:-(defaults)}"
         # shellcheck disable=SC2086  # envs is a list of NAME=VALUE words
         env $envs PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" python3 scripts/gpu_engine.py --decode-only \
-            --batches "${AB_BATCHES:-1,8,32,128}" --out "/tmp/ab-out/$label-$round" 2>&1 \
-            | grep -E '^\[graphs\]|^prefill|Error|error' | grep -v 'start-up'
+            --batches "${AB_BATCHES:-1,8,32,128}" --out "/tmp/ab-out/$label-$round" > /tmp/ab-run.log 2>&1 \
+            || { status=1; echo "$label failed:"; tail -5 /tmp/ab-run.log; }
+        grep -E '^\[graphs\] decode|^prefill' /tmp/ab-run.log
     done
 done
+exit $status

@@ -47,6 +47,8 @@ def _norm_launch(x, delta, h, weight, out, eps):
     n = x.shape[-1]
     if x.stride(-1) != 1 or (delta is not None and delta.stride(-1) != 1):
         raise ValueError("rms norm rows must be contiguous")
+    if x.shape[0] == 0:
+        return
     block = triton.next_power_of_2(n)
     d, hh = (x, x) if delta is None else (delta, h)
     _rms_norm_kernel[(x.shape[0],)](x, d, hh, weight, out, n, eps, x.stride(0), d.stride(0), hh.stride(0),
@@ -128,8 +130,11 @@ def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
         raise ValueError("rope needs a contiguous power-of-2 head dim")
     if (k.shape != v.shape or k.shape[0] != tokens or k_cache.shape != v_cache.shape
             or k_cache.stride() != v_cache.stride() or k_cache.shape[1:] != k.shape[1:]
-            or slot_mapping.shape != (tokens,) or cos.stride() != sin.stride()):
-        raise ValueError("q/k/v, the caches and the slot mapping do not fit together")
+            or slot_mapping.shape != (tokens,) or cos.stride() != sin.stride()
+            or cos.shape != (tokens, dim) or sin.shape != cos.shape
+            or len({q.dtype, k.dtype, v.dtype, k_cache.dtype, v_cache.dtype}) != 1):
+        raise ValueError("q/k/v (one dtype), the caches (the same dtype), cos/sin [T, D] and the "
+                         "slot mapping do not fit together")
     if tokens:
         _rope_kv_kernel[(tokens,)](
             q, k, v, cos, sin, k_cache, v_cache, slot_mapping, heads, kv_heads,
@@ -200,6 +205,7 @@ def _silu_mul_lora_kernel(x_ptr, out_ptr, buf_ptr, bg_ptr, bu_ptr, slot_ptr, ran
 def silu_mul_lora_triton(gate_up: torch.Tensor, buf: torch.Tensor, lora_b: list[torch.Tensor],
                          slot_of_token: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where gate/up are the fused projection's base output ``gate_up`` [T, 2I]
+    (gate in columns [0, I), up in [I, 2I): the slices' default offsets)
     plus its LoRA update, expanded here from the shrink's ``buf`` fp32 [2, T, R] and the two slices'
     B ``lora_b`` [L, I, R] (``slot_of_token`` int32 [>= T], L for none; ``ranks`` int32 [L]).
 
