@@ -24,7 +24,7 @@ from torch import nn
 from inlaid.errors import ModelLoadError
 from inlaid.engine.attention import AttentionBatch, paged_attention, write_kv
 from inlaid.kernels import dispatch
-from inlaid.kernels.lora import LoraBatchMeta, lora_expand
+from inlaid.kernels.lora import LoraBatchMeta, lora_backend, lora_expand
 from inlaid.kernels.qlinear import DenseLinear, LoraBank, LoraSlots, QuantLinear
 from inlaid.kernels.quant_matmul import prepare, refresh_backend_state
 from inlaid.model.arch import HESSIAN_GROUPS, module_path
@@ -163,10 +163,8 @@ class Ops:
         shrink output; ``slots`` its adapters, ``meta`` the step's grouping) the LoRA update is
         expanded into gate/up first: for decode-sized T on the GPU inside the same kernel."""
         if buf is not None:
-            m, device = gate_up.shape[0], gate_up.device
-            if (self.fused and gate_up.dtype in (torch.float16, torch.bfloat16)
-                    and dispatch.choose("lora", device) == "triton"
-                    and dispatch.choose("silu_lora", device, m=m) == "fused"):
+            if (self.fused and lora_backend(gate_up) == "triton"
+                    and dispatch.choose("silu_lora", gate_up.device, m=gate_up.shape[0]) == "fused"):
                 return self._k.silu_mul_lora_triton(gate_up, buf, slots.lora_b, meta.slot_of_token,
                                                     slots.ranks)
             lora_expand(buf, slots.lora_b, meta, slots.ranks, gate_up, slots.offsets)

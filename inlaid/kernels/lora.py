@@ -210,8 +210,9 @@ def lora_apply_ref(x: torch.Tensor, y: torch.Tensor, lora_a: Sequence[torch.Tens
     return out
 
 
-def _backend(x: torch.Tensor, backend: str | None) -> str:
-    """The forced backend, else the dispatch table's choice (Triton kernels take fp16/bf16 only)."""
+def lora_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    """The forced backend, else the dispatch table's choice (Triton kernels take fp16/bf16 only):
+    what the kernels that read LoRA weights run on for activations like ``x``."""
     if backend is None:
         backend = dispatch.choose("lora", x.device)
         if x.dtype not in (torch.float16, torch.bfloat16):
@@ -228,7 +229,7 @@ def lora_shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], meta: LoraBatch
 
     x [T, in]; lora_a: one [max_loras, max_rank, in] per slice; returns (or fills ``out``)
     [num_slices, T, max_rank] fp32. The scaling is applied here, not in expand."""
-    if _backend(x, backend) == "triton":
+    if lora_backend(x, backend) == "triton":
         from inlaid.kernels.triton.lora_shrink import lora_shrink_triton
         return lora_shrink_triton(x, lora_a, meta, ranks, scalings, out=out)
     return lora_shrink_ref(x, lora_a, meta, ranks, scalings, out=out)
@@ -241,7 +242,7 @@ def lora_expand(buf: torch.Tensor, lora_b: Sequence[torch.Tensor], meta: LoraBat
 
     buf [num_slices, T, max_rank] from :func:`lora_shrink`; lora_b: one [max_loras, out_s, max_rank]
     per slice; y [T, >= max(off_s + out_s)]; slice_offsets default to back-to-back from 0."""
-    if _backend(y, backend) == "triton":
+    if lora_backend(y, backend) == "triton":
         from inlaid.kernels.triton.lora_expand import lora_expand_triton
         return lora_expand_triton(buf, lora_b, meta, ranks, y, slice_offsets)
     return lora_expand_ref(buf, lora_b, meta, ranks, y, slice_offsets)

@@ -6,7 +6,7 @@ and columns past each slot's real rank are poisoned with NaN: an op that reads t
 import pytest
 import torch
 
-from inlaid.kernels.lora import (LoraBatchMeta, _backend, lora_apply_ref, lora_expand,
+from inlaid.kernels.lora import (LoraBatchMeta, lora_apply_ref, lora_backend, lora_expand,
                                  lora_expand_ref, lora_shrink, lora_shrink_ref)
 
 RANKS = (1, 8, 16, 64)
@@ -203,7 +203,7 @@ def test_dispatch_picks_reference_on_cpu_and_refuses_unknown_backends():
     lora_a, lora_b, ranks, scalings = make_adapters(2, 16, (8,), seed=7)
     x = torch.randn(3, 16, dtype=torch.float64)
     meta = LoraBatchMeta(3, 2).prepare(torch.tensor([0, -1, 1], dtype=torch.int32))
-    assert _backend(x, None) == "ref" and _backend(x.half(), None) == "ref"
+    assert lora_backend(x, None) == "ref" and lora_backend(x.half(), None) == "ref"
     torch.testing.assert_close(lora_shrink(x, lora_a, meta, ranks, scalings),
                                lora_shrink_ref(x, lora_a, meta, ranks, scalings))
     with pytest.raises(ValueError):
