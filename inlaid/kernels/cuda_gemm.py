@@ -29,13 +29,17 @@ from pathlib import Path
 
 import torch
 
-from inlaid.kernels.quant_matmul import PreparedQuant, split_k_state
+from inlaid.kernels.quant_matmul import PreparedQuant, SplitKState
 from inlaid.quant.primitives import unpack_rows
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "cuda" / "qgemm4.cu"
 MAX_M = 64
 WARPS = 4  # warps per block (kWarps in the kernel): a block covers 64 * nw output columns
+# Split-K partial sums and arrival counters. Not the Triton kernel's: every block overwrites its
+# whole workspace slice, so the workspace holds garbage between calls, which the Triton kernel's
+# (zero between calls) must not.
+_SPLIT_K = SplitKState()
 
 
 def _lane_map() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,7 +263,9 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=torch.float16)
     if not y.is_contiguous() or y.shape != (m, n) or y.dtype != torch.float16 or y.device != x.device:
         raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor on {x.device}")
-    ws, counts = split_k_state(x.device, m * n, n // (16 * WARPS * nw)) if split > 1 else (y, cq.gidx16)
+    tm = -(-m // 8) if m <= 32 else 8  # 8-token MMA tiles the kernel computes (its TM)
+    ws, counts = (_SPLIT_K.get(x.device, split * n * 8 * tm, n // (16 * WARPS * nw)) if split > 1
+                  else (y, cq.gidx16))
     with torch.cuda.device(x.device):  # the launch goes to the current device's context
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
                             None if p.bias is None else p.bias.data_ptr(), y.data_ptr(), ws.data_ptr(),

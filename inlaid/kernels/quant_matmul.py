@@ -32,14 +32,14 @@ class PreparedQuant(LinearShape):
     backend_state: dict = field(default_factory=dict)
 
 
-class _SplitKState:
-    """Per device: the fp32 workspace and the per-tile arrival counters of split-K GEMMs (the Triton
-    and CUDA kernels share them).
+class SplitKState:
+    """Per device: the fp32 workspace and the per-tile arrival counters of split-K GEMMs.
 
-    Both are all zero between calls (each call's last programs restore that), so they are allocated
-    zeroed once and grown, never cleared. Grown buffers replace the old ones, which stay referenced:
-    a CUDA graph captured earlier keeps their addresses. Calls on one device must not overlap in
-    time (one stream, as in the engine; CUDA-graph capture included)."""
+    Both are allocated zeroed once and grown, never cleared. The Triton kernel's state (below) is
+    all zero between calls (each call's last programs restore that); the CUDA GEMM keeps its own,
+    whose workspace needs no zeros (inlaid/kernels/cuda_gemm.py). Grown buffers replace the old
+    ones, which stay referenced: a CUDA graph captured earlier keeps their addresses. Calls on one
+    device must not overlap in time (one stream, as in the engine; CUDA-graph capture included)."""
 
     def __init__(self) -> None:
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -57,7 +57,7 @@ class _SplitKState:
         return ws, counts
 
 
-_SPLIT_K = _SplitKState()
+_SPLIT_K = SplitKState()
 
 
 def split_k_state(device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,10 +32,13 @@
 // main loop's instructions did (750 -> 489 SASS instructions for 64 MMAs at M = 32, two tiles per
 // warp, U = 2; 55.8 -> 49.0 us): docs/results/kernels.md. So every instruction in the loop counts.
 //
-// Split-K partial sums go into an fp32 workspace; the last block of a column
-// tile to arrive (an arrival counter) writes y and zeroes its workspace tile and counter again, so
-// one launch does the whole product and the workspace is clean for the next call (and for CUDA-graph
-// replays).
+// Split-K: every block stores its partial sums, as they lie in its registers, into its own slice of
+// an fp32 workspace (plain coalesced stores, no atomics), and the last block of a column tile to
+// arrive (an arrival counter) adds the slices in split order, writes y and zeroes its counter again,
+// so one launch does the whole product, the sum is the same whichever block comes last, and only
+// the counters need to be clean for the next call (and for CUDA-graph replays). At M = 32 the
+// earlier reduction, one fp32 atomicAdd per partial sum, cost ~5-8 us per million adds (the
+// ebe2a57 / pipe sweeps: time rose with split at a fixed shape): ~1/5 of a layer's GEMM time.
 
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -91,7 +94,7 @@ struct Params {
     const int* __restrict__ gidx16;  // [K / 16] group of each 16-k chunk (read when gshift < 0)
     const half* __restrict__ bias;   // [N] or null
     half* __restrict__ y;            // [M, N]
-    float* __restrict__ ws;          // [M, N] fp32, zero between calls (split > 1)
+    float4* __restrict__ ws;         // [split, gridDim.x, NW * TM, 128] partial sums (split > 1)
     int* __restrict__ counts;        // [gridDim.x], zero between calls (split > 1)
     int M, N, K;
     int gshift;  // >= 0: every group is 2^gshift 16-k chunks, in order (no table lookup)
@@ -169,11 +172,50 @@ struct Tile {
         }
     }
 
-    // C fragment: acc[n][i] = (col g, tokens 8i+2t, 8i+2t+1), (col g+8, same tokens). Without a
-    // split the block writes y; otherwise it adds into the workspace and the last block of the
-    // column tile to arrive writes y and zeroes its workspace tile and counter again.
+    // C fragment: acc[n][i] = (col g, tokens 8i+2t, 8i+2t+1), (col g+8, same tokens). With a split,
+    // the block first stores its partial sums to its workspace slice; the last block of the column
+    // tile to arrive replaces acc by the sum over all slices (its own from registers), then writes
+    // y like a block without a split.
     __device__ __forceinline__ void finish(const Params& p) {
         const int split = gridDim.y;
+        if (split > 1) {
+            // slice (blockIdx.y, blockIdx.x); within it, fragment f = n * TM + i of thread tid
+            // at f * 128 + tid: each store and load is 16 bytes per thread, 512 per warp, in order
+            auto slot = [&](int s, int f) {
+                return p.ws + ((size_t)(s * gridDim.x + blockIdx.x) * (NW * TM) + f) * (kWarps * 32) +
+                       threadIdx.x;
+            };
+#pragma unroll
+            for (int n = 0; n < NW; ++n)
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+                    __stcg(slot(blockIdx.y, n * TM + i),
+                           make_float4(acc[n][i][0], acc[n][i][1], acc[n][i][2], acc[n][i][3]));
+            // Every thread's stores are visible device-wide before one thread announces the block's
+            // arrival; the block that sees split - 1 arrivals before its own then reads complete
+            // slices from L2.
+            __threadfence();
+            __syncthreads();
+            __shared__ bool last;
+            if (threadIdx.x == 0) last = atomicAdd(p.counts + blockIdx.x, 1) == split - 1;
+            __syncthreads();
+            if (!last) return;
+            __threadfence();
+#pragma unroll
+            for (int n = 0; n < NW; ++n)
+#pragma unroll
+                for (int i = 0; i < TM; ++i) {
+                    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+                    for (int s = 0; s < split; ++s) {
+                        const float4 v = s == (int)blockIdx.y
+                            ? make_float4(acc[n][i][0], acc[n][i][1], acc[n][i][2], acc[n][i][3])
+                            : __ldcg(slot(s, n * TM + i));
+                        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+                    }
+                    acc[n][i][0] = sum.x, acc[n][i][1] = sum.y, acc[n][i][2] = sum.z, acc[n][i][3] = sum.w;
+                }
+            if (threadIdx.x == 0) p.counts[blockIdx.x] = 0;
+        }
 #pragma unroll
         for (int n = 0; n < NW; ++n)
 #pragma unroll
@@ -183,34 +225,9 @@ struct Tile {
                     const int m = 8 * i + 2 * t + (e & 1);
                     const int col = (tile0 + n) * 16 + g + 8 * (e >> 1);
                     if (m >= p.M) continue;
-                    if (split == 1) {
-                        const float v = acc[n][i][e] + (p.bias ? __half2float(p.bias[col]) : 0.f);
-                        p.y[(size_t)m * p.N + col] = __float2half_rn(v);
-                    } else {
-                        atomicAdd(p.ws + (size_t)m * p.N + col, acc[n][i][e]);
-                    }
+                    const float v = acc[n][i][e] + (p.bias ? __half2float(p.bias[col]) : 0.f);
+                    p.y[(size_t)m * p.N + col] = __float2half_rn(v);
                 }
-        if (split == 1) return;
-        // Every thread's adds are visible device-wide before one thread announces the block's
-        // arrival; the block that sees split - 1 arrivals before its own then reads complete sums
-        // from L2.
-        __threadfence();
-        __syncthreads();
-        __shared__ bool last;
-        if (threadIdx.x == 0) last = atomicAdd(p.counts + blockIdx.x, 1) == split - 1;
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
-        const int width = kWarps * NW * 16, col0 = blockIdx.x * width;
-        for (int idx = threadIdx.x; idx < p.M * width; idx += blockDim.x) {
-            const int m = idx / width, col = col0 + idx % width;
-            float* w = p.ws + (size_t)m * p.N + col;
-            float v = __ldcg(w);
-            if (p.bias) v += __half2float(p.bias[col]);
-            p.y[(size_t)m * p.N + col] = __float2half_rn(v);
-            *w = 0.f;
-        }
-        if (threadIdx.x == 0) p.counts[blockIdx.x] = 0;
     }
 };
 
@@ -266,16 +283,17 @@ int launch_nw(const Params& p, dim3 grid, int nw, int unroll, cudaStream_t strea
 }  // namespace
 
 // C ABI for ctypes. Returns a cudaError_t (0 = launched), or -1 for an unsupported shape or config.
-// Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x.
+// Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x
+// and ws; with split > 1, ws holds split * N * 8 * TM floats and counts gridDim.x zeros.
 // Config: nw (1 or 2) column tiles per warp, unroll (2 or 4) super tiles per step, split K ways.
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
-                             const void* bias, void* y, float* ws, int* counts, int M, int N, int K,
+                             const void* bias, void* y, void* ws, int* counts, int M, int N, int K,
                              int nw, int unroll, int split, int gshift, void* stream) {
     if ((nw != 1 && nw != 2) || (unroll != 2 && unroll != 4)) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
     const Params p{static_cast<const half*>(x), static_cast<const uint4*>(qw),
                    static_cast<const uint2*>(sz), gidx16, static_cast<const half*>(bias),
-                   static_cast<half*>(y), ws, counts, M, N, K, gshift};
+                   static_cast<half*>(y), static_cast<float4*>(ws), counts, M, N, K, gshift};
     const dim3 grid(N / (16 * nw * kWarps), split);
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
     switch (M <= 32 ? (M + 7) / 8 : 8) {
