@@ -5,6 +5,7 @@
 #
 #   tests     the GPU test suite (kernels, quantization, engine, model; the server needs fastapi).
 #             pytest gets no -q: with the project's addopts (-q) that would drop the summary line
+#   pytest    GPU tests of the files or node ids in ${PYTEST_ARGS:-tests/kernels} only
 #   kernels   GPU tests of the kernels, then the quant_matmul block-shape sweep at M = 16, 32
 #   table     scripts/bench_kernels.py: every quant_matmul backend vs cuBLAS and exllamav2, M 1-2048
 #   cuda      GPU tests of the CUDA small-M GEMM (and the other quant_matmul backends), then its
@@ -13,7 +14,8 @@
 #             config's time also in results/sweep_cuda.json
 #   ncu       scripts/ncu_gemm.sh: Nsight Compute sections of single GEMM calls, NCU_RUNS="BACKEND M
 #             K N CONFIG;..." (default: the CUDA GEMM and the Triton kernel, M = 32, gate/up)
-#   attention scripts/bench_attention.py: the paged decode attention kernel by loop tile and warps
+#   attention scripts/bench_attention.py ${ATTENTION_ARGS}: the paged decode attention kernel by variant,
+#             loop tile, warps and pipeline stages
 #   lora      scripts/bench_lora.py --sweep, then its table: shrink/expand block configs at batch 32
 #   ab        scripts/gpu_ab.sh ${AB_VARIANTS:-new:}: decode step times of variants side by side
 #   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)
@@ -75,6 +77,8 @@ for what in "$@"; do
     case $what in
         tests) part tests python3 -m pytest -m gpu -p no:cacheprovider tests/kernels tests/quant tests/engine \
             tests/model ;;
+        pytest) read -ra files <<< "${PYTEST_ARGS:-tests/kernels}"
+            part pytest python3 -m pytest -m gpu -p no:cacheprovider "${files[@]}" ;;
         kernels) part kernels bash -c "python3 -m pytest -m gpu -p no:cacheprovider tests/kernels && \
             python3 scripts/bench_kernels.py --sweep ${SWEEP_M:-16 32}" ;;
         cuda) part cuda bash -c "python3 -m pytest -m gpu -p no:cacheprovider tests/kernels/test_cuda_gemm_gpu.py \
@@ -85,7 +89,7 @@ for what in "$@"; do
             --json "$OUT/results/sweep_cuda.json" ;;
         ncu) if [ -n "${NCU_RUNS:-}" ]; then IFS=';' read -ra runs <<< "$NCU_RUNS"; else runs=(); fi
             part ncu bash scripts/ncu_gemm.sh "${runs[@]}" ;;
-        attention) part attention python3 scripts/bench_attention.py ;;
+        attention) part attention python3 scripts/bench_attention.py ${ATTENTION_ARGS:-} ;;
         lora) part lora bash -c "python3 scripts/bench_lora.py --sweep && python3 scripts/bench_lora.py" ;;
         ab) read -ra variants <<< "${AB_VARIANTS:-new:}"; part ab bash scripts/gpu_ab.sh "${variants[@]}" ;;
         profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;

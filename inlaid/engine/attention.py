@@ -158,12 +158,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if batch.decode_tables is not None:
         from inlaid.kernels.triton.paged_attention import paged_decode_attention
 
+        variant = dispatch.choose("decode_attention", q.device)
         if batch.all_decode:
             return paged_decode_attention(q, k_cache, v_cache, batch.decode_tables, batch.decode_lens32,
-                                          batch.block_size, scale, sliding_window, out=out)
+                                          batch.block_size, scale, sliding_window, out=out,
+                                          variant=variant)
         out[batch.decode_rows] = paged_decode_attention(
             q[batch.decode_rows], k_cache, v_cache, batch.decode_tables, batch.decode_lens32,
-            batch.block_size, scale, sliding_window)
+            batch.block_size, scale, sliding_window, variant=variant)
     elif batch.decode_rows is not None:
         qd = q[batch.decode_rows].unsqueeze(2)  # [D, heads, 1, d]
         k = _expand_kv(k_cache[batch.decode_slots].transpose(1, 2), groups)  # [D, heads, L, d]

@@ -5,14 +5,22 @@ that reads and writes the KV twice more than attention needs, and its shape chan
 it cannot be captured in a CUDA graph. This kernel reads K/V straight from the cache through the
 block table, with shapes fixed by (batch, max blocks per sequence): graph-safe.
 
-Grid (sequences, query heads). A program walks its sequence's tokens TILE at a time (several KV
-blocks per step, each token's slot looked up through the block table) with an online softmax in fp32
-(running max and sum), so any context length runs in one pass. Tiles wider than a block keep more
-K/V bytes in flight per step: on an H100, 64-token steps instead of one 16-token block take batch 32
-from 42% to 57% of the bytes floor at 192 tokens of context and from 46% to 78% at 1,024; 8 warps
-are slower everywhere (docs/results/bench_attention_82f77a4.log). GQA: query head h reads KV head
-h // (heads / kv_heads). Sliding window: tiles entirely before the window are skipped, partial ones
-masked. A sequence with context length 0 (graph padding rows) writes zeros.
+Two kernels, one walk. A program walks its sequence's tokens TILE at a time (several KV blocks per
+step, each token's slot looked up through the block table) with an online softmax in fp32 (running
+max and sum), so any context length runs in one pass. Sliding window: tiles entirely before the
+window are skipped, partial ones masked. A sequence with context length 0 (graph padding rows) writes
+zeros.
+
+- "mma" (the default): grid (sequences, KV heads). The query heads that share a KV head (GQA) are
+  the rows of a [16+, head_dim] block, so q·K and P·V are tensor-core dots and each K/V tile is read
+  once per KV head; Triton software-pipelines the K/V loads of those dots (num_stages), which the
+  FMA kernel's loop does not get. P is rounded to the cache's dtype before P·V, as in
+  FlashAttention. On an H100 it takes 15-16% off the FMA kernel at batch 32 (192 and 1,024 tokens of
+  context) and 25-50% at batch 1-8 (docs/results/bench_attention_f383951.log).
+- "fma": grid (sequences, query heads), CUDA-core dot products in fp32. Query head h reads KV head
+  h // (heads / kv_heads). 64-token steps instead of one 16-token block took batch 32 from 42% to
+  57% of the bytes floor at 192 tokens of context; 8 warps are slower everywhere
+  (docs/results/bench_attention_82f77a4.log).
 """
 
 from __future__ import annotations
@@ -70,13 +78,64 @@ def _paged_decode_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _paged_decode_mma_kernel(
+    q_ptr,  # [B, H, D]
+    k_ptr, v_ptr,  # [num_slots, KVH, D] (slot = block * BLOCK_SIZE + offset)
+    out_ptr,  # [B, H, D]
+    tables_ptr,  # [B, max_blocks] int32
+    lens_ptr,  # [B] int32: context length incl. the new token
+    scale, window,
+    stride_qb, stride_qh, stride_kslot, stride_kh, stride_ob, stride_oh, stride_tb,
+    GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    length = tl.load(lens_ptr + b)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_t = tl.arange(0, TILE)
+    offs_h = tl.arange(0, BLOCK_H)
+    own = offs_h < GROUPS  # rows past the group are zero queries, never stored
+    heads = kvh * GROUPS + offs_h
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=own[:, None],
+                other=0.0)
+    if HAS_WINDOW:
+        first = tl.maximum(length - window, 0)
+    else:
+        first = 0
+    m_i = tl.full([BLOCK_H], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for j in range(first // TILE, tl.cdiv(length, TILE)):
+        pos = j * TILE + offs_t
+        valid = (pos < length) & (pos >= first)
+        block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slots = block * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_off = slots[:, None] * stride_kslot + kvh * stride_kh + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale  # fp32 sums of exact fp16/bf16 products
+        s = tl.where(valid[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])  # every tile walked holds a valid token: m_new is finite
+        alpha = tl.exp(m_i - m_new)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=own[:, None])
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                            scale: float, sliding_window: int | None = None,
                            out: torch.Tensor | None = None, tile: int = 64,
-                           num_warps: int = 4) -> torch.Tensor:
+                           num_warps: int = 4, variant: str = "mma", num_stages: int = 3) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D]. ``block_tables`` int32 [B, max_blocks], ``context_lens`` int32 [B];
-    ``tile``: tokens per loop step (a power of 2; at least one block); ``num_warps`` per program."""
+    ``tile``: tokens per loop step (a power of 2; at least one block); ``num_warps`` per program;
+    ``variant`` "fma" (one program per query head) or "mma" (one per KV head, tensor cores)."""
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     if dim & (dim - 1) or heads % kv_heads or block_size & (block_size - 1) or tile & (tile - 1):
@@ -84,11 +143,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"and heads {heads} a multiple of kv_heads {kv_heads}")
     if k_cache.stride(2) != 1 or q.stride(2) != 1:
         raise ValueError("q and the caches must be contiguous in head_dim")
+    if variant not in ("fma", "mma"):
+        raise ValueError(f"variant must be 'fma' or 'mma', got {variant!r}")
     out = torch.empty_like(q) if out is None else out
-    _paged_decode_kernel[(batch, heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale, sliding_window or 0,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
-        block_tables.stride(0),
-        GROUPS=heads // kv_heads, BLOCK_SIZE=block_size, TILE=max(block_size, tile), HEAD_DIM=dim,
-        HAS_WINDOW=sliding_window is not None, num_warps=num_warps)
+    args = (q, k_cache, v_cache, out, block_tables, context_lens, scale, sliding_window or 0,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
+            block_tables.stride(0))
+    groups = heads // kv_heads
+    if variant == "mma":
+        _paged_decode_mma_kernel[(batch, kv_heads)](
+            *args, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(16, block_size, tile), HEAD_DIM=dim,
+            HAS_WINDOW=sliding_window is not None, BLOCK_H=max(16, triton.next_power_of_2(groups)),
+            num_warps=num_warps, num_stages=num_stages)
+    else:
+        _paged_decode_kernel[(batch, heads)](
+            *args, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(block_size, tile), HEAD_DIM=dim,
+            HAS_WINDOW=sliding_window is not None, num_warps=num_warps)
     return out
