@@ -185,12 +185,15 @@ struct Tile {
                 return p.ws + ((size_t)(s * gridDim.x + blockIdx.x) * (NW * TM) + f) * (kWarps * 32) +
                        threadIdx.x;
             };
+            // a thread's four sums are tokens 8i + 2t and 8i + 2t + 1: none is stored where both
+            // are past M (at M = 1, three lanes in four), and the last block skips them alike
 #pragma unroll
             for (int n = 0; n < NW; ++n)
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
-                    __stcg(slot(blockIdx.y, n * TM + i),
-                           make_float4(acc[n][i][0], acc[n][i][1], acc[n][i][2], acc[n][i][3]));
+                    if (8 * i + 2 * t < p.M)
+                        __stcg(slot(blockIdx.y, n * TM + i),
+                               make_float4(acc[n][i][0], acc[n][i][1], acc[n][i][2], acc[n][i][3]));
             // Every thread's stores are visible device-wide before one thread announces the block's
             // arrival; the block that sees split - 1 arrivals before its own then reads complete
             // slices from L2.
@@ -205,6 +208,7 @@ struct Tile {
             for (int n = 0; n < NW; ++n)
 #pragma unroll
                 for (int i = 0; i < TM; ++i) {
+                    if (8 * i + 2 * t >= p.M) continue;
                     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
                     for (int s = 0; s < split; ++s) {
                         const float4 v = s == (int)blockIdx.y
