@@ -49,7 +49,7 @@ TABLE = (
     ("paged_attention", "ref", lambda f: True),
     # which Triton decode kernel: "mma" (one program per KV head, its query heads as the rows of
     # tensor-core dots, K/V loads software-pipelined by Triton) or "fma" (one program per query
-    # head, CUDA-core dot products). H100 (docs/results/bench_attention_f383951.log), Llama-2-7B
+    # head, CUDA-core dot products). H100 (docs/results/bench_attention_8d21b75.log), Llama-2-7B
     # heads, tile 64, 4 warps: mma takes 15% off at batch 32 with 192 tokens of context (49.7 vs
     # 58.6 us), 16% at 1,024 (193.5 vs 230.3), and more at batch 1-8; it is nowhere slower.
     ("decode_attention", "mma", lambda f: True),

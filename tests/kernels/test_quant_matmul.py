@@ -70,6 +70,9 @@ def test_dispatch_table(monkeypatch):
     assert dispatch.choose("lora_overlap", cpu) == "serial"
     assert [dispatch.choose("silu_lora", cuda, m=m) for m in (1, 64, 65)] == ["fused", "fused", "separate"]
     assert dispatch.choose("silu_lora", cpu, m=1) == "separate"
+    assert dispatch.choose("decode_attention", cuda) == "mma"  # which Triton decode kernel
+    monkeypatch.setenv("INLAID_BACKEND_DECODE_ATTENTION", "fma")
+    assert dispatch.choose("decode_attention", cuda) == "fma"
     monkeypatch.setenv("INLAID_BACKEND_QUANT_MATMUL", "ref")
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=1, group_size=128) == "ref"
     monkeypatch.setenv("INLAID_BACKEND_LORA_OVERLAP", "serial")
