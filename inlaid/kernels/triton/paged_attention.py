@@ -31,6 +31,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, tables_ptr, b, j, kvh, length, first, stride_kslot, stride_kh, stride_tb,
+             BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Tile j of sequence b's K and V for KV head kvh, [TILE, HEAD_DIM] in the cache's dtype (zeros
+    where a token is outside [first, length)), and that validity mask. K and V are both issued
+    before any math; table entries past the sequence's are never read."""
+    pos = j * TILE + tl.arange(0, TILE)
+    valid = (pos < length) & (pos >= first)
+    block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    slots = block * BLOCK_SIZE + pos % BLOCK_SIZE
+    kv_off = slots[:, None] * stride_kslot + kvh * stride_kh + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,  # [B, H, D]
     k_ptr, v_ptr,  # [num_slots, KVH, D] (slot = block * BLOCK_SIZE + offset)
@@ -47,7 +63,6 @@ def _paged_decode_kernel(
     kvh = h // GROUPS
     length = tl.load(lens_ptr + b)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_t = tl.arange(0, TILE)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * scale
     if HAS_WINDOW:  # compile-time branch: only one definition of ``first`` exists
         first = tl.maximum(length - window, 0)
@@ -58,14 +73,9 @@ def _paged_decode_kernel(
     l_i = tl.sum(tl.zeros([TILE], tl.float32), axis=0)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for j in range(first // TILE, tl.cdiv(length, TILE)):
-        pos = j * TILE + offs_t
-        valid = (pos < length) & (pos >= first)
-        # K and V both issued before any math; table entries past the sequence's are never read
-        block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        slots = block * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_off = slots[:, None] * stride_kslot + kvh * stride_kh + offs_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
+        k, v, valid = _kv_tile(k_ptr, v_ptr, tables_ptr, b, j, kvh, length, first, stride_kslot, stride_kh,
+                               stride_tb, BLOCK_SIZE, TILE, HEAD_DIM)
+        k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1)
         s = tl.where(valid, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -94,7 +104,6 @@ def _paged_decode_mma_kernel(
     kvh = tl.program_id(1)
     length = tl.load(lens_ptr + b)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_t = tl.arange(0, TILE)
     offs_h = tl.arange(0, BLOCK_H)
     own = offs_h < GROUPS  # rows past the group are zero queries, never stored
     heads = kvh * GROUPS + offs_h
@@ -108,13 +117,8 @@ def _paged_decode_mma_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     for j in range(first // TILE, tl.cdiv(length, TILE)):
-        pos = j * TILE + offs_t
-        valid = (pos < length) & (pos >= first)
-        block = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        slots = block * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_off = slots[:, None] * stride_kslot + kvh * stride_kh + offs_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        k, v, valid = _kv_tile(k_ptr, v_ptr, tables_ptr, b, j, kvh, length, first, stride_kslot, stride_kh,
+                               stride_tb, BLOCK_SIZE, TILE, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * scale  # fp32 sums of exact fp16/bf16 products
         s = tl.where(valid[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
