@@ -76,14 +76,15 @@ def add_rms_norm_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 
 @triton.jit
 def _rotate(base, heads, c1, c2, s1, s2, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Rotate-half RoPE of ``heads`` rows of [.., HALF * 2] at ``base``; returns the two halves."""
+    """Rotate-half RoPE of ``heads`` rows of [.., HALF * 2] at ``base``: the two rotated halves,
+    the rows' first-half pointers and their mask."""
     offs_h = tl.arange(0, BLOCK_H)
     offs = tl.arange(0, HALF)
     ptr = base + offs_h[:, None] * stride_h + offs[None, :]
     mask = offs_h[:, None] < heads
     x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    return x1 * c1[None, :] - x2 * s1[None, :], x2 * c2[None, :] + x1 * s2[None, :], mask
+    return x1 * c1[None, :] - x2 * s1[None, :], x2 * c2[None, :] + x1 * s2[None, :], ptr, mask
 
 
 @triton.jit
@@ -100,14 +101,12 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_
     s1 = tl.load(sin_ptr + t * stride_c + offs).to(tl.float32)
     s2 = tl.load(sin_ptr + t * stride_c + HALF + offs).to(tl.float32)
 
-    q_base = q_ptr + t * stride_qt
-    lo, hi, mask = _rotate(q_base, heads, c1, c2, s1, s2, stride_qh, HALF, BLOCK_HQ)
-    ptr = q_base + tl.arange(0, BLOCK_HQ)[:, None] * stride_qh + offs[None, :]
+    lo, hi, ptr, mask = _rotate(q_ptr + t * stride_qt, heads, c1, c2, s1, s2, stride_qh, HALF, BLOCK_HQ)
     tl.store(ptr, lo.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(ptr + HALF, hi.to(q_ptr.dtype.element_ty), mask=mask)
 
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    lo, hi, mask = _rotate(k_ptr + t * stride_kt, kv_heads, c1, c2, s1, s2, stride_kh, HALF, BLOCK_HK)
+    lo, hi, _, mask = _rotate(k_ptr + t * stride_kt, kv_heads, c1, c2, s1, s2, stride_kh, HALF, BLOCK_HK)
     offs_h = tl.arange(0, BLOCK_HK)
     dst = kc_ptr + slot * stride_cs + offs_h[:, None] * stride_ch + offs[None, :]
     tl.store(dst, lo.to(kc_ptr.dtype.element_ty), mask=mask)
@@ -146,16 +145,21 @@ def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
 
 
 @triton.jit
+def _silu_times(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up in ``dtype`` from fp32 gate/up holding ``dtype`` values: silu rounds to the
+    activation dtype before the product, as silu(gate) * up does in torch."""
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+    return (act.to(tl.float32) * up).to(dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0)
-    # silu rounds to the activation dtype before the product, as silu(gate) * up does in torch
-    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_o + offs, (act.to(tl.float32) * up.to(tl.float32)).to(
-        out_ptr.dtype.element_ty), mask=mask)
+    up = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, _silu_times(gate, up, out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
@@ -194,12 +198,11 @@ def _silu_mul_lora_kernel(x_ptr, out_ptr, buf_ptr, bg_ptr, bu_ptr, slot_ptr, ran
     b_gate = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
     b_up = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
     # the projection's output rounds to the activation dtype once, base + update (as lora_expand
-    # leaves it), then silu rounds, then the product
+    # leaves it), then the epilogue above
     dtype = out_ptr.dtype.element_ty
     gate = (gate + tl.sum(b_gate * h_gate[None, :], axis=1)).to(dtype).to(tl.float32)
     up = (up + tl.sum(b_up * h_up[None, :], axis=1)).to(dtype).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-    tl.store(out_ptr + row * stride_o + offs, (act.to(tl.float32) * up).to(dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + offs, _silu_times(gate, up, dtype), mask=mask)
 
 
 def silu_mul_lora_triton(gate_up: torch.Tensor, buf: torch.Tensor, lora_b: list[torch.Tensor],
