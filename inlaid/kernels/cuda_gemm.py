@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from inlaid.kernels import pdl
 from inlaid.kernels.quant_matmul import PreparedQuant, SplitKState
 from inlaid.quant.primitives import unpack_rows
 
@@ -177,7 +178,7 @@ def _library(device_index: int):
     major, minor = torch.cuda.get_device_capability(device_index)
     lib = ctypes.CDLL(str(build(f"sm_{major}{minor}")))
     fn = lib.inlaid_qgemm4
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return fn
 
@@ -270,6 +271,7 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
                             None if p.bias is None else p.bias.data_ptr(), y.data_ptr(), ws.data_ptr(),
                             counts.data_ptr(), m, n, k, nw, unroll, split, _group_shift(cq),
+                            int(pdl.enabled(x.device)),
                             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"qgemm4 launch failed (code {err}) for M={m} N={n} K={k} "

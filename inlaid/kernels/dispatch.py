@@ -20,7 +20,8 @@ import torch
 log = logging.getLogger(__name__)
 
 # (op, backend, condition on facts) — facts: cuda, bits, m, group_size, has_triton, has_exllama,
-# cuda_gemm (the CUDA GEMM builds here, is not disabled, and holds this layer in its layout)
+# cuda_gemm (the CUDA GEMM builds here, is not disabled, and holds this layer in its layout), sm
+# (compute capability as 10 * major + minor)
 TABLE = (
     # H100, commit ebe2a57 (docs/results/kernels.md): our CUDA GEMM, at its default launch config,
     # beats the Triton kernel at every M 1-32 on the Llama-2-7B shapes taken together (per layer
@@ -57,6 +58,9 @@ TABLE = (
     # fused residual add + RMSNorm, RoPE + KV-cache write, SiLU-and-mul (inlaid.kernels.triton.norm_rope)
     ("norm_rope", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("norm_rope", "ref", lambda f: True),
+    # programmatic dependent launch of our kernels (inlaid.kernels.pdl): Hopper and later
+    ("pdl", "on", lambda f: f["cuda"] and f["sm"] >= 90),
+    ("pdl", "off", lambda f: True),
 )
 
 
@@ -77,7 +81,7 @@ def choose(op: str, device: torch.device, **facts) -> str:
         return forced
     f = {"cuda": device.type == "cuda", "has_triton": has_module("triton"),
          "has_exllama": has_module("exllamav2"), "bits": None, "m": 0, "group_size": -1,
-         "cuda_gemm": False, **facts}
+         "cuda_gemm": False, "sm": 0, **facts}
     for name, backend, rule in TABLE:
         if name == op and rule(f):
             _log_once(op, backend, f"device={device.type}")

@@ -39,6 +39,12 @@
 // the counters need to be clean for the next call (and for CUDA-graph replays). At M = 32 the
 // earlier reduction, one fp32 atomicAdd per partial sum, cost ~5-8 us per million adds (the
 // ebe2a57 / pipe sweeps: time rose with split at a fixed shape): ~1/5 of a layer's GEMM time.
+//
+// Programmatic dependent launch (sm_90+, inlaid/kernels/pdl.py has the contract): launched with
+// it, the kernel starts while the kernel ahead of it (the norm, the attention, the SiLU) still
+// runs, issues its first weight loads - weights are not written during a forward pass - and only
+// then waits for that kernel, so the first HBM round trip overlaps the other kernel's tail instead
+// of following it.
 
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -61,6 +67,19 @@ __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, ui
         "{%8, %9}, {%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// griddepcontrol (PTX 7.8, sm_90): a no-op when the launch did not ask for PDL
+__device__ __forceinline__ void wait_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void release_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ uint32_t h2_bits(half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
@@ -249,6 +268,10 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
                 dst[u][n] = (ks + u < ks1) ? load_stream(tile.weights(p, n, ks + u)) : make_uint4(0, 0, 0, 0);
     };
     if (ks0 < ks1) load_w(cur, ks0);
+    // Everything before this line reads only weights; x, the workspace, the counters and y belong
+    // to the stream's order, which the wait restores.
+    wait_prior_grids();
+    release_dependents();
     for (int ks = ks0; ks < ks1; ks += U) {
         if (ks + U < ks1) load_w(nxt, ks + U);
 #pragma unroll
@@ -264,23 +287,38 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
     tile.finish(p);
 }
 
+// Where and how a launch goes.
+struct Launch {
+    dim3 grid;
+    bool pdl;  // programmatic dependent launch
+    cudaStream_t stream;
+};
+
 template <int TM, int NW, int U>
-int launch(const Params& p, dim3 grid, cudaStream_t stream) {
-    qgemm4_kernel<TM, NW, U><<<grid, kWarps * 32, 0, stream>>>(p);
-    return static_cast<int>(cudaGetLastError());
+int launch(const Params& p, const Launch& l) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = l.grid;
+    cfg.blockDim = dim3(kWarps * 32);
+    cfg.stream = l.stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = l.pdl ? 1 : 0;
+    return static_cast<int>(cudaLaunchKernelEx(&cfg, qgemm4_kernel<TM, NW, U>, p));
 }
 
 template <int TM, int NW>
-int launch_unroll(const Params& p, dim3 grid, int unroll, cudaStream_t stream) {
-    if (unroll == 2) return launch<TM, NW, 2>(p, grid, stream);
-    if (unroll == 4) return launch<TM, NW, 4>(p, grid, stream);
+int launch_unroll(const Params& p, const Launch& l, int unroll) {
+    if (unroll == 2) return launch<TM, NW, 2>(p, l);
+    if (unroll == 4) return launch<TM, NW, 4>(p, l);
     return -1;
 }
 
 template <int TM>
-int launch_nw(const Params& p, dim3 grid, int nw, int unroll, cudaStream_t stream) {
-    if (nw == 1) return launch_unroll<TM, 1>(p, grid, unroll, stream);
-    if (nw == 2) return launch_unroll<TM, 2>(p, grid, unroll, stream);
+int launch_nw(const Params& p, const Launch& l, int nw, int unroll) {
+    if (nw == 1) return launch_unroll<TM, 1>(p, l, unroll);
+    if (nw == 2) return launch_unroll<TM, 2>(p, l, unroll);
     return -1;
 }
 
@@ -290,21 +328,21 @@ int launch_nw(const Params& p, dim3 grid, int nw, int unroll, cudaStream_t strea
 // Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x
 // and ws; with split > 1, ws holds split * N * 8 * TM floats and counts gridDim.x zeros.
 // Config: nw (1 or 2) column tiles per warp, unroll (2 or 4) super tiles per step, split K ways.
+// pdl != 0: programmatic dependent launch (sm_90+ only).
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, void* ws, int* counts, int M, int N, int K,
-                             int nw, int unroll, int split, int gshift, void* stream) {
+                             int nw, int unroll, int split, int gshift, int pdl, void* stream) {
     if ((nw != 1 && nw != 2) || (unroll != 2 && unroll != 4)) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
     const Params p{static_cast<const half*>(x), static_cast<const uint4*>(qw),
                    static_cast<const uint2*>(sz), gidx16, static_cast<const half*>(bias),
                    static_cast<half*>(y), static_cast<float4*>(ws), counts, M, N, K, gshift};
-    const dim3 grid(N / (16 * nw * kWarps), split);
-    const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const Launch l{dim3(N / (16 * nw * kWarps), split), pdl != 0, static_cast<cudaStream_t>(stream)};
     switch (M <= 32 ? (M + 7) / 8 : 8) {
-        case 1: return launch_nw<1>(p, grid, nw, unroll, s);
-        case 2: return launch_nw<2>(p, grid, nw, unroll, s);
-        case 3: return launch_nw<3>(p, grid, nw, unroll, s);
-        case 4: return launch_nw<4>(p, grid, nw, unroll, s);
-        default: return launch_nw<8>(p, grid, nw, unroll, s);
+        case 1: return launch_nw<1>(p, l, nw, unroll);
+        case 2: return launch_nw<2>(p, l, nw, unroll);
+        case 3: return launch_nw<3>(p, l, nw, unroll);
+        case 4: return launch_nw<4>(p, l, nw, unroll);
+        default: return launch_nw<8>(p, l, nw, unroll);
     }
 }

@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from inlaid.kernels import pdl
 from inlaid.kernels.lora import MAX_SLICES, LoraBatchMeta, check_step, default_offsets
+from inlaid.kernels.triton.pdl import start as pdl_start
 
 
 @triton.jit
@@ -33,8 +35,9 @@ def _lora_expand_kernel(
     stride_bl0, stride_bl1, stride_bl2,  # slot stride of each slice's B
     num_n_tiles,
     stride_ss, stride_sm, stride_sk, stride_bn, stride_bk, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     slice_id = tl.program_id(1)
     pid_n = pid % num_n_tiles
@@ -147,6 +150,6 @@ def lora_expand_triton(buf: torch.Tensor, lora_b: Sequence[torch.Tensor], meta: 
         num_n_tiles,
         buf.stride(0), buf.stride(1), buf.stride(2), b[0].stride(1), b[0].stride(2),
         y.stride(0), y.stride(1),
-        BLOCK_M=meta.block_m, **cfg,
+        BLOCK_M=meta.block_m, **cfg, **pdl.triton_args(y.device),
     )
     return y

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from inlaid.kernels import pdl
 from inlaid.kernels.lora import MAX_SLICES, LoraBatchMeta, check_step
+from inlaid.kernels.triton.pdl import start as pdl_start
 
 
 @triton.jit
@@ -33,7 +35,9 @@ def _lora_shrink_kernel(
     K, num_n_tiles,
     stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_os, stride_om, stride_on,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     slice_id = tl.program_id(1)
     pid_k = pid % SPLIT_K
@@ -147,6 +151,6 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: Sequence[torch.Tensor], meta: Lo
         k, num_n_tiles,
         x.stride(0), x.stride(1), a[0].stride(0), a[0].stride(1), a[0].stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=meta.block_m, **cfg,
+        BLOCK_M=meta.block_m, **cfg, **pdl.triton_args(x.device),
     )
     return out

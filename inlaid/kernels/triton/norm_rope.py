@@ -23,10 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
+from inlaid.kernels import pdl
+from inlaid.kernels.triton.pdl import start as pdl_start
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, d_ptr, h_ptr, w_ptr, out_ptr, n_cols, eps, stride_x, stride_d, stride_h,
-                     stride_o, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                     stride_o, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -53,7 +57,7 @@ def _norm_launch(x, delta, h, weight, out, eps):
     d, hh = (x, x) if delta is None else (delta, h)
     _rms_norm_kernel[(x.shape[0],)](x, d, hh, weight, out, n, eps, x.stride(0), d.stride(0), hh.stride(0),
                                     out.stride(0), HAS_DELTA=delta is not None, BLOCK=block,
-                                    num_warps=4 if block <= 4096 else 8)
+                                    num_warps=4 if block <= 4096 else 8, **pdl.triton_args(x.device))
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -91,7 +95,8 @@ def _rotate(base, heads, c1, c2, s1, s2, stride_h, HALF: tl.constexpr, BLOCK_H: 
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, heads, kv_heads,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
                     stride_cs, stride_ch, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                    BLOCK_HK: tl.constexpr):
+                    BLOCK_HK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     t = tl.program_id(0)
     offs = tl.arange(0, HALF)
     # cos/sin repeat their first half (transformers' emb = cat(freqs, freqs)): read each half
@@ -140,7 +145,7 @@ def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             k_cache.stride(0), k_cache.stride(1), HALF=dim // 2,
             BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(kv_heads),
-            num_warps=4 if heads * dim >= 2048 else 1)
+            num_warps=4 if heads * dim >= 2048 else 1, **pdl.triton_args(q.device))
     return q
 
 
@@ -153,7 +158,8 @@ def _silu_times(gate, up, dtype: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -171,14 +177,16 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     if tokens:
         _silu_mul_kernel[(tokens, triton.cdiv(width // 2, block))](
-            gate_up, out, width // 2, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+            gate_up, out, width // 2, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+            **pdl.triton_args(gate_up.device))
     return out
 
 
 @triton.jit
 def _silu_mul_lora_kernel(x_ptr, out_ptr, buf_ptr, bg_ptr, bu_ptr, slot_ptr, ranks_ptr, n_cols,
                           num_loras, stride_x, stride_o, stride_bs, stride_bt, stride_bl, stride_bn,
-                          BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+                          BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -233,5 +241,5 @@ def silu_mul_lora_triton(gate_up: torch.Tensor, buf: torch.Tensor, lora_b: list[
             gate_up, out, buf, lora_b[0], lora_b[1], slot_of_token, ranks, inter, num_loras,
             gate_up.stride(0), out.stride(0), buf.stride(0), buf.stride(1), lora_b[0].stride(0),
             lora_b[0].stride(1), BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
-            num_warps=4)
+            num_warps=4, **pdl.triton_args(gate_up.device))
     return out

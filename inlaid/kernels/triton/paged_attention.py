@@ -29,6 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from inlaid.kernels import pdl
+from inlaid.kernels.triton.pdl import start as pdl_start
+
 
 @triton.jit
 def _kv_tile(k_ptr, v_ptr, tables_ptr, b, j, kvh, length, first, stride_kslot, stride_kh, stride_tb,
@@ -56,8 +59,9 @@ def _paged_decode_kernel(
     scale, window,
     stride_qb, stride_qh, stride_kslot, stride_kh, stride_ob, stride_oh, stride_tb,
     GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUPS
@@ -98,8 +102,9 @@ def _paged_decode_mma_kernel(
     scale, window,
     stride_qb, stride_qh, stride_kslot, stride_kh, stride_ob, stride_oh, stride_tb,
     GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     length = tl.load(lens_ptr + b)
@@ -158,9 +163,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _paged_decode_mma_kernel[(batch, kv_heads)](
             *args, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(16, block_size, tile), HEAD_DIM=dim,
             HAS_WINDOW=sliding_window is not None, BLOCK_H=max(16, triton.next_power_of_2(groups)),
-            num_warps=num_warps, num_stages=num_stages)
+            num_warps=num_warps, num_stages=num_stages, **pdl.triton_args(q.device))
     else:
         _paged_decode_kernel[(batch, heads)](
             *args, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(block_size, tile), HEAD_DIM=dim,
-            HAS_WINDOW=sliding_window is not None, num_warps=num_warps)
+            HAS_WINDOW=sliding_window is not None, num_warps=num_warps, **pdl.triton_args(q.device))
     return out

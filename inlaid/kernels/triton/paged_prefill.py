@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from inlaid.kernels import pdl
+from inlaid.kernels.triton.pdl import start as pdl_start
+
 BLOCK_M = 64  # query rows per program (the host builds the tile map with the same value)
 
 
@@ -32,8 +35,9 @@ def _paged_prefill_kernel(
     scale, window,
     stride_qt, stride_qh, stride_kslot, stride_kh, stride_ot, stride_oh, stride_tb,
     GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUPS
@@ -125,5 +129,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUPS=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=dim, HAS_WINDOW=sliding_window is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        **pdl.triton_args(q.device))
     return out

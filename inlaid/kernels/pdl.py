@@ -1,0 +1,55 @@
+"""Programmatic dependent launch (PDL, sm_90+): a kernel may start before the one ahead of it on the
+stream has finished, and waits for it in-kernel (``griddepcontrol.wait``) before touching its data.
+
+Why: a decode step is ~700 small dependent kernels. Between two of them the GPU drains the first
+grid, then launches and ramps up the second: ~1-2 µs each inside a CUDA graph, a sizeable share of a
+step that takes a few ms. With PDL the next grid is launched while the current one runs, its blocks
+take the SMs the current one frees, and they wait on-chip for its completion (and the visibility of
+its writes) instead of behind the launch path.
+
+The contract every kernel launched with PDL keeps (the Triton kernels through
+:func:`inlaid.kernels.triton.pdl.start`, the CUDA GEMM in ``cuda/qgemm4.cu``):
+
+- it waits (``griddepcontrol.wait``) before it reads anything another kernel may write and before
+  it writes anything at all. The wait returns when every grid it depends on has completed and its
+  memory is visible; since the grid ahead waited for its own predecessor in turn, everything earlier
+  on the stream is complete too, so stream order holds for all the kernel does after the wait. The
+  only reads allowed before it are of tensors nothing writes during a forward pass: the CUDA GEMM
+  loads its first weight tiles there (weights change only between steps, in ``swap_layer``, which
+  a torch kernel - launched without PDL, so fully ordered - always separates from the GEMM);
+- right after the wait it lets its own dependents launch (``griddepcontrol.launch_dependents``):
+  they get SMs as this grid's blocks retire, and wait for it in turn.
+
+Kernels launched without PDL (torch's, cuBLAS's, the exllamav2 and Triton quantized GEMMs) wait for
+everything ahead of them as usual, and a PDL kernel after one of them waits for it in-kernel, so
+the two kinds mix freely. On by default on sm_90+ (``INLAID_BACKEND_PDL=off`` turns it off: the
+dispatch row ``pdl``); the CPU path and older GPUs never use it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from inlaid.kernels import dispatch
+
+
+@functools.lru_cache(maxsize=None)
+def _sm(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` are launched with PDL (the dispatch row ``pdl``)."""
+    if device.type != "cuda":
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return dispatch.choose("pdl", device, sm=_sm(index)) == "on"
+
+
+def triton_args(device: torch.device) -> dict:
+    """Launch arguments of a Triton kernel that calls ``inlaid.kernels.triton.pdl.start(PDL)``:
+    its ``PDL`` constexpr, and Triton's ``launch_pdl`` option when it is on."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
