@@ -102,7 +102,7 @@ def _paged_decode_mma_kernel(
     scale, window,
     stride_qb, stride_qh, stride_kslot, stride_kh, stride_ob, stride_oh, stride_tb,
     GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     b = tl.program_id(0)
@@ -124,12 +124,19 @@ def _paged_decode_mma_kernel(
     for j in range(first // TILE, tl.cdiv(length, TILE)):
         k, v, valid = _kv_tile(k_ptr, v_ptr, tables_ptr, b, j, kvh, length, first, stride_kslot, stride_kh,
                                stride_tb, BLOCK_SIZE, TILE, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k)) * scale  # fp32 sums of exact fp16/bf16 products
+        if IEEE:  # fp32 caches: no TF32 rounding, so the fp32 engine stays exact against torch
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale  # fp32 sums of exact fp16/bf16 products
         s = tl.where(valid[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])  # every tile walked holds a valid token: m_new is finite
         alpha = tl.exp(m_i - m_new)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
@@ -163,6 +170,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _paged_decode_mma_kernel[(batch, kv_heads)](
             *args, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(16, block_size, tile), HEAD_DIM=dim,
             HAS_WINDOW=sliding_window is not None, BLOCK_H=max(16, triton.next_power_of_2(groups)),
+            IEEE=q.dtype == torch.float32,
             num_warps=num_warps, num_stages=num_stages, **pdl.triton_args(q.device))
     else:
         _paged_decode_kernel[(batch, heads)](
