@@ -147,10 +147,30 @@ class Ops:
         h = h + delta
         return rms_norm(h, weight, eps), h
 
-    def rope_write_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                      slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Rotated q; rotated k and v written to the cache slots (q/k/v [T, heads, d])."""
+    def _takes_expand(self, y: torch.Tensor, op: str) -> bool:
+        """Whether the fused kernel after a projection adds its LoRA update itself (the dispatch
+        row ``op``: decode-sized steps on the GPU)."""
+        return (self.fused and lora_backend(y) == "triton"
+                and dispatch.choose(op, y.device, m=y.shape[0]) == "fused")
+
+    def rope_write_kv(self, qkv: torch.Tensor, s: ModelShape, cos: torch.Tensor, sin: torch.Tensor,
+                      kv: tuple[torch.Tensor, torch.Tensor], slot_mapping: torch.Tensor,
+                      buf: torch.Tensor | None = None, slots: LoraSlots | None = None,
+                      meta: LoraBatchMeta | None = None) -> torch.Tensor:
+        """From the fused q/k/v output [T, (heads + 2 kv_heads) d]: rotated q [T, heads, d]; rotated
+        k and v written to the cache slots. With ``buf`` (the projection's shrink output; ``slots``
+        its adapters, ``meta`` the step's grouping) the LoRA update is expanded into q/k/v first:
+        for decode-sized T on the GPU inside the same kernel."""
+        fuse = buf is not None and self._takes_expand(qkv, "rope_lora")
+        if buf is not None and not fuse:
+            lora_expand(buf, slots.lora_b, meta, slots.ranks, qkv, slots.offsets)
+        kv_width = s.num_kv_heads * s.head_dim
+        q, k, v = qkv.split([s.num_heads * s.head_dim, kv_width, kv_width], dim=-1)
+        heads = (-1, s.num_kv_heads, s.head_dim)
+        q, k, v = q.reshape(-1, s.num_heads, s.head_dim), k.reshape(heads), v.reshape(heads)
+        if fuse:
+            return self._k.rope_write_kv_lora_triton(q, k, v, cos, sin, kv[0], kv[1], slot_mapping, buf,
+                                                     slots.lora_b, meta.slot_of_token, slots.ranks)
         if self.fused:
             return self._k.rope_write_kv_triton(q, k, v, cos, sin, kv[0], kv[1], slot_mapping)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -163,8 +183,7 @@ class Ops:
         shrink output; ``slots`` its adapters, ``meta`` the step's grouping) the LoRA update is
         expanded into gate/up first: for decode-sized T on the GPU inside the same kernel."""
         if buf is not None:
-            if (self.fused and lora_backend(gate_up) == "triton"
-                    and dispatch.choose("silu_lora", gate_up.device, m=gate_up.shape[0]) == "fused"):
+            if self._takes_expand(gate_up, "silu_lora"):
                 return self._k.silu_mul_lora_triton(gate_up, buf, slots.lora_b, meta.slot_of_token,
                                                     slots.ranks)
             lora_expand(buf, slots.lora_b, meta, slots.ranks, gate_up, slots.offsets)
@@ -199,7 +218,7 @@ class DecoderLayer(nn.Module):
         self.linears = linears  # fused module name (FUSED keys) -> QuantLinear
         self.input_norm, self.post_attention_norm = norms
         s = shape
-        self.q_width, self.kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        self.q_width = s.num_heads * s.head_dim
         self.scale = s.head_dim ** -0.5
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -209,10 +228,8 @@ class DecoderLayer(nn.Module):
         on unadded, so the next norm can add it in the same kernel (one launch, not two)."""
         s, lin, ops = self.shape, self.linears, self.ops
         x, h = ops.add_norm(h, delta, self.input_norm, s.rms_norm_eps)
-        q, k, v = lin["qkv"](x, lora).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
-        heads = (-1, s.num_kv_heads, s.head_dim)
-        q = ops.rope_write_kv(q.reshape(-1, s.num_heads, s.head_dim), k.reshape(heads), v.reshape(heads),
-                              cos, sin, kv, attn.slot_mapping)
+        qkv, buf = lin["qkv"].base_and_shrink(x, lora)
+        q = ops.rope_write_kv(qkv, s, cos, sin, kv, attn.slot_mapping, buf, lin["qkv"].lora, lora)
         o = paged_attention(q, kv[0], kv[1], attn, self.scale, s.sliding_window)
         x, h = ops.add_norm(h, lin["o"](o.reshape(-1, self.q_width), lora), self.post_attention_norm,
                             s.rms_norm_eps)

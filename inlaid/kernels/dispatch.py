@@ -45,6 +45,10 @@ TABLE = (
     # steps (with many tokens per adapter, the tiled expand reads each B once per tile instead)
     ("silu_lora", "fused", lambda f: f["cuda"] and f["has_triton"] and f["m"] <= 64),
     ("silu_lora", "separate", lambda f: True),
+    # q/k/v's LoRA expand inside the RoPE + KV-write kernel, one program per (token, head), for
+    # decode-sized steps (the same trade as silu_lora)
+    ("rope_lora", "fused", lambda f: f["cuda"] and f["has_triton"] and f["m"] <= 64),
+    ("rope_lora", "separate", lambda f: True),
     # attention over the paged KV cache: the decode kernel and the varlen prefill kernel
     ("paged_attention", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("paged_attention", "ref", lambda f: True),

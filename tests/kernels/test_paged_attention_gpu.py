@@ -19,15 +19,15 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
 
 
+BOUND = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+
+
 @pytest.mark.parametrize("heads,kv_heads,dim,block", [(32, 32, 128, 16), (8, 2, 64, 16), (4, 1, 64, 8)])
 @pytest.mark.parametrize("window", [None, 24])
 @pytest.mark.parametrize("tile", [16, 64, 128])
 @pytest.mark.parametrize("variant,dtype", [("fma", torch.float16), ("mma", torch.float16),
                                            ("mma", torch.bfloat16), ("fma", torch.float32),
                                            ("mma", torch.float32)])
-BOUND = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
-
-
 def test_paged_decode_matches_sdpa(heads, kv_heads, dim, block, window, tile, variant, dtype):
     from inlaid.kernels.triton.paged_attention import paged_decode_attention
 

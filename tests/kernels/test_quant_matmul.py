@@ -70,6 +70,8 @@ def test_dispatch_table(monkeypatch):
     assert dispatch.choose("lora_overlap", cpu) == "serial"
     assert [dispatch.choose("silu_lora", cuda, m=m) for m in (1, 64, 65)] == ["fused", "fused", "separate"]
     assert dispatch.choose("silu_lora", cpu, m=1) == "separate"
+    assert [dispatch.choose("rope_lora", cuda, m=m) for m in (1, 64, 65)] == ["fused", "fused", "separate"]
+    assert dispatch.choose("rope_lora", cpu, m=1) == "separate"
     assert dispatch.choose("decode_attention", cuda) == "mma"  # which Triton decode kernel
     # programmatic dependent launch from sm_90 (Hopper) on, never on the CPU
     assert [dispatch.choose("pdl", cuda, sm=sm) for sm in (80, 89, 90, 100)] == ["off", "off", "on", "on"]

@@ -8,7 +8,8 @@ write one ``index_copy_`` per tensor, SiLU-and-mul two. One kernel each here:
 - :func:`add_rms_norm_triton`: ``h = h + delta`` (the residual add, rounded to the activation dtype
   as torch rounds it) and ``norm(h)`` in one pass — 2 launches per layer instead of 4.
 - :func:`rope_write_kv_triton`: rotates q in place, rotates k and writes it and v into their cache
-  slots — 1 launch instead of 4.
+  slots — 1 launch instead of 4; :func:`rope_write_kv_lora_triton` also adds q/k/v's LoRA update
+  (the expand) for decode-sized steps.
 - :func:`silu_mul_triton`: ``silu(gate) * up`` from the fused gate/up output — 1 instead of 2;
   :func:`silu_mul_lora_triton` also adds gate/up's LoRA update (the expand) for decode-sized steps.
 
@@ -79,6 +80,12 @@ def add_rms_norm_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 
 
 @triton.jit
+def _rope_halves(x1, x2, c1, c2, s1, s2):
+    """Rotate-half RoPE of fp32 rows given as their two halves (cos/sin halves broadcast)."""
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+
+@triton.jit
 def _rotate(base, heads, c1, c2, s1, s2, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rotate-half RoPE of ``heads`` rows of [.., HALF * 2] at ``base``: the two rotated halves,
     the rows' first-half pointers and their mask."""
@@ -88,7 +95,21 @@ def _rotate(base, heads, c1, c2, s1, s2, stride_h, HALF: tl.constexpr, BLOCK_H: 
     mask = offs_h[:, None] < heads
     x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    return x1 * c1[None, :] - x2 * s1[None, :], x2 * c2[None, :] + x1 * s2[None, :], ptr, mask
+    lo, hi = _rope_halves(x1, x2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
+    return lo, hi, ptr, mask
+
+
+@triton.jit
+def _cos_sin(cos_ptr, sin_ptr, t, stride_c, HALF: tl.constexpr):
+    """Token t's cos/sin halves in fp32. cos/sin repeat their first half (transformers' emb =
+    cat(freqs, freqs)): each half is read where the torch path reads it, so a scaled (e.g. llama3)
+    table is used the same way."""
+    offs = tl.arange(0, HALF)
+    c1 = tl.load(cos_ptr + t * stride_c + offs).to(tl.float32)
+    c2 = tl.load(cos_ptr + t * stride_c + HALF + offs).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * stride_c + offs).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * stride_c + HALF + offs).to(tl.float32)
+    return c1, c2, s1, s2
 
 
 @triton.jit
@@ -99,13 +120,7 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_
     pdl_start(PDL)
     t = tl.program_id(0)
     offs = tl.arange(0, HALF)
-    # cos/sin repeat their first half (transformers' emb = cat(freqs, freqs)): read each half
-    # where the torch path does, so a scaled (e.g. llama3) table is used the same way
-    c1 = tl.load(cos_ptr + t * stride_c + offs).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * stride_c + HALF + offs).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * stride_c + offs).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * stride_c + HALF + offs).to(tl.float32)
-
+    c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, t, stride_c, HALF)
     lo, hi, ptr, mask = _rotate(q_ptr + t * stride_qt, heads, c1, c2, s1, s2, stride_qh, HALF, BLOCK_HQ)
     tl.store(ptr, lo.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(ptr + HALF, hi.to(q_ptr.dtype.element_ty), mask=mask)
@@ -122,14 +137,8 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_
     tl.store(dst + HALF, tl.load(src + HALF, mask=mask, other=0.0), mask=mask)
 
 
-def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> torch.Tensor:
-    """Rotate q [T, heads, D] in place and return it; write rope(k) and v [T, kv_heads, D] into
-    k_cache/v_cache [slots, kv_heads, D] at ``slot_mapping`` [T]. q/k/v may be strided views (slices
-    of the fused qkv output) with a contiguous head dim; cos/sin [T, D]."""
-    tokens, heads, dim = q.shape
-    kv_heads = k.shape[1]
+def _check_rope(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> None:
+    tokens, _, dim = q.shape
     if dim & (dim - 1) or any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_cache)):
         raise ValueError("rope needs a contiguous power-of-2 head dim")
     if (k.shape != v.shape or k.shape[0] != tokens or k_cache.shape != v_cache.shape
@@ -139,6 +148,17 @@ def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
             or len({q.dtype, k.dtype, v.dtype, k_cache.dtype, v_cache.dtype}) != 1):
         raise ValueError("q/k/v (one dtype), the caches (the same dtype), cos/sin [T, D] and the "
                          "slot mapping do not fit together")
+
+
+def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotate q [T, heads, D] in place and return it; write rope(k) and v [T, kv_heads, D] into
+    k_cache/v_cache [slots, kv_heads, D] at ``slot_mapping`` [T]. q/k/v may be strided views (slices
+    of the fused qkv output) with a contiguous head dim; cos/sin [T, D]."""
+    _check_rope(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
     if tokens:
         _rope_kv_kernel[(tokens,)](
             q, k, v, cos, sin, k_cache, v_cache, slot_mapping, heads, kv_heads,
@@ -146,6 +166,111 @@ def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
             k_cache.stride(0), k_cache.stride(1), HALF=dim // 2,
             BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(kv_heads),
             num_warps=4 if heads * dim >= 2048 else 1, **pdl.triton_args(q.device))
+    return q
+
+
+@triton.jit
+def _lora_head(buf_ptr, b_ptr, col0, rank, stride_bn, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One token's LoRA update of one head, columns [col0, col0 + 2 HALF): its shrink row (fp32,
+    at ``buf_ptr``) times its slot's B rows (at ``b_ptr``, ``stride_bn`` apart), as two fp32
+    halves. Rank 0 (no adapter) masks every load: zeros, no bytes."""
+    offs = tl.arange(0, HALF)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    h = tl.load(buf_ptr + offs_r, mask=mask_r, other=0.0)
+    rows = b_ptr + (col0 + offs)[:, None] * stride_bn + offs_r[None, :]
+    b1 = tl.load(rows, mask=mask_r[None, :], other=0.0).to(tl.float32)
+    b2 = tl.load(rows + HALF * stride_bn, mask=mask_r[None, :], other=0.0).to(tl.float32)
+    return tl.sum(b1 * h[None, :], axis=1), tl.sum(b2 * h[None, :], axis=1)
+
+
+@triton.jit
+def _plus_lora(ptr, d1, d2, HALF: tl.constexpr):
+    """A head row at ``ptr`` plus its update, rounded once to the activation dtype as lora_expand
+    leaves the projection's output, back in fp32 halves."""
+    offs = tl.arange(0, HALF)
+    dtype = ptr.dtype.element_ty
+    x1 = (tl.load(ptr + offs).to(tl.float32) + d1).to(dtype).to(tl.float32)
+    x2 = (tl.load(ptr + HALF + offs).to(tl.float32) + d2).to(dtype).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def _rope_kv_lora_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, buf_ptr,
+                         bq_ptr, bk_ptr, bv_ptr, lora_slot_ptr, ranks_ptr, heads, num_loras,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
+                         stride_cs, stride_ch, stride_bs, stride_bt, stride_bql, stride_bkl, stride_bn,
+                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    t = tl.program_id(0)
+    unit = tl.program_id(1)  # a query head, or (from ``heads`` on) a KV head's K and V rows
+    offs = tl.arange(0, HALF)
+    c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, t, stride_c, HALF)
+    lora_slot = tl.load(lora_slot_ptr + t)
+    has = lora_slot < num_loras
+    lora_slot = tl.where(has, lora_slot, 0).to(tl.int64)
+    rank = tl.where(has, tl.load(ranks_ptr + lora_slot), 0)
+    row = buf_ptr + t * stride_bt
+    dtype = q_ptr.dtype.element_ty
+    if unit < heads:
+        d1, d2 = _lora_head(row, bq_ptr + lora_slot * stride_bql, unit * 2 * HALF, rank, stride_bn,
+                            HALF, BLOCK_R)
+        ptr = q_ptr + t * stride_qt + unit * stride_qh
+        x1, x2 = _plus_lora(ptr, d1, d2, HALF)
+        lo, hi = _rope_halves(x1, x2, c1, c2, s1, s2)
+        tl.store(ptr + offs, lo.to(dtype))
+        tl.store(ptr + HALF + offs, hi.to(dtype))
+    else:
+        kvh = unit - heads
+        col0 = kvh * 2 * HALF
+        dst = tl.load(slot_ptr + t).to(tl.int64) * stride_cs + kvh * stride_ch + offs
+        d1, d2 = _lora_head(row + stride_bs, bk_ptr + lora_slot * stride_bkl, col0, rank, stride_bn,
+                            HALF, BLOCK_R)
+        x1, x2 = _plus_lora(k_ptr + t * stride_kt + kvh * stride_kh, d1, d2, HALF)
+        lo, hi = _rope_halves(x1, x2, c1, c2, s1, s2)
+        tl.store(kc_ptr + dst, lo.to(dtype))
+        tl.store(kc_ptr + dst + HALF, hi.to(dtype))
+        d1, d2 = _lora_head(row + 2 * stride_bs, bv_ptr + lora_slot * stride_bkl, col0, rank,
+                            stride_bn, HALF, BLOCK_R)
+        x1, x2 = _plus_lora(v_ptr + t * stride_vt + kvh * stride_vh, d1, d2, HALF)
+        tl.store(vc_ptr + dst, x1.to(dtype))
+        tl.store(vc_ptr + dst + HALF, x2.to(dtype))
+
+
+def rope_write_kv_lora_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor, buf: torch.Tensor, lora_b: list[torch.Tensor],
+                              slot_of_token: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """:func:`rope_write_kv_triton` of q/k/v plus their LoRA update, expanded here from the fused
+    q/k/v projection's shrink output ``buf`` fp32 [3, T, R] and the three slices' B ``lora_b``
+    ([L, heads * D, R], then two [L, kv_heads * D, R]; ``slot_of_token`` int32 [>= T], L for
+    none; ``ranks`` int32 [L]). q is rotated in place with its update; k and v get theirs only
+    where they are written, in the caches (nothing reads the projection's k/v columns after this).
+
+    For decode-sized T, like the fused SiLU: one program per (token, query head) and per (token,
+    KV head) reads its head's B rows, so the separate expand launch and its read-modify-write of
+    the projection's output go away."""
+    _check_rope(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    num_loras, _, max_rank = lora_b[0].shape
+    if (len(lora_b) != 3 or buf.shape != (3, tokens, max_rank) or buf.dtype != torch.float32
+            or buf.stride(2) != 1 or lora_b[0].shape != (num_loras, heads * dim, max_rank)
+            or any(b.shape != (num_loras, kv_heads * dim, max_rank) for b in lora_b[1:])
+            or lora_b[1].stride() != lora_b[2].stride()
+            or any(b.stride(1) != max_rank or b.stride(2) != 1 or b.dtype != q.dtype for b in lora_b)
+            or slot_of_token.dtype != torch.int32 or slot_of_token.shape[0] < tokens
+            or ranks.shape != (num_loras,) or ranks.dtype != torch.int32):
+        raise ValueError("buf fp32 [3, T, R], B [L, heads * D, R] and two [L, kv_heads * D, R] with "
+                         "rows contiguous in q's dtype, int32 slot_of_token [>= T] and ranks [L] expected")
+    if tokens:
+        _rope_kv_lora_kernel[(tokens, heads + kv_heads)](
+            q, k, v, cos, sin, k_cache, v_cache, slot_mapping, buf, lora_b[0], lora_b[1], lora_b[2],
+            slot_of_token, ranks, heads, num_loras,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            k_cache.stride(0), k_cache.stride(1), buf.stride(0), buf.stride(1), lora_b[0].stride(0),
+            lora_b[1].stride(0), max_rank, HALF=dim // 2,
+            BLOCK_R=max(16, triton.next_power_of_2(max_rank)), num_warps=2, **pdl.triton_args(q.device))
     return q
 
 
