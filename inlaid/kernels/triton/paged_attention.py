@@ -16,7 +16,8 @@ zeros.
   once per KV head; Triton software-pipelines the K/V loads of those dots (num_stages), which the
   FMA kernel's loop does not get. P is rounded to the cache's dtype before P·V, as in
   FlashAttention. On an H100 it takes 15-16% off the FMA kernel at batch 32 (192 and 1,024 tokens of
-  context) and 25-50% at batch 1-8 (docs/results/bench_attention_8d21b75.log).
+  context) and 25-50% at batch 1-8 (docs/results/bench_attention_8d21b75.log). With fp32 caches the
+  dots are IEEE (exact fp32 products, no P rounding): TF32 would put the fp32 engine ~1e-3 off torch.
 - "fma": grid (sequences, query heads), CUDA-core dot products in fp32. Query head h reads KV head
   h // (heads / kv_heads). 64-token steps instead of one 16-token block took batch 32 from 42% to
   57% of the bytes floor at 192 tokens of context; 8 warps are slower everywhere
