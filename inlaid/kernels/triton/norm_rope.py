@@ -170,6 +170,16 @@ def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
 
 
 @triton.jit
+def _adapter_of(slot_ptr, ranks_ptr, t, num_loras):
+    """Token t's adapter slot (int64; 0 when it has none) and rank. Without an adapter the rank
+    is 0, so every LoRA load masked by it is off: no branch, no bytes."""
+    slot = tl.load(slot_ptr + t)
+    has = slot < num_loras
+    slot = tl.where(has, slot, 0).to(tl.int64)
+    return slot, tl.where(has, tl.load(ranks_ptr + slot), 0)
+
+
+@triton.jit
 def _lora_head(buf_ptr, b_ptr, col0, rank, stride_bn, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
     """One token's LoRA update of one head, columns [col0, col0 + 2 HALF): its shrink row (fp32,
     at ``buf_ptr``) times its slot's B rows (at ``b_ptr``, ``stride_bn`` apart), as two fp32
@@ -206,10 +216,7 @@ def _rope_kv_lora_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, 
     unit = tl.program_id(1)  # a query head, or (from ``heads`` on) a KV head's K and V rows
     offs = tl.arange(0, HALF)
     c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, t, stride_c, HALF)
-    lora_slot = tl.load(lora_slot_ptr + t)
-    has = lora_slot < num_loras
-    lora_slot = tl.where(has, lora_slot, 0).to(tl.int64)
-    rank = tl.where(has, tl.load(ranks_ptr + lora_slot), 0)
+    lora_slot, rank = _adapter_of(lora_slot_ptr, ranks_ptr, t, num_loras)
     row = buf_ptr + t * stride_bt
     dtype = q_ptr.dtype.element_ty
     if unit < heads:
@@ -283,13 +290,21 @@ def _silu_times(gate, up, dtype: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
-    row = tl.program_id(0)
+def _gate_up(x_ptr, row, stride_x, n_cols, BLOCK: tl.constexpr):
+    """This program's column block of one token's gate and up halves (fp32), with its columns and
+    their mask."""
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    return gate, up, offs, mask
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    row = tl.program_id(0)
+    gate, up, offs, mask = _gate_up(x_ptr, row, stride_x, n_cols, BLOCK)
     tl.store(out_ptr + row * stride_o + offs, _silu_times(gate, up, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -313,15 +328,8 @@ def _silu_mul_lora_kernel(x_ptr, out_ptr, buf_ptr, bg_ptr, bu_ptr, slot_ptr, ran
                           BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_cols
-    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-    # Without an adapter the rank is 0 and every LoRA load below is masked off: no branch, no bytes.
-    slot = tl.load(slot_ptr + row)
-    has = slot < num_loras
-    slot = tl.where(has, slot, 0).to(tl.int64)
-    rank = tl.where(has, tl.load(ranks_ptr + slot), 0)
+    gate, up, offs, mask = _gate_up(x_ptr, row, stride_x, n_cols, BLOCK)
+    slot, rank = _adapter_of(slot_ptr, ranks_ptr, row, num_loras)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
     h_gate = tl.load(buf_ptr + row * stride_bt + offs_r, mask=mask_r, other=0.0)
