@@ -184,8 +184,10 @@ def table(rows, bw) -> str:
     return "\n".join(out)
 
 
-# (nw, unroll, split) of every instantiated launch
-CUDA_CONFIGS = [(nw, u, split) for nw in (1, 2) for u in (2, 4) for split in (1, 2, 4, 8, 16)]
+# (nw, unroll, split, stages) of every instantiated launch (cuda_gemm.Config)
+CUDA_CONFIGS = ([(nw, u, split, 0) for nw in (1, 2) for u in (2, 4) for split in (1, 2, 4, 8, 16)]
+                + [(nw, u, split, 4) for nw, u in ((1, 1), (1, 2), (2, 1), (2, 2), (4, 1))
+                   for split in (1, 2, 4, 8, 16)])
 
 
 def sweep_cuda(ms, json_out=None) -> None:
@@ -201,7 +203,7 @@ def sweep_cuda(ms, json_out=None) -> None:
             default = default_config(m, n, k, sms)
             found = []
             for cfg in CUDA_CONFIGS:
-                if k // 64 < cfg[2] or n % (64 * cfg[0]):
+                if k // 64 < cfg[2] or n % (64 * cfg[0]) or (cfg[0] == 4 and m > 32):
                     continue
                 found.append((timed(lambda i: quant_matmul_cuda(x, layers[i], config=cfg), copies, reps=10),
                               cfg))
@@ -249,7 +251,7 @@ def main() -> None:
     parser.add_argument("--repeat", nargs=4, metavar=("BACKEND", "M", "K", "N"),
                         help="only call one backend (cuda, triton, exllama) on one shape 20 times, "
                              "for a profiler (ncu) to pick a call")
-    parser.add_argument("--config", help="--repeat cuda: a launch config nw,unroll,split")
+    parser.add_argument("--config", help="--repeat cuda: a launch config nw,unroll,split,stages")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: skipping the kernel benchmark")

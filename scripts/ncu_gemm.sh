@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Compute sections of single quant_matmul calls (one per run, the 11th call of 20):
-#   bash scripts/ncu_gemm.sh "BACKEND M K N CONFIG" ...    CONFIG: nw,unroll,split or -
+#   bash scripts/ncu_gemm.sh "BACKEND M K N CONFIG" ...    CONFIG: nw,unroll,split,stages or -
 # Default: the CUDA GEMM (its default config) and the Triton kernel at M = 32 on the gate/up shape.
 # --clock-control none: leave the GPU's clocks as they are (the device's METHOD.md).
 set -uo pipefail

@@ -178,7 +178,7 @@ def _library(device_index: int):
     major, minor = torch.cuda.get_device_capability(device_index)
     lib = ctypes.CDLL(str(build(f"sm_{major}{minor}")))
     fn = lib.inlaid_qgemm4
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 8 + [ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 9 + [ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return fn
 
@@ -208,14 +208,16 @@ def enabled() -> bool:
 _SMS: dict[int, int] = {}
 
 
-# A launch config: (nw 16-column tiles per warp (1, 2), unroll super tiles per step (2, 4), split
-# K ways).
-Config = tuple[int, int, int]
+# A launch config: (nw 16-column tiles per warp, unroll super tiles per step, split K ways, stages).
+# stages 0: the register kernel (nw 1 or 2, unroll 2 or 4); 4: the pipelined kernel, a 4-deep
+# cp.async ring in shared memory (nw 1, 2 or 4 (not above M = 32), unroll 1 or 2). The kernel's
+# launch_config lists them.
+Config = tuple[int, int, int, int]
 
 
 def default_config(m: int, n: int, k: int, sms: int) -> Config:
-    """(nw, unroll, split): one 16-column tile per warp, two super tiles per step, and K split until
-    there are ~3 blocks per SM up to M = 16 and ~2 above (where a block holds more MMAs per weight
+    """(nw, unroll, split, stages): the register kernel with one 16-column tile per warp, two super
+    tiles per step, and K split until there are ~3 blocks per SM up to M = 16 and ~2 above (where a block holds more MMAs per weight
     byte and the split-K reduction moves more partial sums), keeping >= 8 super tiles per block.
     On an H100 the sum over the Llama-2-7B shapes of this rule's times is within 2% of the sum of
     each point's best of --sweep-cuda's 20 configs at M 1-32, and no point is more than 10% off
@@ -228,7 +230,7 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
     split = 1
     while blocks * split < target and split < max_split:
         split *= 2
-    return 1, 2, split
+    return 1, 2, split, 0
 
 
 def _group_shift(cq: CudaQuant) -> int:
@@ -260,7 +262,7 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     dev = x.device.index or 0
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    nw, unroll, split = config or default_config(m, n, k, _SMS[dev])
+    nw, unroll, split, stages = config or default_config(m, n, k, _SMS[dev])
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=torch.float16)
     if not y.is_contiguous() or y.shape != (m, n) or y.dtype != torch.float16 or y.device != x.device:
         raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor on {x.device}")
@@ -270,10 +272,10 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     with torch.cuda.device(x.device):  # the launch goes to the current device's context
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
                             None if p.bias is None else p.bias.data_ptr(), y.data_ptr(), ws.data_ptr(),
-                            counts.data_ptr(), m, n, k, nw, unroll, split, _group_shift(cq),
+                            counts.data_ptr(), m, n, k, nw, unroll, split, stages, _group_shift(cq),
                             int(pdl.enabled(x.device)),
                             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"qgemm4 launch failed (code {err}) for M={m} N={n} K={k} "
-                           f"config={(nw, unroll, split)}")
+                           f"config={(nw, unroll, split, stages)}")
     return y

@@ -119,8 +119,8 @@ def test_layout_problems_are_named():
                                          (8, 4096, 11008, 8), (32, 12288, 4096, 2), (32, 22016, 4096, 1),
                                          (32, 4096, 11008, 8), (24, 4096, 4096, 8)])
 def test_default_config_rule(m, n, k, split):
-    nw, unroll, got = cuda_gemm.default_config(m, n, k, 132)
-    assert (nw, unroll, got) == (1, 2, split)
+    nw, unroll, got, stages = cuda_gemm.default_config(m, n, k, 132)
+    assert (nw, unroll, got, stages) == (1, 2, split, 0)
     assert got == 1 or k // 64 // got >= 8  # >= 8 super tiles per block
     blocks = n // 64 * got
     target = (3 if m <= 16 else 2) * 132

@@ -41,8 +41,8 @@ def _chain(h, delta, weight, gate_up, down):
     from inlaid.kernels.triton.norm_rope import add_rms_norm_triton, silu_mul_triton
 
     x, h2 = add_rms_norm_triton(h, delta, weight, 1e-5)
-    act = silu_mul_triton(quant_matmul_cuda(x, gate_up, config=(1, 2, 4)))
-    out = quant_matmul_cuda(act, down, config=(1, 2, 3))
+    act = silu_mul_triton(quant_matmul_cuda(x, gate_up, config=(1, 2, 4, 0)))
+    out = quant_matmul_cuda(act, down, config=(1, 2, 3, 0))
     return add_rms_norm_triton(h2, out, weight, 1e-5)
 
 

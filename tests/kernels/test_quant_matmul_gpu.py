@@ -116,7 +116,7 @@ def test_split_k_reduces_in_one_kernel_and_restores_its_workspace(split_k, m, ba
             return tq.quant_matmul_triton(x, p, config=cfg, out=out)
     else:
         def call(x, out):
-            return cuda_gemm.quant_matmul_cuda(x, p, config=(1, 2, split_k), out=out)
+            return cuda_gemm.quant_matmul_cuda(x, p, config=(1, 2, split_k, 0), out=out)
     for _ in range(3):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)

@@ -61,6 +61,27 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     return v;
 }
 
+// Global -> shared without a register round trip. Weights stream past L1 (.cg); the scales, which
+// the next super tile of a group reads again, may stay in it (.ca).
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
@@ -157,23 +178,23 @@ struct Tile {
         return p.qw + ((size_t)(tile0 + n) * KS + k) * 32 + lane;
     }
 
-    // The math of super tile k (< ks1) with its weights w[n]. Past the range (the last step of an
-    // uneven split) the caller passes the last super tile with live = false: a zero scale zeroes its
-    // weights, so no branch and the compiler can issue the next loads before these MMAs.
-    __device__ __forceinline__ void super_tile(const Params& p, const uint4 (&w)[NW], int k, bool live) {
-        uint4 xv[TM][2];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-            xv[i][0] = __ldg(xrow[i] + 8 * k);
-            xv[i][1] = __ldg(xrow[i] + 8 * k + 1);
-        }
-        // computed, not loaded, for equal power-of-two groups: the scale load then does not wait on
-        // another load (nor on an integer division)
+    // Where this lane's (scale, zero) pairs of column tile n for super tile k are: the group of its
+    // 16 k. Computed, not loaded, for equal power-of-two groups: the scale load then does not wait
+    // on another load (nor on an integer division).
+    __device__ __forceinline__ const uint2* scales(const Params& p, int n, int k) const {
         const int grp = p.gshift >= 0 ? (4 * k + t) >> p.gshift : __ldg(p.gidx16 + 4 * k + t);
+        return szrow + grp * (8 * NT) + 8 * n;
+    }
+
+    // The math of one super tile: weights w[n], their (scale, zero) pairs zs[n], x fragments xv
+    // (xv[i][h]: token 8i + g, k 16t + 8h .. +8). Past the range (the last step of an uneven split)
+    // the caller passes the last super tile with live = false: a zero scale zeroes its weights, so
+    // no branch and the compiler can issue the next loads before these MMAs.
+    __device__ __forceinline__ void math(const uint4 (&w)[NW], const uint2 (&zs)[NW], const uint4 (&xv)[TM][2],
+                                         bool live) {
 #pragma unroll
         for (int n = 0; n < NW; ++n) {
-            const uint2 zsv = __ldg(szrow + grp * (8 * NT) + 8 * n);
-            const half2 sg = bits_h2(zsv.x), zg = bits_h2(zsv.y);  // (s_g, s_g8), (z_g, z_g8)
+            const half2 sg = bits_h2(zs[n].x), zg = bits_h2(zs[n].y);  // (s_g, s_g8), (z_g, z_g8)
             const half2 live2 = __float2half2_rn(live ? 1.f : 0.f);
             const half2 s0 = __hmul2(__low2half2(sg), live2), s1 = __hmul2(__high2half2(sg), live2);
             const half2 z0 = __low2half2(zg), nz1 = __high2half2(__hsub2(__float2half2_rn(960.f), zg));
@@ -189,6 +210,21 @@ struct Tile {
                 }
             }
         }
+    }
+
+    // Super tile k (< ks1, or masked: see math) with weights w[n] already in registers, x and the
+    // scales read straight from global memory (L1 serves the block's other warps).
+    __device__ __forceinline__ void super_tile(const Params& p, const uint4 (&w)[NW], int k, bool live) {
+        uint4 xv[TM][2];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            xv[i][0] = __ldg(xrow[i] + 8 * k);
+            xv[i][1] = __ldg(xrow[i] + 8 * k + 1);
+        }
+        uint2 zs[NW];
+#pragma unroll
+        for (int n = 0; n < NW; ++n) zs[n] = __ldg(scales(p, n, k));
+        math(w, zs, xv, live);
     }
 
     // C fragment: acc[n][i] = (col g, tokens 8i+2t, 8i+2t+1), (col g+8, same tokens). With a split,
@@ -287,6 +323,110 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
     tile.finish(p);
 }
 
+// One stage of the cp.async pipeline: U super tiles. Each lane's weight uint4s and (scale, zero)
+// pairs sit in slots of its own and are read back only by that lane (cp.async.wait_group orders
+// them, no barrier, no bank conflicts: a warp's 32 consecutive slots). x is the block's: every
+// thread copies a share of the U super tiles' token rows once, and all warps read them after a
+// barrier. Rows hold 64 halves plus 8 of padding, so that the 8 tokens a quarter warp reads at
+// 32t-byte offsets fall in distinct banks.
+constexpr int kRow = 72;
+
+template <int TM, int NW, int U>
+struct Stage {
+    static constexpr int kW = kWarps * U * NW * 32;   // uint4 of weights
+    static constexpr int kZS = kW / 2;                // uint4 holding the uint2 (scale, zero) pairs
+    static constexpr int kX = U * TM * 8 * kRow / 8;  // uint4 of x
+    static constexpr int kSize = kW + kZS + kX;       // uint4 per stage
+};
+
+// The pipelined kernel: a ring of S stages in shared memory, S - 1 steps of loads (weights, scales
+// and x alike) in flight while a step's math runs, so no warp waits on a global load in the loop:
+// the register kernel's warps stall on the x and weight loads in turn (ncu: half their cycles on
+// L1TEX), and prefetching either one alone did not help (docs/results/kernels.md). Step st lives in
+// slot st % S. One group is committed per step, empty ones included, so "at most S - 2 pending"
+// after the prologue's S - 1 groups means "step st has landed"; the barrier that follows makes
+// every thread's x copies visible and frees the slot of step st - 1 for step st + S - 1.
+template <int TM, int NW, int U, int S>
+__global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params p) {
+    using St = Stage<TM, NW, U>;
+    extern __shared__ uint4 smem[];
+    Tile<TM, NW> tile(p);
+    const int ks0 = tile.ks0, ks1 = tile.ks1;
+    const int steps = ks1 > ks0 ? (ks1 - ks0 + U - 1) / U : 0;
+    const int own = (threadIdx.x >> 5) * U * NW * 32 + tile.lane;  // this lane's first slot
+    // super tile u of step st; past the range the last one again (its math is masked)
+    auto super = [&](int st, int u) { return min(ks0 + st * U + u, ks1 - 1); };
+    auto stage = [&](int st) { return smem + (st % S) * St::kSize; };
+    auto copy_weights = [&](int st) {
+        uint4* w = stage(st) + own;
+        uint2* zs = reinterpret_cast<uint2*>(stage(st) + St::kW) + own;
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int n = 0; n < NW; ++n) {
+                cp_async16(w + (u * NW + n) * 32, tile.weights(p, n, super(st, u)));
+                cp_async8(zs + (u * NW + n) * 32, tile.scales(p, n, super(st, u)));
+            }
+    };
+    auto copy_x = [&](int st) {
+        half* xs = reinterpret_cast<half*>(stage(st) + St::kW + St::kZS);
+        constexpr int chunks = U * TM * 8 * 8;  // 16-byte chunks, 8 per token row of a super tile
+#pragma unroll
+        for (int c0 = 0; c0 < chunks; c0 += kWarps * 32) {
+            const int c = c0 + threadIdx.x;
+            if (chunks % (kWarps * 32) == 0 || c < chunks) {
+                const int u = c / (TM * 64), r = (c / 8) % (TM * 8), part = c % 8;
+                // rows past M copy row M - 1: their products land in accumulator rows never stored
+                cp_async16(xs + (u * TM * 8 + r) * kRow + 8 * part,
+                           p.x + (size_t)min(r, p.M - 1) * p.K + (size_t)super(st, u) * 64 + 8 * part);
+            }
+        }
+    };
+    // Weights and scales are not written during a forward pass: their first copies go out before
+    // the wait for the kernel ahead (pdl.py); x, the workspace, the counters and y come after it.
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st)
+        if (st < steps) copy_weights(st);
+    wait_prior_grids();
+    release_dependents();
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) {
+        if (st < steps) copy_x(st);
+        cp_commit();
+    }
+    for (int st = 0; st < steps; ++st) {
+        cp_wait<S - 2>();
+        __syncthreads();
+        if (st + S - 1 < steps) {
+            copy_weights(st + S - 1);
+            copy_x(st + S - 1);
+        }
+        cp_commit();
+        const uint4* w = stage(st) + own;
+        const uint2* zs = reinterpret_cast<const uint2*>(stage(st) + St::kW) + own;
+        const half* xs = reinterpret_cast<const half*>(stage(st) + St::kW + St::kZS);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            uint4 wv[NW];
+            uint2 zv[NW];
+#pragma unroll
+            for (int n = 0; n < NW; ++n) {
+                wv[n] = w[(u * NW + n) * 32];
+                zv[n] = zs[(u * NW + n) * 32];
+            }
+            uint4 xv[TM][2];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) {
+                const uint4* row = reinterpret_cast<const uint4*>(xs + (u * TM * 8 + 8 * i + tile.g) * kRow) + 2 * tile.t;
+                xv[i][0] = row[0];
+                xv[i][1] = row[1];
+            }
+            tile.math(wv, zv, xv, ks0 + st * U + u < ks1);
+        }
+    }
+    tile.finish(p);
+}
+
 // Where and how a launch goes.
 struct Launch {
     dim3 grid;
@@ -294,31 +434,59 @@ struct Launch {
     cudaStream_t stream;
 };
 
-template <int TM, int NW, int U>
-int launch(const Params& p, const Launch& l) {
+template <typename Kernel>
+int launch(Kernel kernel, int smem_bytes, const Params& p, const Launch& l) {
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = l.grid;
     cfg.blockDim = dim3(kWarps * 32);
+    cfg.dynamicSmemBytes = smem_bytes;
     cfg.stream = l.stream;
     cfg.attrs = attr;
     cfg.numAttrs = l.pdl ? 1 : 0;
-    return static_cast<int>(cudaLaunchKernelEx(&cfg, qgemm4_kernel<TM, NW, U>, p));
+    return static_cast<int>(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
-template <int TM, int NW>
-int launch_unroll(const Params& p, const Launch& l, int unroll) {
-    if (unroll == 2) return launch<TM, NW, 2>(p, l);
-    if (unroll == 4) return launch<TM, NW, 4>(p, l);
-    return -1;
+template <int TM, int NW, int U>
+int launch_registers(const Params& p, const Launch& l) {
+    return launch(qgemm4_kernel<TM, NW, U>, 0, p, l);
 }
 
+template <int TM, int NW, int U, int S>
+int launch_async(const Params& p, const Launch& l) {
+    constexpr int bytes = Stage<TM, NW, U>::kSize * 16 * S;
+    // above 48 KB a kernel's dynamic shared memory needs an opt-in, once per device
+    static bool opted_in[64] = {};
+    int dev = 0;
+    if (bytes > 48 * 1024 && cudaGetDevice(&dev) == cudaSuccess && dev < 64 && !opted_in[dev]) {
+        const cudaError_t err = cudaFuncSetAttribute(qgemm4_async_kernel<TM, NW, U, S>,
+                                                     cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        if (err != cudaSuccess) return static_cast<int>(err);
+        opted_in[dev] = true;
+    }
+    return launch(qgemm4_async_kernel<TM, NW, U, S>, bytes, p, l);
+}
+
+// The instantiated configs (each costs compile time): the register kernel with one or two tiles
+// per warp, unroll 2 or 4; the pipelined kernel 4 stages deep with one, two or four tiles per warp
+// (not four at 64 tokens: 128 accumulators), one or two super tiles per stage.
 template <int TM>
-int launch_nw(const Params& p, const Launch& l, int nw, int unroll) {
-    if (nw == 1) return launch_unroll<TM, 1>(p, l, unroll);
-    if (nw == 2) return launch_unroll<TM, 2>(p, l, unroll);
+int launch_config(const Params& p, const Launch& l, int nw, int unroll, int stages) {
+    if (stages == 0) {
+        if (nw == 1 && unroll == 2) return launch_registers<TM, 1, 2>(p, l);
+        if (nw == 1 && unroll == 4) return launch_registers<TM, 1, 4>(p, l);
+        if (nw == 2 && unroll == 2) return launch_registers<TM, 2, 2>(p, l);
+        if (nw == 2 && unroll == 4) return launch_registers<TM, 2, 4>(p, l);
+    } else if (stages == 4) {
+        if (nw == 1 && unroll == 1) return launch_async<TM, 1, 1, 4>(p, l);
+        if (nw == 1 && unroll == 2) return launch_async<TM, 1, 2, 4>(p, l);
+        if (nw == 2 && unroll == 1) return launch_async<TM, 2, 1, 4>(p, l);
+        if (nw == 2 && unroll == 2) return launch_async<TM, 2, 2, 4>(p, l);
+        if constexpr (TM < 8)
+            if (nw == 4 && unroll == 1) return launch_async<TM, 4, 1, 4>(p, l);
+    }
     return -1;
 }
 
@@ -327,22 +495,23 @@ int launch_nw(const Params& p, const Launch& l, int nw, int unroll) {
 // C ABI for ctypes. Returns a cudaError_t (0 = launched), or -1 for an unsupported shape or config.
 // Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x
 // and ws; with split > 1, ws holds split * N * 8 * TM floats and counts gridDim.x zeros.
-// Config: nw (1 or 2) column tiles per warp, unroll (2 or 4) super tiles per step, split K ways.
+// Config (launch_config lists the instantiated ones): nw column tiles per warp, unroll super tiles
+// per step, split K ways, stages 0 (the register kernel) or 4 (the pipelined kernel).
 // pdl != 0: programmatic dependent launch (sm_90+ only).
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, void* ws, int* counts, int M, int N, int K,
-                             int nw, int unroll, int split, int gshift, int pdl, void* stream) {
-    if ((nw != 1 && nw != 2) || (unroll != 2 && unroll != 4)) return -1;
+                             int nw, int unroll, int split, int stages, int gshift, int pdl, void* stream) {
+    if (nw != 1 && nw != 2 && nw != 4) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
     const Params p{static_cast<const half*>(x), static_cast<const uint4*>(qw),
                    static_cast<const uint2*>(sz), gidx16, static_cast<const half*>(bias),
                    static_cast<half*>(y), static_cast<float4*>(ws), counts, M, N, K, gshift};
     const Launch l{dim3(N / (16 * nw * kWarps), split), pdl != 0, static_cast<cudaStream_t>(stream)};
     switch (M <= 32 ? (M + 7) / 8 : 8) {
-        case 1: return launch_nw<1>(p, l, nw, unroll);
-        case 2: return launch_nw<2>(p, l, nw, unroll);
-        case 3: return launch_nw<3>(p, l, nw, unroll);
-        case 4: return launch_nw<4>(p, l, nw, unroll);
-        default: return launch_nw<8>(p, l, nw, unroll);
+        case 1: return launch_config<1>(p, l, nw, unroll, stages);
+        case 2: return launch_config<2>(p, l, nw, unroll, stages);
+        case 3: return launch_config<3>(p, l, nw, unroll, stages);
+        case 4: return launch_config<4>(p, l, nw, unroll, stages);
+        default: return launch_config<8>(p, l, nw, unroll, stages);
     }
 }
