@@ -61,18 +61,19 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     return v;
 }
 
-// Global -> shared without a register round trip. Weights stream past L1 (.cg); the scales, which
-// the next super tile of a group reads again, may stay in it (.ca).
+// Global -> shared without a register round trip, to a 32-bit shared-memory address. `bytes` 0
+// reads nothing and fills zeros (super tiles past a block's K range). Weights stream past L1
+// (.cg); the scales, which the next super tile of a group reads again, may stay in it (.ca).
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+__device__ __forceinline__ void cp_async16(unsigned smem, const void* gmem, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(bytes) : "memory");
 }
 
-__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+__device__ __forceinline__ void cp_async8(unsigned smem, const void* gmem, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem), "l"(gmem), "r"(bytes) : "memory");
 }
 
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -107,6 +108,14 @@ __device__ __forceinline__ uint32_t h2_bits(half2 h) { return *reinterpret_cast<
 
 __device__ __forceinline__ half2 bits_h2(uint32_t u) { return *reinterpret_cast<half2*>(&u); }
 
+// (v & mask) | bits in one instruction: nvcc otherwise emits an AND and an OR here, since a LOP3
+// takes only one immediate operand.
+__device__ __forceinline__ uint32_t mask_or(uint32_t v, uint32_t mask, uint32_t bits) {
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "r"(mask), "r"(bits));  // (a & b) | c
+    return r;
+}
+
 // Four A registers of one MMA from one word of codes. Even q are low nibbles (rows g: zero z0,
 // scale s0), odd q high nibbles (rows g + 8). A low nibble OR-ed into the mantissa of 1024.0 is
 // exactly 1024 + code, and minus (1024 + zero) exactly code - zero. A high nibble lands 4 bits up:
@@ -119,8 +128,8 @@ __device__ __forceinline__ void dequant_word(uint32_t w, half2 z0, half2 s0, hal
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
         const uint32_t v = b ? w >> 8 : w;
-        const half2 lo = bits_h2((v & 0x000F000Fu) | 0x64006400u);
-        const half2 hi = bits_h2((v & 0x00F000F0u) | 0x64006400u);
+        const half2 lo = bits_h2(mask_or(v, 0x000F000Fu, 0x64006400u));
+        const half2 hi = bits_h2(mask_or(v, 0x00F000F0u, 0x64006400u));
         a[2 * b] = h2_bits(__hmul2(__hsub2(lo, z0), s0));
         a[2 * b + 1] = h2_bits(__hmul2(__hfma2(hi, sixteenth, nz1), s1));
     }
@@ -190,13 +199,17 @@ struct Tile {
     // (xv[i][h]: token 8i + g, k 16t + 8h .. +8). Past the range (the last step of an uneven split)
     // the caller passes the last super tile with live = false: a zero scale zeroes its weights, so
     // no branch and the compiler can issue the next loads before these MMAs.
+    template <bool kMask = true>
     __device__ __forceinline__ void math(const uint4 (&w)[NW], const uint2 (&zs)[NW], const uint4 (&xv)[TM][2],
                                          bool live) {
 #pragma unroll
         for (int n = 0; n < NW; ++n) {
             const half2 sg = bits_h2(zs[n].x), zg = bits_h2(zs[n].y);  // (s_g, s_g8), (z_g, z_g8)
-            const half2 live2 = __float2half2_rn(live ? 1.f : 0.f);
-            const half2 s0 = __hmul2(__low2half2(sg), live2), s1 = __hmul2(__high2half2(sg), live2);
+            half2 s0 = __low2half2(sg), s1 = __high2half2(sg);
+            if constexpr (kMask) {
+                const half2 live2 = __float2half2_rn(live ? 1.f : 0.f);
+                s0 = __hmul2(s0, live2), s1 = __hmul2(s1, live2);
+            }
             const half2 z0 = __low2half2(zg), nz1 = __high2half2(__hsub2(__float2half2_rn(960.f), zg));
             const uint32_t words[4] = {w[n].x, w[n].y, w[n].z, w[n].w};
 #pragma unroll
@@ -340,12 +353,14 @@ struct Stage {
 };
 
 // The pipelined kernel: a ring of S stages in shared memory, S - 1 steps of loads (weights, scales
-// and x alike) in flight while a step's math runs, so no warp waits on a global load in the loop:
-// the register kernel's warps stall on the x and weight loads in turn (ncu: half their cycles on
-// L1TEX), and prefetching either one alone did not help (docs/results/kernels.md). Step st lives in
-// slot st % S. One group is committed per step, empty ones included, so "at most S - 2 pending"
-// after the prologue's S - 1 groups means "step st has landed"; the barrier that follows makes
-// every thread's x copies visible and frees the slot of step st - 1 for step st + S - 1.
+// and x alike) in flight while a step's math runs, so no warp waits on a global load in the loop.
+// Step st lives in slot st % S. One group is committed per step, empty ones included, so "at most
+// S - 2 pending" after the prologue's S - 1 groups means "step st has landed"; the barrier that
+// follows makes every thread's x copies visible and frees the slot of step st - 1 for step
+// st + S - 1. Super tiles past the block's K range are zero-filled (weights, scales and x): they
+// add exactly 0, so the math needs no mask. Every source address advances by a constant per step
+// (the weights of a column tile and x's rows are contiguous along k): the loop does no 64-bit
+// index arithmetic beyond one add per copy.
 template <int TM, int NW, int U, int S>
 __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params p) {
     using St = Stage<TM, NW, U>;
@@ -353,33 +368,45 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params 
     Tile<TM, NW> tile(p);
     const int ks0 = tile.ks0, ks1 = tile.ks1;
     const int steps = ks1 > ks0 ? (ks1 - ks0 + U - 1) / U : 0;
-    const int own = (threadIdx.x >> 5) * U * NW * 32 + tile.lane;  // this lane's first slot
-    // super tile u of step st; past the range the last one again (its math is masked)
-    auto super = [&](int st, int u) { return min(ks0 + st * U + u, ks1 - 1); };
-    auto stage = [&](int st) { return smem + (st % S) * St::kSize; };
-    auto copy_weights = [&](int st) {
-        uint4* w = stage(st) + own;
-        uint2* zs = reinterpret_cast<uint2*>(stage(st) + St::kW) + own;
+    const unsigned base = smem_addr(smem);
+    const unsigned own = ((threadIdx.x >> 5) * U * NW * 32 + tile.lane) * 16;  // bytes into a stage
+    const uint4* wsrc = tile.weights(p, 0, ks0);  // column tile n: + n * KS * 32
+    // this thread's 16-byte chunks of a stage's x: (super tile u, token row r, 8 halves `part`);
+    // rows past M copy row M - 1, whose products land in accumulator rows that are never stored
+    constexpr int kChunks = U * TM * 8 * 8, kPer = (kChunks + kWarps * 32 - 1) / (kWarps * 32);
+    const half* xsrc[kPer];
+    unsigned xdst[kPer];
+    int xu[kPer];
 #pragma unroll
-        for (int u = 0; u < U; ++u)
+    for (int c = 0; c < kPer; ++c) {
+        const int idx = min(c * kWarps * 32 + (int)threadIdx.x, kChunks - 1);  // spare threads: a duplicate
+        const int u = idx / (TM * 64), r = (idx / 8) % (TM * 8), part = idx % 8;
+        xu[c] = u;
+        xsrc[c] = p.x + (size_t)min(r, p.M - 1) * p.K + (size_t)(ks0 + u) * 64 + 8 * part;
+        xdst[c] = (St::kW + St::kZS) * 16 + ((u * TM * 8 + r) * kRow + 8 * part) * 2;
+    }
+    auto slot = [&](int st) { return base + (unsigned)(st % S) * St::kSize * 16; };
+    auto copy_weights = [&](int st) {
+        const unsigned dst = slot(st) + own;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = ks0 + st * U + u;
+            const int bytes = k < ks1 ? 16 : 0;
 #pragma unroll
             for (int n = 0; n < NW; ++n) {
-                cp_async16(w + (u * NW + n) * 32, tile.weights(p, n, super(st, u)));
-                cp_async8(zs + (u * NW + n) * 32, tile.scales(p, n, super(st, u)));
+                const unsigned off = (u * NW + n) * 32;
+                // (a zero-filled copy reads nothing; its address is kept in range all the same)
+                const uint4* src = wsrc + (size_t)n * tile.KS * 32 + (k < ks1 ? (st * U + u) * 32 : 0);
+                cp_async16(dst + off * 16, src, bytes);
+                cp_async8(dst + St::kW * 16 - own / 2 + off * 8, tile.scales(p, n, min(k, ks1 - 1)), bytes / 2);
             }
+        }
     };
     auto copy_x = [&](int st) {
-        half* xs = reinterpret_cast<half*>(stage(st) + St::kW + St::kZS);
-        constexpr int chunks = U * TM * 8 * 8;  // 16-byte chunks, 8 per token row of a super tile
 #pragma unroll
-        for (int c0 = 0; c0 < chunks; c0 += kWarps * 32) {
-            const int c = c0 + threadIdx.x;
-            if (chunks % (kWarps * 32) == 0 || c < chunks) {
-                const int u = c / (TM * 64), r = (c / 8) % (TM * 8), part = c % 8;
-                // rows past M copy row M - 1: their products land in accumulator rows never stored
-                cp_async16(xs + (u * TM * 8 + r) * kRow + 8 * part,
-                           p.x + (size_t)min(r, p.M - 1) * p.K + (size_t)super(st, u) * 64 + 8 * part);
-            }
+        for (int c = 0; c < kPer; ++c) {
+            const bool in = ks0 + st * U + xu[c] < ks1;
+            cp_async16(slot(st) + xdst[c], xsrc[c] + (in ? st * U * 64 : 0), in ? 16 : 0);
         }
     };
     // Weights and scales are not written during a forward pass: their first copies go out before
@@ -402,9 +429,10 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params 
             copy_x(st + S - 1);
         }
         cp_commit();
-        const uint4* w = stage(st) + own;
-        const uint2* zs = reinterpret_cast<const uint2*>(stage(st) + St::kW) + own;
-        const half* xs = reinterpret_cast<const half*>(stage(st) + St::kW + St::kZS);
+        const uint4* stage = smem + (st % S) * St::kSize;
+        const uint4* w = stage + own / 16;
+        const uint2* zs = reinterpret_cast<const uint2*>(stage + St::kW) + own / 16;
+        const half* xs = reinterpret_cast<const half*>(stage + St::kW + St::kZS);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             uint4 wv[NW];
@@ -417,11 +445,12 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params 
             uint4 xv[TM][2];
 #pragma unroll
             for (int i = 0; i < TM; ++i) {
-                const uint4* row = reinterpret_cast<const uint4*>(xs + (u * TM * 8 + 8 * i + tile.g) * kRow) + 2 * tile.t;
+                const uint4* row =
+                    reinterpret_cast<const uint4*>(xs + (u * TM * 8 + 8 * i + tile.g) * kRow) + 2 * tile.t;
                 xv[i][0] = row[0];
                 xv[i][1] = row[1];
             }
-            tile.math(wv, zv, xv, ks0 + st * U + u < ks1);
+            tile.template math<false>(wv, zv, xv, true);
         }
     }
     tile.finish(p);
