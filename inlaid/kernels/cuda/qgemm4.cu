@@ -486,10 +486,12 @@ int launch_registers(const Params& p, const Launch& l) {
 template <int TM, int NW, int U, int S>
 int launch_async(const Params& p, const Launch& l) {
     constexpr int bytes = Stage<TM, NW, U>::kSize * 16 * S;
-    // above 48 KB a kernel's dynamic shared memory needs an opt-in, once per device
+    // 48 KB of shared memory per block, static and dynamic together, unless the kernel opts in to
+    // more: done once per device for every size (the 48 KB stage of 64 tokens plus the kernel's
+    // static flag is already over)
     static bool opted_in[64] = {};
     int dev = 0;
-    if (bytes > 48 * 1024 && cudaGetDevice(&dev) == cudaSuccess && dev < 64 && !opted_in[dev]) {
+    if (cudaGetDevice(&dev) == cudaSuccess && dev < 64 && !opted_in[dev]) {
         const cudaError_t err = cudaFuncSetAttribute(qgemm4_async_kernel<TM, NW, U, S>,
                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
         if (err != cudaSuccess) return static_cast<int>(err);
