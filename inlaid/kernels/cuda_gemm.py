@@ -215,22 +215,37 @@ _SMS: dict[int, int] = {}
 Config = tuple[int, int, int, int]
 
 
-def default_config(m: int, n: int, k: int, sms: int) -> Config:
-    """(nw, unroll, split, stages): the register kernel with one 16-column tile per warp, two super
-    tiles per step, and K split until there are ~3 blocks per SM up to M = 16 and ~2 above (where a block holds more MMAs per weight
-    byte and the split-K reduction moves more partial sums), keeping >= 8 super tiles per block.
-    On an H100 the sum over the Llama-2-7B shapes of this rule's times is within 2% of the sum of
-    each point's best of --sweep-cuda's 20 configs at M 1-32, and no point is more than 10% off
-    its best (docs/results/kernels.md)."""
-    target = (3 if m <= 16 else 2) * sms
+def _split(blocks: int, k: int, target: float) -> int:
+    """The smallest power-of-two K split that gives ``target`` blocks, keeping >= 8 super tiles per
+    block."""
     max_split = 1
-    while k // (64 * max_split * 2) >= 8:  # the largest split leaving >= 8 super tiles per block
+    while k // (64 * max_split * 2) >= 8:
         max_split *= 2
-    blocks = n // (16 * WARPS)
     split = 1
     while blocks * split < target and split < max_split:
         split *= 2
-    return 1, 2, split, 0
+    return split
+
+
+def default_config(m: int, n: int, k: int, sms: int) -> Config:
+    """(nw, unroll, split, stages).
+
+    - M <= 4: the register kernel, one 16-column tile per warp, two super tiles per step, K split
+      until there are ~3 blocks per SM.
+    - M 5-32: the pipelined kernel, two tiles per warp, two super tiles per stage, K split until
+      there are ~1.5 blocks per SM up to M = 16 and ~0.75 above (a block then holds 4x the MMAs
+      and partial sums); one tile per warp where N is not a multiple of 128.
+
+    From two launch-config sweeps on two H100s (`bench_kernels.py --sweep-cuda 1 8 16 32`, 45
+    configs; docs/results/kernels.md): at M = 8, 16 and 32 the pipelined (2, 2) configs at these
+    splits average 1.04-1.09x each point's best over the four Llama-2-7B shapes, the register
+    kernel's (1, 2) configs 1.10-1.13x; at M = 1 the register kernel's are 1.02x and the pipelined
+    1.28x. Between M = 1 and 8 (the same 8-token tile) nothing was measured: the line at 4 is a
+    guess."""
+    if m <= 4:
+        return 1, 2, _split(n // (16 * WARPS), k, 3 * sms), 0
+    nw = 2 if n % (16 * WARPS * 2) == 0 else 1
+    return nw, 2, _split(n // (16 * WARPS * nw), k, (1.5 if m <= 16 else 0.75) * sms), 4
 
 
 def _group_shift(cq: CudaQuant) -> int:
