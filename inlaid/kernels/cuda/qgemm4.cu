@@ -24,13 +24,19 @@
 // block own neighbouring columns over the same k range (their x loads hit L1), and the grid's y
 // dimension splits K.
 //
-// Weights are double-buffered in registers: U super tiles are loaded while the previous U are
-// multiplied. HBM is not what limits the kernel at M = 8-32 (ncu at M = 32, gate/up: DRAM at
-// ~30% of peak) but few warps (~2.4 per scheduler: registers and grid size) each running a long
-// chain of dependent instructions. Keeping more weight loads in flight did not help (a cp.async
-// ring 3-7 steps deep through shared memory measured no faster at any shape or M); cutting the
-// main loop's instructions did (750 -> 489 SASS instructions for 64 MMAs at M = 32, two tiles per
-// warp, U = 2; 55.8 -> 49.0 us): docs/results/kernels.md. So every instruction in the loop counts.
+// Two kernels share that math (Tile). The register kernel double-buffers weights in registers: U
+// super tiles are loaded while the previous U are multiplied; x and the scales come straight from
+// global memory through L1. Its warps are few (~2.5 per scheduler at M = 32: registers and grid
+// size) and ncu puts most of their stalls on those global loads (long scoreboard). A cp.async ring
+// for the weights alone (5bef2aa) and x one super tile ahead alone (56f570b) each left the other
+// load exposed and measured no faster. The pipelined kernel (qgemm4_async_kernel) copies all three,
+// weights, scales and the block's x, through a 4-stage cp.async ring in shared memory, so no load
+// in its loop waits on global memory: three stages (super tiles x tiles per warp) stay in flight
+// per warp without the registers to hold them. With two tiles per warp, which halves the x reads
+// per weight, it is the default for M 5-32, even where that leaves ~1.3 warps per scheduler
+// (gate/up at M = 32); the register kernel stays the default for M <= 4, where it measured faster
+// (docs/results/kernels.md). In both, every instruction in the loop counts (750 -> 489 SASS
+// instructions for 64 MMAs in the register kernel's loop cut 55.8 -> 49.0 us at M = 32).
 //
 // Split-K: every block stores its partial sums, as they lie in its registers, into its own slice of
 // an fp32 workspace (plain coalesced stores, no atomics), and the last block of a column tile to
@@ -42,7 +48,8 @@
 //
 // Programmatic dependent launch (sm_90+, inlaid/kernels/pdl.py has the contract): launched with
 // it, the kernel starts while the kernel ahead of it (the norm, the attention, the SiLU) still
-// runs, issues its first weight loads - weights are not written during a forward pass - and only
+// runs, issues its first weight loads (the pipelined kernel: three stages of weights and scales) -
+// weights are not written during a forward pass - and only
 // then waits for that kernel, so the first HBM round trip overlaps the other kernel's tail instead
 // of following it.
 
