@@ -4,6 +4,7 @@ exllamav2 vs fp16 cuBLAS on Llama-2-7B shapes (GPU only).
     python scripts/bench_kernels.py [--quick]
     python scripts/bench_kernels.py --sweep 16 32        # Triton block shapes
     python scripts/bench_kernels.py --sweep-cuda 1 16 32  # CUDA GEMM launch configs
+    python scripts/bench_kernels.py --rank A.json B.json  # rank config rules on sweep JSON (no GPU)
 
 Weights are rotated among enough copies to exceed L2 (50 MB on an H100), so each call reads its
 weight from HBM as in a real forward. Time = median over repetitions of (CUDA-event time of one
@@ -220,6 +221,37 @@ def sweep_cuda(ms, json_out=None) -> None:
         torch.cuda.empty_cache()
 
 
+def _old_default(m: int, n: int, k: int, sms: int):
+    """cuda_gemm.default_config before afb2443 (the register kernel everywhere), for --rank."""
+    from inlaid.kernels.cuda_gemm import WARPS, _split
+
+    return 1, 2, _split(n // (16 * WARPS), k, (3 if m <= 16 else 2) * sms), 0
+
+
+def rank(paths, sms: int = 132) -> None:
+    """From --sweep-cuda --json files (CPU only): per M, each rule's or family's time over the best
+    time at that point, averaged over shapes and files. Within-file ratios only: two machines time
+    the same config up to ~15% apart (docs/results/kernels.md)."""
+    from inlaid.kernels.cuda_gemm import default_config
+
+    rows = [json.loads(line) for path in paths for line in open(path)]
+
+    def family(r, nw, u, stages):  # the family's best split at this point
+        return min(t for c, t in r["times"].items()
+                   if c.startswith(f"({nw}, {u},") and c.endswith(f", {stages})"))
+
+    columns = {"new rule": lambda r: r["times"][str(default_config(r["m"], r["n"], r["k"], sms))],
+               "old rule": lambda r: r["times"][str(_old_default(r["m"], r["n"], r["k"], sms))],
+               "register (1, 2), best split": lambda r: family(r, 1, 2, 0),
+               "pipelined (2, 2), best split": lambda r: family(r, 2, 2, 4)}
+    print("| M | points | " + " | ".join(columns) + " |")
+    print("|---:|---:|" + "---:|" * len(columns))
+    for m in sorted({r["m"] for r in rows}):
+        at = [r for r in rows if r["m"] == m]
+        means = [statistics.fmean(f(r) / min(r["times"].values()) for r in at) for f in columns.values()]
+        print(f"| {m} | {len(at)} | " + " | ".join(f"{v:.2f}" for v in means) + " |")
+
+
 def repeat(backend: str, m: str, k: str, n: str, config: str | None = None) -> None:
     from inlaid.kernels.quant_matmul import quant_matmul
 
@@ -252,7 +284,12 @@ def main() -> None:
                         help="only call one backend (cuda, triton, exllama) on one shape 20 times, "
                              "for a profiler (ncu) to pick a call")
     parser.add_argument("--config", help="--repeat cuda: a launch config nw,unroll,split,stages")
+    parser.add_argument("--rank", nargs="+", metavar="JSON",
+                        help="only rank launch-config rules on --sweep-cuda --json files (no GPU)")
     args = parser.parse_args()
+    if args.rank:
+        rank(args.rank)
+        return
     if not torch.cuda.is_available():
         print("no CUDA device: skipping the kernel benchmark")
         return

@@ -237,11 +237,11 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
       and partial sums); one tile per warp where N is not a multiple of 128.
 
     From two launch-config sweeps on two H100s (`bench_kernels.py --sweep-cuda 1 8 16 32`, 45
-    configs; docs/results/kernels.md): at M = 8, 16 and 32 the pipelined (2, 2) configs at these
-    splits average 1.04-1.09x each point's best over the four Llama-2-7B shapes, the register
-    kernel's (1, 2) configs 1.10-1.13x; at M = 1 the register kernel's are 1.02x and the pipelined
-    1.28x. Between M = 1 and 8 (the same 8-token tile) nothing was measured: the line at 4 is a
-    guess."""
+    configs; `bench_kernels.py --rank` on their JSON ranks the rules; docs/results/kernels.md): at
+    M = 8, 16 and 32 this rule averages 1.04-1.09x each point's best over the four Llama-2-7B
+    shapes, the register kernel's (1, 2) configs 1.10-1.14x even at their best split; at M = 1 the
+    latter are 1.02x and the pipelined (2, 2) ones 1.28x. Between M = 1 and 8 (the same 8-token
+    tile) nothing was measured: the line at 4 is a guess."""
     if m <= 4:
         return 1, 2, _split(n // (16 * WARPS), k, 3 * sms), 0
     nw = 2 if n % (16 * WARPS * 2) == 0 else 1
