@@ -32,7 +32,7 @@ def ms_per_step(policy: str, waiting: int, steps: int) -> float:
 
     def step() -> None:
         plan = scheduler.schedule()
-        scheduler.postprocess(plan.seqs, [1] * len(plan.seqs))
+        scheduler.postprocess(plan, [1] * len(plan.seqs))
 
     for _ in range(20):  # prefill the first 64; the rest keep waiting (max_num_seqs)
         step()

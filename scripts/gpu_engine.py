@@ -122,10 +122,11 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
             all_decode = len(running) == batch and all(q.num_computed_tokens == q.num_tokens - 1
                                                        for q in running)
             ctx = sum(q.num_tokens for q in running)
-            torch.cuda.synchronize()
+            # no device sync around the call: a step returns once it has read its tokens back, and
+            # under asynchronous scheduling the next step is already queued on the GPU by then (a
+            # sync would drain it): in steady state a call's wall time is the cadence of steps
             t0 = time.perf_counter()
             engine.step(finished_only=True)  # the offline path (LLM.generate, inlaid bench)
-            torch.cuda.synchronize()
             if all_decode:
                 times.append(time.perf_counter() - t0)
                 contexts.append(ctx)
@@ -186,7 +187,7 @@ def profile(out: dict, batch: int, steps: int = 8) -> None:
         llm = LLM("dummy:llama-2-7b", dummy_adapters=100, dummy_rank=16, max_loras=128, max_lora_rank=16,
                   max_num_seqs=batch, max_num_batched_tokens=8192, device="cuda", enforce_eager=eager)
         engine = llm.engine
-        _add_decode_batch(engine, batch, 3 * steps + 8, gen)
+        _add_decode_batch(engine, batch, 8 * steps + 8, gen)
         for _ in range(3):
             engine.step()
         torch.cuda.synchronize()
@@ -195,6 +196,8 @@ def profile(out: dict, batch: int, steps: int = 8) -> None:
             engine.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / steps
+        if not eager:
+            _host_gap(engine, batch, steps, wall)
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 engine.step()
@@ -213,6 +216,34 @@ def profile(out: dict, batch: int, steps: int = 8) -> None:
         del llm, engine
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def _host_gap(engine, batch: int, steps: int, wall: float) -> None:
+    """Split a graphs step's wall time: the graph replay alone (back to back: the GPU's own time
+    for the step) against ``step(finished_only=True)`` with and without asynchronous scheduling.
+    Without it the GPU idles while the host reads tokens back, schedules and builds inputs."""
+    runner = engine.runner
+    b = next(size for size in runner.graphs.buckets if size >= batch)
+    graph = runner.graphs.graphs[b]
+    engine.step()  # nothing left in flight: the replays below run alone
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()  # the last step's static inputs again: the same KV slots, the same tokens
+    torch.cuda.synchronize()
+    replay = (time.perf_counter() - t0) / steps
+    took = {}
+    for mode in (False, True, False, True):
+        engine.async_scheduling = mode
+        engine.step(finished_only=True)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step(finished_only=True)
+        took.setdefault(mode, []).append((time.perf_counter() - t0) / steps)
+    engine.async_scheduling = True
+    log(f"[profile graphs] batch {batch}: replay alone {replay * 1e3:.2f} ms; step(finished_only) "
+        f"async {' / '.join(f'{t * 1e3:.2f}' for t in took[True])} ms, "
+        f"sync {' / '.join(f'{t * 1e3:.2f}' for t in took[False])} ms; step() {wall * 1e3:.2f} ms")
 
 
 def _kernel_table(prof, steps: int) -> tuple[float, dict]:

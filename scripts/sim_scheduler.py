@@ -77,7 +77,7 @@ def simulate(policy: str, spec: WorkloadSpec, max_num_seqs: int, model: StepMode
             r, first = info[s.seq.request_id]
             if s.samples and first is None:
                 info[s.seq.request_id] = (r, now)
-        for seq in scheduler.postprocess(plan.seqs, [1] * len(plan.scheduled)):
+        for seq in scheduler.postprocess(plan, [1] * len(plan.scheduled)):
             r, first = info.pop(seq.request_id)
             done.append(RequestTimeline(r.arrival_s, first, now, r.input_len, seq.num_output_tokens,
                                         request_id=r.request_id, adapter=r.adapter))

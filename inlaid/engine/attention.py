@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from inlaid.kernels import dispatch
+from inlaid.kernels.transfer import to_device
 
 
 @dataclass
@@ -83,26 +84,26 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
         else:
             context = _slots(table, end, block_size)
             slot_mapping.extend(context[start:])
-            chunks.append(Chunk(row, num, torch.tensor(context, dtype=torch.int64, device=device), start))
+            chunks.append(Chunk(row, num, to_device(context, torch.int64, device), start))
         row += num
-    batch = AttentionBatch(torch.tensor(slot_mapping, dtype=torch.int64, device=device), chunks,
+    batch = AttentionBatch(to_device(slot_mapping, torch.int64, device), chunks,
                            block_size=block_size, all_decode=len(decode_rows) == len(pieces))
     if prefill:
         from inlaid.kernels.triton.paged_prefill import tile_map
 
         tables, rows, lens, starts = zip(*prefill)
-        batch.prefill_tables = torch.tensor(pad_rows(tables), dtype=torch.int32, device=device)
-        batch.prefill_meta = torch.tensor([rows, lens, starts], dtype=torch.int32, device=device)
+        batch.prefill_tables = to_device(pad_rows(tables), torch.int32, device)
+        batch.prefill_meta = to_device([rows, lens, starts], torch.int32, device)
         batch.prefill_tiles = tile_map(list(lens), device)
     if decode_rows:
-        batch.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
-        batch.decode_lens = torch.tensor(decode_lens, dtype=torch.int64, device=device)
+        batch.decode_rows = to_device(decode_rows, torch.int64, device)
+        batch.decode_lens = to_device(decode_lens, torch.int64, device)
         if use_kernel:
-            batch.decode_tables = torch.tensor(pad_rows(decode_tables), dtype=torch.int32, device=device)
+            batch.decode_tables = to_device(pad_rows(decode_tables), torch.int32, device)
             batch.decode_lens32 = batch.decode_lens.to(torch.int32)
         else:
             contexts = [_slots(t, n, block_size) for t, n in zip(decode_tables, decode_lens)]
-            batch.decode_slots = torch.tensor(pad_rows(contexts), dtype=torch.int64, device=device)
+            batch.decode_slots = to_device(pad_rows(contexts), torch.int64, device)
     return batch
 
 

@@ -23,9 +23,9 @@ from inlaid.engine.block_manager import BlockManager, kv_block_bytes
 from inlaid.engine.detokenizer import IncrementalDetokenizer
 from inlaid.engine.model import CausalLM, load_weights
 from inlaid.engine.predictor import OutputLengthPredictor
-from inlaid.engine.runner import NO_TOKEN, ModelRunner
+from inlaid.engine.runner import NO_TOKEN, ModelRunner, PendingStep
 from inlaid.engine.sampler import TokenLogprobs
-from inlaid.engine.scheduler import Scheduler, SchedulerConfig, check_slo_target
+from inlaid.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, check_slo_target
 from inlaid.engine.sequence import SamplingParams, Sequence
 from inlaid.errors import AdapterError, ConfigError, ModelLoadError, RequestError
 
@@ -59,6 +59,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefetch_adapters: bool = True  # load waiting requests' adapters into free slots between steps
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode (debugging, profiling)
+    # launch step N + 1 before reading step N's tokens back, so the host's work overlaps the GPU's
+    # (see LLMEngine.step); None: on for CUDA, off for the CPU, where there is nothing to overlap
+    async_scheduling: bool | None = None
     dequantize_on_cpu: bool = True  # dequantize once at load rather than on every CPU step
     dummy_bits: int | None = 4  # dummy models: base bits (None = fp16)
     dummy_layers: int | None = None  # dummy models: fewer layers than the shape has
@@ -193,6 +196,9 @@ class LLMEngine:
                                   cuda_graphs=not cfg.enforce_eager)
         self._requests: dict[str, _Request] = {}
         self._next_id = 0
+        self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None \
+            else device.type == "cuda"
+        self._in_flight: tuple[StepPlan, PendingStep] | None = None  # launched, tokens not read yet
         self.num_steps = 0
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, %d adapters, %d slots",
                  cfg.model, device, dtype_name, num_blocks, cfg.block_size, len(self.adapters.names),
@@ -304,6 +310,8 @@ class LLMEngine:
     def finish_weight_swap(self) -> None:
         """After the last swapped layer: rebuild what depended on the old weights."""
         if self.runner.graphs is not None:
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)  # a step in flight may still replay a graph
             self.runner.capture_graphs()
         self.model.release_retired()
 
@@ -316,25 +324,49 @@ class LLMEngine:
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """One engine step; returns an output per request that got a token (``finished_only``: per
         request that finished: callers that only collect final results skip building the rest, and
-        the text of requests without stop strings is then decoded once, at the end)."""
+        the text of requests without stop strings is then decoded once, at the end).
+
+        With ``async_scheduling`` a step schedules and launches step N + 1, then reads back step
+        N's tokens and returns their outputs: the host's bookkeeping and scheduling run while the
+        GPU computes, instead of between two GPU steps. Step N + 1 feeds step N's tokens from the
+        device (placeholders, see ``Sequence``). A request that step N's token stops (EOS, a stop
+        string) was fed once more in step N + 1: that work is dropped. Outputs come one call later;
+        a call launches nothing once every request is done, and returns the last outputs."""
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return []
-        self.num_steps += 1
-        result = self.runner.execute(plan)
+        pending = None
+        if not plan.is_empty:
+            self.num_steps += 1
+            pending = self.runner.launch(plan)
+            self.scheduler.advance(plan)
+        outputs = []
+        in_flight, self._in_flight = self._in_flight, None  # not retried if reading it fails
+        if in_flight is not None:
+            outputs = self._complete(*in_flight, finished_only)
+        if pending is not None:
+            if self.async_scheduling:
+                self._in_flight = (plan, pending)
+            else:
+                outputs += self._complete(plan, pending, finished_only)
+        if self.config.prefetch_adapters:
+            self._prefetch_adapters()
+        return outputs
+
+    def _complete(self, plan: StepPlan, pending: PendingStep, finished_only: bool) -> list[RequestOutput]:
+        """Read a launched step's tokens back and record them."""
+        result = pending.result()
         now = time.monotonic()
         for request_id, positions in result.prompt_logprobs.items():
             if request_id in self._requests:
                 self._requests[request_id].prompt_logprobs.update(positions)
-        # every scheduled sequence advances (a prefill chunk too: its token id is ignored)
-        self.scheduler.postprocess(plan.seqs, result.token_ids)
-        sampled = [(s.seq, t, lp) for s, t, lp in zip(plan.scheduled, result.token_ids, result.logprobs)
-                   if t != NO_TOKEN]
+        self.scheduler.resolve(plan, result.token_ids)
         outputs = []
-        for seq, token, lp in sampled:
+        for s, token, lp in zip(plan.scheduled, result.token_ids, result.logprobs):
+            seq = s.seq
             req = self._requests.get(seq.request_id)
-            if req is None:
-                continue  # aborted while the step ran
+            if token == NO_TOKEN or req is None or req.seq is not seq:
+                # a prefill chunk; aborted while the step ran; or (asynchronous scheduling) fed
+                # once more after the previous step's token finished it: that token is dropped
+                continue
             if req.first_token_time is None:
                 req.first_token_time = now
             if req.logprobs is not None and lp is not None:
@@ -343,8 +375,6 @@ class LLMEngine:
                 self.scheduler.finish(seq, "stop")
             if seq.is_finished or not finished_only:
                 outputs.append(self._output(req, now))
-        if self.config.prefetch_adapters:
-            self._prefetch_adapters()
         return outputs
 
     def _prefetch_adapters(self) -> None:

@@ -22,9 +22,10 @@ import torch
 from inlaid.engine.adapters import AdapterManager
 from inlaid.engine.attention import AttentionBatch, build_batch, pad_rows
 from inlaid.engine.model import CausalLM
-from inlaid.engine.sampler import TokenLogprobs, make_generator, sample, token_logprobs
+from inlaid.engine.sampler import Sampled, TokenLogprobs, make_generator, sample, token_logprobs
 from inlaid.engine.scheduler import StepPlan
 from inlaid.kernels.lora import LoraBatchMeta
+from inlaid.kernels.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class ModelRunner:
         if adapters is not None and adapters.max_loras > 0:
             self.lora_meta = LoraBatchMeta(max_num_batched_tokens, adapters.max_loras, model.device)
         self._generators: dict[str, torch.Generator | None] = {}
+        self._last_sampled: torch.Tensor | None = None  # see launch()
+        self._last_rows: dict[str, int] = {}
         self._graph_shape = (max_num_seqs, -(-max_model_len // block_size))
         self._max_len = max_model_len
         self.graphs = None
@@ -111,19 +114,52 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
-        slot_of = self.adapters.activate(plan.adapters) if plan.adapters else {}
-        if self.graphs is not None and self.graphs.accepts(plan):
-            return self._sample(plan, self.graphs.run(plan, slot_of))
-        return self._execute_eager(plan, slot_of)
+        """Run one step and wait for its tokens."""
+        return self.launch(plan).result()
 
-    def _execute_eager(self, plan: StepPlan, slot_of: dict[str, int]) -> StepOutput:
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Queue one step on the device and return without waiting for it. Inputs that are
+        placeholders (tokens sampled by the previously launched step, not read back yet) are fed
+        from that step's device tensor of sampled tokens."""
+        slot_of = self.adapters.activate(plan.adapters) if plan.adapters else {}
+        prompt_logprobs = {}
+        if self.graphs is not None and self.graphs.accepts(plan):
+            logits = self.graphs.run(plan, slot_of, self._token_inputs(plan))
+        else:
+            logits, prompt_logprobs = self._forward_eager(plan, slot_of)
+        sampling = [i for i, s in enumerate(plan.scheduled) if s.samples]
+        sampled = self._sample(plan, sampling, logits) if sampling else None
+        # where the next step finds this step's tokens while they are still placeholders
+        self._last_sampled = sampled.tokens if sampled is not None else None
+        self._last_rows = {plan.scheduled[i].seq.request_id: row for row, i in enumerate(sampling)}
+        return PendingStep(len(plan.scheduled), sampling, sampled, prompt_logprobs)
+
+    def _token_inputs(self, plan: StepPlan) -> TokenInputs:
+        """The step's input token ids, flat in plan order: known ones from the host, placeholders
+        as (row, row of the previous launch's sampled tokens)."""
+        ids, dst, src = [], [], []
+        for s in plan.scheduled:
+            seq, end = s.seq, s.start + s.num_new_tokens
+            known = seq.token_ids[s.start:end]
+            ids.extend(known)
+            if len(known) < s.num_new_tokens:  # the fed tail is the sample of the last launch
+                if s.num_new_tokens - len(known) != 1 or seq.request_id not in self._last_rows:
+                    raise RuntimeError(f"{seq.request_id}: a placeholder input that the previous "
+                                       "step did not sample")
+                dst.append(len(ids))
+                src.append(self._last_rows[seq.request_id])
+                ids.append(0)
+        return TokenInputs(ids, dst, src, self._last_sampled if dst else None)
+
+    def _forward_eager(self, plan: StepPlan, slot_of: dict[str, int]):
+        """(logits of the sampling rows or None, prompt logprobs) of one step run op by op."""
         device = self.model.device
-        ids, positions, token_slot, pieces, sample_rows = [], [], [], [], []
+        positions, token_slot, pieces, sample_rows = [], [], [], []
         prompt_rows = []  # (request, row, start, next-token targets, top n)
         for s in plan.scheduled:
-            seq, row = s.seq, len(ids)
+            seq, row = s.seq, len(positions)
             end = s.start + s.num_new_tokens
-            ids.extend(seq.token_ids[s.start:end])
             positions.extend(range(s.start, end))
             token_slot.extend([slot_of[seq.adapter] if seq.adapter is not None else -1] * s.num_new_tokens)
             pieces.append((seq.block_table, s.start, s.num_new_tokens))
@@ -137,29 +173,61 @@ class ModelRunner:
         attn = build_batch(pieces, self.block_size, device)
         lora = None
         if self.lora_meta is not None and slot_of:
-            lora = self.lora_meta.prepare(torch.tensor(token_slot, dtype=torch.int32, device=device))
-        hidden = self.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                            attn, self.kv_caches, lora)
+            lora = self.lora_meta.prepare(to_device(token_slot, torch.int32, device))
+        ids = self._token_inputs(plan).to(device)
+        hidden = self.model(ids, to_device(positions, torch.int64, device), attn, self.kv_caches, lora)
         logits = None
         if sample_rows:
-            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=device)])
-        out = self._sample(plan, logits)
-        for request_id, row, start, targets, n in prompt_rows:
+            logits = self.model.logits(hidden[to_device(sample_rows, torch.int64, device)])
+        prompt_logprobs = {}
+        for request_id, row, start, targets, n in prompt_rows:  # reads values back: waits for the GPU
             logprobs = torch.log_softmax(self.model.logits(hidden[row:row + len(targets)]), dim=-1)
-            out.prompt_logprobs[request_id] = {
+            prompt_logprobs[request_id] = {
                 start + 1 + j: token_logprobs(logprobs[j], t, n) for j, t in enumerate(targets)}
-        return out
+        return logits, prompt_logprobs
+
+    def _sample(self, plan: StepPlan, sampling: list[int], logits: torch.Tensor) -> Sampled:
+        """``logits`` has one row per sampling sequence of ``plan`` (``sampling``), in plan order."""
+        seqs = [plan.scheduled[i].seq for i in sampling]
+        gens = [self._generator(seq.request_id, seq.sampling.seed) for seq in seqs]
+        return sample(logits, [seq.sampling for seq in seqs], gens)
 
 
-    def _sample(self, plan: StepPlan, logits: torch.Tensor | None) -> StepOutput:
-        """``logits`` has one row per sampling sequence of ``plan``, in plan order."""
-        out = StepOutput([NO_TOKEN] * len(plan.scheduled), [None] * len(plan.scheduled))
-        sampling = [(i, s.seq) for i, s in enumerate(plan.scheduled) if s.samples]
-        if sampling:
-            params = [seq.sampling for _, seq in sampling]
-            gens = [self._generator(seq.request_id, seq.sampling.seed) for _, seq in sampling]
-            tokens, logprobs = sample(logits, params, gens)
-            for (i, _), token, lp in zip(sampling, tokens, logprobs):
+@dataclass
+class TokenInputs:
+    """A step's input ids: ``ids`` from the host, then ``ids[dst[k]] = previous[src[k]]`` on the
+    device for the placeholders."""
+
+    ids: list[int]
+    dst: list[int]
+    src: list[int]
+    previous: torch.Tensor | None
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        """The ids as a device tensor; never waits for the GPU."""
+        return self.patch(to_device(self.ids, torch.int64, device))
+
+    def patch(self, ids: torch.Tensor) -> torch.Tensor:
+        """Fill the placeholder rows of ``ids`` (on the device, the host's values elsewhere)."""
+        if self.dst:
+            ids.index_copy_(0, to_device(self.dst, torch.int64, ids.device),
+                            self.previous.index_select(0, to_device(self.src, torch.int64, ids.device)))
+        return ids
+
+
+class PendingStep:
+    """A launched step; ``result()`` waits for its sampled tokens (and only for them)."""
+
+    def __init__(self, num_scheduled: int, sampling: list[int], sampled: Sampled | None,
+                 prompt_logprobs: dict[str, dict[int, TokenLogprobs]]):
+        self._n, self._sampling, self._sampled = num_scheduled, sampling, sampled
+        self._prompt_logprobs = prompt_logprobs
+
+    def result(self) -> StepOutput:
+        out = StepOutput([NO_TOKEN] * self._n, [None] * self._n, self._prompt_logprobs)
+        if self._sampled is not None:
+            tokens, logprobs = self._sampled.fetch()
+            for i, token, lp in zip(self._sampling, tokens, logprobs):
                 out.token_ids[i], out.logprobs[i] = token, lp
         return out
 
@@ -172,12 +240,14 @@ class DecodeGraphs:
         model = runner.model
         self.buckets = [b for b in GRAPH_BUCKETS if b <= max_num_seqs] or [GRAPH_BUCKETS[0]]
         n, dev = self.buckets[-1], model.device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), runner.sink_slot, dtype=torch.int64, device=dev)
+        # the per-row inputs live in two blocks, one copy each per step (rows past the batch padded)
+        self.rows64 = torch.zeros(3, n, dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slot_mapping = self.rows64
+        self.slot_mapping.fill_(runner.sink_slot)
+        self.rows32 = torch.zeros(2, n, dtype=torch.int32, device=dev)
+        self.lens, self.token_slot = self.rows32
+        self.token_slot.fill_(-1)
         self.tables = torch.zeros(n, max(max_blocks_per_seq, 1), dtype=torch.int32, device=dev)
-        self.lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.token_slot = torch.full((n,), -1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._capture()
@@ -206,28 +276,26 @@ class DecodeGraphs:
         return (len(plan.scheduled) <= self.buckets[-1]
                 and all(s.is_decode and s.seq.sampling.prompt_logprobs is None for s in plan.scheduled))
 
-    def run(self, plan: StepPlan, slot_of: dict[str, int]) -> torch.Tensor:
+    def run(self, plan: StepPlan, slot_of: dict[str, int], inputs: TokenInputs) -> torch.Tensor:
+        """Copy the plan's inputs into the static buffers (without waiting for the GPU) and replay."""
         n = len(plan.scheduled)
         b = next(size for size in self.buckets if size >= n)
         bs, r = self.runner.block_size, self.runner
-        ids, pos, slots, lens, adapter_slots, tables = [], [], [], [], [], []
+        pos, slots, lens, adapter_slots, tables = [], [], [], [], []
         for s in plan.scheduled:
             seq, p = s.seq, s.start
-            ids.append(seq.token_ids[p])
             pos.append(p)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
             adapter_slots.append(slot_of[seq.adapter] if seq.adapter is not None else -1)
             tables.append(seq.block_table)
-        pad = b - n
+        pad = self.rows64.shape[1] - n
         dev = self.input_ids.device
-        self.input_ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        self.slot_mapping[:b].copy_(torch.tensor(slots + [r.sink_slot] * pad), non_blocking=True)
-        self.lens[:b].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.token_slot[:b].copy_(torch.tensor(adapter_slots + [-1] * pad, dtype=torch.int32),
-                                  non_blocking=True)
-        padded = torch.tensor(pad_rows(tables), dtype=torch.int32)
-        self.tables[:n, :padded.shape[1]].copy_(padded, non_blocking=True)
+        to_device([inputs.ids + [0] * pad, pos + [0] * pad, slots + [r.sink_slot] * pad], torch.int64, dev,
+                  out=self.rows64)
+        inputs.patch(self.input_ids)
+        to_device([lens + [0] * pad, adapter_slots + [-1] * pad], torch.int32, dev, out=self.rows32)
+        padded = pad_rows(tables)
+        to_device(padded, torch.int32, dev, out=self.tables[:n, :len(padded[0])])
         self.graphs[b].replay()  # the captured step re-groups token_slot for LoRA itself
         return self.logits[b][:n]

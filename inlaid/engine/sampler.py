@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from inlaid.engine.sequence import SamplingParams
+from inlaid.kernels.transfer import to_device
 
 
 @dataclass
@@ -37,29 +38,69 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits
 
 
+class Sampled:
+    """One step's sampled tokens (and requested logprobs), on their way to the host.
+
+    Sampling launches its kernels and starts non-blocking copies into pinned host memory; nothing
+    waits for the GPU until ``fetch()``, which waits for these copies only. Under asynchronous
+    scheduling the engine launches the next step (which feeds ``tokens`` straight from the device)
+    before it fetches this one, so the host's bookkeeping overlaps the GPU's next step.
+    """
+
+    def __init__(self, tokens: torch.Tensor, params: list[SamplingParams],
+                 logprobs: torch.Tensor | None, want: list[int]):
+        self.tokens = tokens  # [S] int64 on the logits' device
+        self._params, self._want = params, want
+        parts = [tokens]
+        if want:  # the chosen token's logprob and the top n (n = the largest asked for), per row
+            rows = to_device(want, torch.int64, tokens.device)
+            chosen = logprobs.gather(1, tokens[rows].unsqueeze(1))
+            n = max(params[i].logprobs for i in want)
+            top = torch.topk(logprobs, n, dim=-1) if n > 0 else None
+            parts += [chosen] + ([top.values, top.indices] if top is not None else [])
+        self._event = None
+        if tokens.device.type == "cuda":
+            self._host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(p, non_blocking=True)
+                          for p in parts]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = parts
+
+    def fetch(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """(token ids, logprobs or None per row); waits for this step's copies only."""
+        if self._event is not None:
+            self._event.synchronize()
+        token_list = self._host[0].tolist()
+        out: list[TokenLogprobs | None] = [None] * len(self._params)
+        if self._want:
+            chosen = self._host[1][:, 0].tolist()
+            values, ids = (self._host[2].tolist(), self._host[3].tolist()) if len(self._host) > 2 else ([], [])
+            for row, i in enumerate(self._want):
+                n = self._params[i].logprobs
+                top = dict(zip(ids[row][:n], values[row][:n])) if n > 0 else {}
+                out[i] = TokenLogprobs(token_list[i], chosen[row], top)
+        return token_list, out
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """logits [S, V] fp32 -> (token ids, logprobs or None per row)."""
+           generators: list[torch.Generator | None]) -> Sampled:
+    """logits [S, V] fp32 -> the sampled tokens (``Sampled.fetch()`` reads them on the host)."""
     greedy = [i for i, p in enumerate(params) if p.is_greedy]
     if len(greedy) == len(params):  # the common case: one kernel, no row index to upload
         tokens = logits.argmax(-1)
     else:
         tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         if greedy:
-            rows = torch.tensor(greedy, device=logits.device)
+            rows = to_device(greedy, torch.int64, logits.device)
             tokens[rows] = logits[rows].argmax(-1)
     for i, p in enumerate(params):
         if not p.is_greedy:
             probs = _filter_logits(logits[i], p).softmax(-1)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    token_list = tokens.tolist()
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
-    out: list[TokenLogprobs | None] = [None] * len(params)
-    if want:
-        logprobs = torch.log_softmax(logits[want], dim=-1)
-        for row, i in enumerate(want):
-            out[i] = token_logprobs(logprobs[row], token_list[i], params[i].logprobs)
-    return token_list, out
+    logprobs = torch.log_softmax(logits[want], dim=-1) if want else None
+    return Sampled(tokens, params, logprobs, want)
 
 
 def token_logprobs(logprobs: torch.Tensor, token_id: int, n: int) -> TokenLogprobs:

@@ -116,6 +116,7 @@ class StepPlan:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     adapters: set[str] = field(default_factory=set)  # adapters that need a GPU slot this step
+    scheduled_at: float = 0.0  # the scheduler's clock at schedule() (SLO-aware only)
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -149,7 +150,7 @@ class Scheduler:
         self.predictor = predictor if predictor is not None else OutputLengthPredictor()
         self.clock = clock  # the clock of Sequence.arrival_time (a virtual one in simulations)
         self.step_time: float | None = None  # seconds per step, recent steps weighted most
-        self._step_started: float | None = None
+        self._last_resolved: float | None = None  # clock at the last resolve() (SLO-aware only)
         self._now = 0.0  # clock reading of the current step's schedule() (SLO-aware only)
         self._key = self.priority  # this step's ordering (schedule() fixes it)
         self.waiting: list[Sequence] = []
@@ -192,6 +193,7 @@ class Scheduler:
         if seq.is_finished:
             return
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        seq.num_placeholders = 0  # samples still in flight are dropped with the request
         self.block_manager.free(seq)
         (self.running if seq in self.running else self.waiting).remove(seq)
         del self._live[seq.request_id]
@@ -251,7 +253,7 @@ class Scheduler:
         plan = StepPlan(self._step)
         budget = _Budget(self.config.max_num_seqs, self.config.max_num_batched_tokens)
         if self.config.slo_aware:
-            self._now = self._step_started = self.clock()
+            self._now = plan.scheduled_at = self.clock()
         # Scores are fixed within a step: compute each once (sorting with priority() as the key
         # cost ~1 ms a step with a few hundred waiting requests under `inlaid`).
         if self.config.policy == "fcfs":
@@ -260,7 +262,9 @@ class Scheduler:
             scores = {id(seq): self.priority(seq) for seq in chain(self.running, self.waiting)}
             key = lambda seq: scores[id(seq)]  # noqa: E731
         self._key = key
-        running = sorted(self.running, key=key)
+        # A sequence whose unread samples already reach max_tokens is done: it only waits for
+        # resolve() (asynchronous scheduling), so it is neither fed nor a preemption victim.
+        running = sorted((seq for seq in self.running if not _awaits_last_token(seq)), key=key)
         waiting = sorted(self.waiting, key=key)
         allowed = self._choose_adapters(running, waiting, key)
         # A late running request gives its place in the batch to waiting requests that can still
@@ -330,8 +334,10 @@ class Scheduler:
                 continue
             if not admitting:
                 continue  # only demoted running sequences are still looked for
-            if not _is_allowed(seq, allowed):
-                continue  # another task's turn; grouping is the point of skipping here
+            if not _is_allowed(seq, allowed) or seq.num_placeholders:
+                # another task's turn (grouping is the point of skipping here), or preempted
+                # with a sample still unread: its recompute must wait until the value is known
+                continue
             pending = seq.num_tokens - self.block_manager.cached_prefix_len(seq)
             if not self.config.enable_chunked_prefill and pending > budget.tokens:
                 admitting = False
@@ -366,29 +372,52 @@ class Scheduler:
         self.waiting.append(seq)
         plan.preempted.append(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Record a step: ``token_ids[i]`` was sampled for ``seqs[i]`` (ignored for a prefill chunk
-        that leaves tokens pending). Returns the sequences that finished."""
-        if len(seqs) != len(token_ids):
-            raise ValueError(f"{len(seqs)} sequences but {len(token_ids)} sampled tokens")
-        finished = []
-        now = self.clock() if self.config.slo_aware else 0.0
-        if self._step_started is not None:
-            took, self._step_started = now - self._step_started, None
-            self.step_time = took if self.step_time is None else \
-                self.step_time + STEP_TIME_WEIGHT * (took - self.step_time)
-        for seq, token_id in zip(seqs, token_ids):
+    def postprocess(self, plan: StepPlan, token_ids: list[int]) -> list[Sequence]:
+        """Record a step whose tokens are known: ``advance`` then ``resolve``."""
+        self.advance(plan)
+        return self.resolve(plan, token_ids)
+
+    def advance(self, plan: StepPlan) -> None:
+        """The step is launched: its fed tokens count as computed, and each sampling sequence
+        gets a placeholder for its token, so the next ``schedule()`` can already feed it (the
+        runner takes the value from the device). Call once per plan, before the next schedule."""
+        for item in plan.scheduled:
+            seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
-                continue  # aborted while the model ran
+                continue  # aborted since schedule()
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            self.block_manager.cache_full_blocks(seq)
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue
-            seq.append_token(token_id)
-            if seq.first_token_time is None and self.config.slo_aware:
-                seq.first_token_time = now
-            reason = self._finish_reason(seq, token_id)
+            if item.samples:
+                seq.num_placeholders += 1
+
+    def resolve(self, plan: StepPlan, token_ids: list[int]) -> list[Sequence]:
+        """The step's tokens are read back: ``token_ids[i]`` was sampled for ``plan.scheduled[i]``
+        (ignored where it samples nothing). Plans resolve in launch order, after ``advance``; a
+        later plan may have been scheduled and advanced in between (asynchronous scheduling), so
+        a sequence may be preempted by now, or have been fed once more than it needed (a stop
+        found here: that work is dropped). Returns the sequences that finished."""
+        if len(plan.scheduled) != len(token_ids):
+            raise ValueError(f"{len(plan.scheduled)} sequences but {len(token_ids)} sampled tokens")
+        finished = []
+        now = self.clock() if self.config.slo_aware else 0.0
+        if self.config.slo_aware:
+            # the cadence of tokens: from the later of this plan's schedule and the last resolve
+            # (under asynchronous scheduling the plan was scheduled while the previous step ran)
+            took = now - max(plan.scheduled_at, self._last_resolved or plan.scheduled_at)
+            self._last_resolved = now
+            self.step_time = took if self.step_time is None else \
+                self.step_time + STEP_TIME_WEIGHT * (took - self.step_time)
+        for item, token_id in zip(plan.scheduled, token_ids):
+            seq = item.seq
+            if seq.is_finished:
+                continue  # aborted, or stopped by an earlier plan's token
+            if item.samples:
+                seq.resolve_placeholder(token_id)
+                if seq.first_token_time is None and self.config.slo_aware:
+                    seq.first_token_time = now
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq)
+            reason = self._finish_reason(seq, token_id) if item.samples else None
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
@@ -407,6 +436,10 @@ def check_slo_target(name: str, value: object) -> None:
 
 def _is_positive(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _awaits_last_token(seq: Sequence) -> bool:
+    return seq.num_placeholders > 0 and seq.num_output_tokens + seq.num_placeholders >= seq.sampling.max_tokens
 
 
 def _is_allowed(seq: Sequence, allowed: set[str] | None) -> bool:

@@ -89,6 +89,12 @@ class Sequence:
     ``num_computed_tokens`` counts tokens whose KV is already in the cache (prefix-cache hits
     included). An unfinished sequence always has ``num_computed_tokens < num_tokens``: the
     tokens in between are what the next steps must feed to the model.
+
+    ``num_placeholders`` counts sampled tokens whose values the host does not know yet: with
+    asynchronous scheduling the engine schedules and launches step N + 1 before it reads step N's
+    tokens back, so those tokens sit at the end of the sequence as placeholders (``num_tokens``
+    counts them, ``token_ids`` does not); the runner feeds them from the device. They resolve in
+    order (``Scheduler.resolve``).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int],
@@ -117,9 +123,10 @@ class Sequence:
         self.num_cached_tokens = 0  # prefix-cache hits at the last allocation
         self.num_computed_tokens = 0
         self.num_scheduled_tokens = 0  # tokens the current step feeds to the model
+        self.num_placeholders = 0  # sampled tokens not read back yet (asynchronous scheduling)
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return self.num_tokens
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, adapter={self.adapter!r}, status={self.status.name}, "
@@ -127,7 +134,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:
@@ -150,4 +157,11 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        """The oldest placeholder's value arrived: it becomes a real token."""
+        if self.num_placeholders < 1:
+            raise RuntimeError(f"{self.request_id}: no placeholder to resolve")
+        self.num_placeholders -= 1
         self.token_ids.append(token_id)

@@ -33,6 +33,15 @@ class FakeRunner:
     def __init__(self, bm: BlockManager) -> None:
         self.bm = bm
         self.kv: dict[tuple[int, int], tuple[str | None, int]] = {}
+        self.last: dict[str, int] = {}  # the last run's sampled tokens: the "device" copy
+
+    def token(self, seq: Sequence, pos: int) -> int:
+        """The token fed at ``pos``: a placeholder (asynchronous scheduling) is the last run's
+        sample of that sequence, as the real runner takes it from the device."""
+        if pos < len(seq.token_ids):
+            return seq.token_ids[pos]
+        assert pos == len(seq.token_ids) and seq.num_placeholders >= 1, "feeds an unsampled token"
+        return self.last[seq.request_id]
 
     def slot(self, seq: Sequence, pos: int) -> tuple[int, int]:
         return seq.block_table[pos // self.bm.block_size], pos % self.bm.block_size
@@ -49,9 +58,11 @@ class FakeRunner:
             for pos in range(item.start, item.start + item.num_new_tokens):
                 block, offset = self.slot(seq, pos)
                 assert self.bm.ref_count(block) == 1, "a write into a shared block"
-                self.kv[block, offset] = (seq.adapter, seq.token_ids[pos])
-        return [fake_model(s.seq.adapter, s.seq.token_ids[:s.start + s.num_new_tokens])
-                for s in plan.scheduled]
+                self.kv[block, offset] = (seq.adapter, self.token(seq, pos))
+        sampled = [fake_model(s.seq.adapter, [self.token(s.seq, p) for p in range(s.start + s.num_new_tokens)])
+                   for s in plan.scheduled]
+        self.last = {s.seq.request_id: t for s, t in zip(plan.scheduled, sampled) if s.samples}
+        return sampled
 
     def check_context(self, seq: Sequence, positions: range) -> None:
         for pos in positions:
@@ -74,7 +85,6 @@ def add(sched: Scheduler, rid: str, prompt: list[int], adapter: str | None = Non
 
 def check_plan(sched: Scheduler, plan: StepPlan) -> None:
     cfg = sched.config
-    assert not plan.is_empty, "no progress while requests are pending"
     assert plan.num_batched_tokens <= cfg.max_num_batched_tokens
     assert len(plan.scheduled) <= cfg.max_num_seqs
     assert len({id(s) for s in plan.seqs}) == len(plan.seqs)
@@ -86,16 +96,44 @@ def check_plan(sched: Scheduler, plan: StepPlan) -> None:
 
 def step(sched: Scheduler, runner: FakeRunner) -> StepPlan:
     plan = sched.schedule()
+    assert not plan.is_empty, "no progress while requests are pending"
     check_plan(sched, plan)
-    sched.postprocess(plan.seqs, runner.run(plan))
+    sched.postprocess(plan, runner.run(plan))
     return plan
 
 
-def run_all(sched: Scheduler, runner: FakeRunner | None = None,
-            max_steps: int = 5000) -> list[StepPlan]:
+class AsyncDriver:
+    """Steps as the engine does under asynchronous scheduling: schedule and run step N + 1, then
+    resolve step N's tokens."""
+
+    def __init__(self, sched: Scheduler, runner: FakeRunner) -> None:
+        self.sched, self.runner = sched, runner
+        self.in_flight: tuple[StepPlan, list[int]] | None = None
+
+    def step(self) -> StepPlan:
+        plan = self.sched.schedule()
+        check_plan(self.sched, plan)
+        launched = None
+        if not plan.is_empty:
+            launched = (plan, self.runner.run(plan))
+            self.sched.advance(plan)
+        assert launched or self.in_flight, "no progress while requests are pending"
+        if self.in_flight is not None:
+            self.sched.resolve(*self.in_flight)
+        self.in_flight = launched
+        return plan
+
+    @property
+    def busy(self) -> bool:
+        return not self.sched.is_finished() or self.in_flight is not None
+
+
+def run_all(sched: Scheduler, runner: FakeRunner | None = None, max_steps: int = 5000,
+            driver: AsyncDriver | None = None) -> list[StepPlan]:
+    """Step until every request is done (through ``driver`` when given: asynchronous)."""
     runner, plans = runner or FakeRunner(sched.block_manager), []
-    while not sched.is_finished():
-        plans.append(step(sched, runner))
+    while driver.busy if driver is not None else not sched.is_finished():
+        plans.append(driver.step() if driver is not None else step(sched, runner))
         assert len(plans) < max_steps
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
     return plans

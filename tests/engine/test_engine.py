@@ -80,7 +80,12 @@ ENGINE_SETUPS = {
     # 16 blocks of 4 cannot hold six requests: preemption and recompute must keep outputs exact
     "preempt+chunked": dict(num_kv_blocks=16, block_size=4, max_num_batched_tokens=16),
     "two-slots": dict(num_kv_blocks=256, block_size=4, max_loras=2),  # 3 adapters, 2 slots: swaps
+    # step N + 1 launched before step N's tokens are read: they are fed as placeholders
+    "async": dict(num_kv_blocks=256, block_size=4, async_scheduling=True),
+    "async+preempt+chunked": dict(num_kv_blocks=16, block_size=4, max_num_batched_tokens=16,
+                                  async_scheduling=True),
 }
+ASYNC = pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 
 
 @pytest.mark.parametrize("family", FAMILIES, indirect=True, ids=[f[0] for f in FAMILIES])
@@ -101,14 +106,15 @@ def test_greedy_matches_hf_peft_mixed_batch(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES[:1], indirect=True, ids=["llama"])
-def test_prompt_logprobs_match_hf_teacher_forcing(family):
+@ASYNC
+def test_prompt_logprobs_match_hf_teacher_forcing(family, asynchronous):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, adapters = family
     tok = AutoTokenizer.from_pretrained(base)
     llm = LLM(str(base), {"b": str(adapters["b"])}, max_loras=2, max_lora_rank=8, num_kv_blocks=64,
-              block_size=4, max_num_batched_tokens=8)  # chunked: logprobs assembled over chunks
+              block_size=4, max_num_batched_tokens=8, async_scheduling=asynchronous)  # chunked: logprobs assembled over chunks
     prompt = PROMPTS[1]
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3), "b")[0]
     ids = torch.tensor([tok(prompt)["input_ids"]])
@@ -155,9 +161,11 @@ def llama(tmp_path_factory):
     return base, save_adapter(base, root / "a", seed=21, rank=4)
 
 
-def test_sampling_seeded_and_filters(llama):
+@ASYNC
+def test_sampling_seeded_and_filters(llama, asynchronous):
     base, adapter = llama
-    llm = LLM(str(base), {"a": str(adapter)}, max_loras=2, max_lora_rank=4, num_kv_blocks=128)
+    llm = LLM(str(base), {"a": str(adapter)}, max_loras=2, max_lora_rank=4, num_kv_blocks=128,
+              async_scheduling=asynchronous)
     seeded = SamplingParams(temperature=1.0, max_tokens=12, seed=7, ignore_eos=True)
     alone = llm.generate(PROMPTS[0], seeded, "a")[0].output_token_ids
     # the same seeded request inside a different batch draws the same tokens
@@ -174,9 +182,11 @@ def test_sampling_seeded_and_filters(llama):
     assert len(draws) > 1
 
 
-def test_logprobs_are_consistent_with_greedy(llama):
+@ASYNC
+def test_logprobs_are_consistent_with_greedy(llama, asynchronous):
     base, adapter = llama
-    llm = LLM(str(base), {"a": str(adapter)}, max_loras=2, max_lora_rank=4, num_kv_blocks=128)
+    llm = LLM(str(base), {"a": str(adapter)}, max_loras=2, max_lora_rank=4, num_kv_blocks=128,
+              async_scheduling=asynchronous)
     out = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=5, logprobs=3,
                                                   ignore_eos=True), "a")[0]
     assert [lp.token_id for lp in out.logprobs] == out.output_token_ids
@@ -185,9 +195,10 @@ def test_logprobs_are_consistent_with_greedy(llama):
         assert best == lp.token_id and lp.logprob == pytest.approx(lp.top[best]) and lp.logprob <= 0
 
 
-def test_stop_strings_eos_and_length(llama):
+@ASYNC
+def test_stop_strings_eos_and_length(llama, asynchronous):
     base, _ = llama
-    llm = LLM(str(base), num_kv_blocks=128, max_loras=0)
+    llm = LLM(str(base), num_kv_blocks=128, max_loras=0, async_scheduling=asynchronous)
     free = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
     assert free.finish_reason == "length" and len(free.output_token_ids) == 12
     stop = free.text[3:5]
@@ -220,9 +231,11 @@ def test_bad_requests_raise_clear_errors(llama):
     assert not llm.engine.has_unfinished_requests()  # nothing half-queued after the errors
 
 
-def test_abort_frees_blocks_and_engine_keeps_serving(llama):
+@ASYNC
+def test_abort_frees_blocks_and_engine_keeps_serving(llama, asynchronous):
     base, adapter = llama
-    llm = LLM(str(base), {"a": str(adapter)}, max_loras=1, max_lora_rank=4, num_kv_blocks=64)
+    llm = LLM(str(base), {"a": str(adapter)}, max_loras=1, max_lora_rank=4, num_kv_blocks=64,
+              async_scheduling=asynchronous)
     engine = llm.engine
     keep = engine.add_request(PROMPTS[1], GREEDY, "a")
     drop = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
@@ -338,3 +351,34 @@ def test_prefill_warm_up_writes_only_the_sink_block(llama):
         assert k[real:].abs().sum() > 0  # the warm-up did write its K/V (to the sink)
     after = llm.generate(PROMPTS[:2], GREEDY, ["a", None])
     assert [o.output_token_ids for o in after] == [o.output_token_ids for o in before]
+
+
+def test_async_scheduling_launches_the_next_step_before_reading_the_last(llama):
+    base, adapter = llama
+    llm = LLM(str(base), {"a": str(adapter)}, max_loras=1, max_lora_rank=4, num_kv_blocks=64,
+              async_scheduling=True)
+    runner, events = llm.engine.runner, []
+    launch = runner.launch
+
+    def logged(plan):
+        pending = launch(plan)
+        events.append(("launch", plan.step))
+        result = pending.result
+
+        def read():
+            events.append(("read", plan.step))
+            return result()
+
+        pending.result = read
+        return pending
+
+    runner.launch = logged
+    outs = llm.generate(PROMPTS[:3], GREEDY, ["a", None, "a"])
+    assert all(len(o.output_token_ids) == GREEDY.max_tokens for o in outs)
+    launched = [step for kind, step in events if kind == "launch"]
+    # one prefill step and nine decode steps: nothing is launched past max_tokens
+    assert len(launched) == GREEDY.max_tokens
+    for i, (kind, step) in enumerate(events):
+        if kind == "read" and step != launched[-1]:
+            assert events.index(("launch", step + 1)) < i  # step + 1 was queued first
+    assert [kind for kind, _ in events].count("read") == len(launched)

@@ -228,7 +228,7 @@ def test_the_step_time_is_measured_on_the_clock() -> None:
     for took in (0.2, 0.2, 0.1):
         plan = sched.schedule()
         clock.now += took
-        sched.postprocess(plan.seqs, [1] * len(plan.seqs))
+        sched.postprocess(plan, [1] * len(plan.seqs))
     assert sched.step_time == pytest.approx(0.2 + STEP_TIME_WEIGHT * (0.1 - 0.2))
 
 

@@ -10,7 +10,7 @@ import pytest
 from inlaid.engine.scheduler import SchedulerConfig
 from inlaid.engine.sequence import SamplingParams, Sequence
 from inlaid.errors import ConfigError
-from tests.engine.fake_runner import (EOS, VOCAB, FakeRunner, add, first_step_of, make_scheduler,
+from tests.engine.fake_runner import (EOS, VOCAB, AsyncDriver, FakeRunner, add, first_step_of, make_scheduler,
                                       reference_output, run_all, step)
 
 
@@ -131,7 +131,7 @@ def test_abort_frees_blocks_even_while_the_model_runs() -> None:
     sampled = runner.run(plan)
     assert sched.abort("gone") and not sched.abort("gone") and not sched.abort("unknown")
     assert sched.block_manager.num_used_blocks == 1
-    sched.postprocess(plan.seqs, sampled)
+    sched.postprocess(plan, sampled)
     assert gone.finish_reason == "abort" and gone.output_token_ids == []
     run_all(sched, runner)
     assert keep.finish_reason == "length"
@@ -180,12 +180,14 @@ def test_a_request_that_does_not_fit_is_not_overtaken() -> None:
 
 @pytest.mark.parametrize("policy", ["fcfs", "inlaid"])
 @pytest.mark.parametrize("prefix", [True, False])
-def test_random_workloads_complete_with_exact_outputs(policy: str, prefix: bool) -> None:
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_random_workloads_complete_with_exact_outputs(policy: str, prefix: bool, asynchronous: bool) -> None:
     rng = random.Random(f"{policy}-{prefix}")
     sched = make_scheduler(num_blocks=24, block_size=4, prefix=prefix, policy=policy,
                            max_num_seqs=6, max_num_batched_tokens=20, max_loras=2,
                            max_tasks_per_step=3)
     runner, seqs = FakeRunner(sched.block_manager), []
+    driver = AsyncDriver(sched, runner) if asynchronous else None
     shared = [rng.randrange(1, VOCAB) for _ in range(9)]
     for t in range(300):
         if t < 150 and rng.random() < 0.5:
@@ -193,8 +195,58 @@ def test_random_workloads_complete_with_exact_outputs(policy: str, prefix: bool)
             prompt = (shared if rng.random() < 0.5 else []) + tail
             seqs.append(add(sched, f"r{t}", prompt, rng.choice([None, "a", "b", "c"]),
                             max_tokens=rng.randrange(1, 20), ignore_eos=rng.random() < 0.5))
-        if not sched.is_finished():
+        if driver is not None and driver.busy:
+            driver.step()
+        elif driver is None and not sched.is_finished():
             step(sched, runner)
-    run_all(sched, runner)
+    run_all(sched, runner, driver=driver)
     for seq in seqs:
         assert seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.adapter, seq.sampling)
+
+
+def test_async_preemption_eos_and_length_give_exact_outputs() -> None:
+    """Asynchronous scheduling under memory pressure: preempted sequences whose last sample is
+    still unread, EOS found a step late, max_tokens reached by a placeholder."""
+    sched = make_scheduler(num_blocks=10, block_size=4, max_num_batched_tokens=32)
+    rng = random.Random(5)
+    seqs = []
+    while len(seqs) < 16:
+        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randrange(2, 9))]
+        params = SamplingParams(max_tokens=rng.randrange(1, 25), ignore_eos=len(seqs) % 2 == 0)
+        if params.ignore_eos or reference_output(prompt, None, params)[-1] == EOS:  # half stop on EOS
+            seqs.append(add(sched, f"r{len(seqs)}", prompt, max_tokens=params.max_tokens,
+                            ignore_eos=params.ignore_eos))
+    plans = run_all(sched, driver=AsyncDriver(sched, FakeRunner(sched.block_manager)))
+    assert sum(len(p.preempted) for p in plans) > 0
+    assert {s.finish_reason for s in seqs} == {"stop", "length"}
+    for seq in seqs:
+        assert seq.output_token_ids == reference_output(seq.prompt_token_ids, None, seq.sampling)
+        assert seq.num_placeholders == 0
+
+
+def test_async_feeds_unread_samples_and_stops_feeding_at_max_tokens() -> None:
+    sched = make_scheduler()
+    driver = AsyncDriver(sched, FakeRunner(sched.block_manager))
+    one = add(sched, "one", [1, 2, 3], max_tokens=1)
+    four = add(sched, "four", [4, 5], max_tokens=4)
+    plans = run_all(sched, driver=driver)
+    fed = {rid: sum(rid in [s.request_id for s in p.seqs] for p in plans) for rid in ("one", "four")}
+    # a request is fed once per token it needs and never after its max_tokens-th sample: the
+    # placeholder that reaches max_tokens keeps it out of the next step's batch
+    assert fed == {"one": 1, "four": 4}
+    decode = [s for s in plans[1].scheduled if s.seq is four][0]
+    assert decode.start == 2 and decode.is_decode  # fed while its first token was still unread
+    assert one.output_token_ids == reference_output([1, 2, 3], None, one.sampling)
+    assert four.output_token_ids == reference_output([4, 5], None, four.sampling)
+
+
+def test_async_stop_found_late_drops_the_extra_step() -> None:
+    sched = make_scheduler()
+    params = SamplingParams(max_tokens=12, ignore_eos=False)
+    prompt = next(p for p in ([i, j] for i in range(1, VOCAB) for j in range(1, VOCAB))
+                  if reference_output(p, None, params) == [EOS])  # the fake model's EOS comes first
+    seq = add(sched, "eos", prompt, max_tokens=12, ignore_eos=False)
+    plans = run_all(sched, driver=AsyncDriver(sched, FakeRunner(sched.block_manager)))
+    expect = reference_output(prompt, None, seq.sampling)
+    assert seq.finish_reason == "stop" and seq.output_token_ids == expect and expect[-1] == EOS
+    assert sum(seq in p.seqs for p in plans) == len(expect) + 1  # one step fed after the EOS, dropped

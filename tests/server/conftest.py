@@ -19,7 +19,10 @@ from inlaid.engine.sequence import SamplingParams
 
 from ..conftest import save_adapter
 
-ENGINE_OPTIONS = dict(max_loras=2, max_lora_rank=8, num_kv_blocks=256, block_size=4, max_num_seqs=64)
+# The served engines schedule asynchronously, as on a GPU by default (step N + 1 launched before
+# step N's tokens are read); the offline reference they are compared with does not.
+ENGINE_OPTIONS = dict(max_loras=2, max_lora_rank=8, num_kv_blocks=256, block_size=4, max_num_seqs=64,
+                      async_scheduling=True)
 PROMPTS = ["hello world", "the quick brown fox", "select sum from where", "z"]
 
 
@@ -61,7 +64,8 @@ def make_engine(served, **overrides) -> LLMEngine:
 @pytest.fixture(scope="session")
 def offline(served) -> LLM:
     """The offline API over the same files: what the server must reproduce."""
-    return LLM(str(served.base), {n: str(p) for n, p in served.adapters.items()}, **ENGINE_OPTIONS)
+    return LLM(str(served.base), {n: str(p) for n, p in served.adapters.items()},
+               **{**ENGINE_OPTIONS, "async_scheduling": False})
 
 
 def greedy(max_tokens: int = 8, **kwargs) -> SamplingParams:
@@ -87,17 +91,17 @@ def slow_steps(engine: LLMEngine, seconds: float = 0.05):
     """Every engine step takes at least ``seconds``, so a long request is surely still running when
     the test acts on it, however busy the machine. (One attribute store: safe while the engine
     thread runs; it picks the change up at its next step.)"""
-    execute = engine.runner.execute
+    launch = engine.runner.launch
 
-    def slow_execute(plan):
+    def slow_launch(plan):
         time.sleep(seconds)
-        return execute(plan)
+        return launch(plan)
 
-    engine.runner.execute = slow_execute
+    engine.runner.launch = slow_launch
     try:
         yield
     finally:
-        del engine.runner.execute
+        del engine.runner.launch
 
 
 @contextlib.contextmanager

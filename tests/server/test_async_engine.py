@@ -94,7 +94,7 @@ def test_step_failure_fails_in_flight_requests_and_engine_recovers(engine, offli
         raise RuntimeError("device fell over")
 
     async def go():
-        await engine.call(lambda e: setattr(e.runner, "execute", boom))
+        await engine.call(lambda e: setattr(e.runner, "launch", boom))
         streams = [await engine.generate(p, greedy(8), "sql") for p in PROMPTS[:3]]
         errors = []
         for stream in streams:
@@ -102,7 +102,7 @@ def test_step_failure_fails_in_flight_requests_and_engine_recovers(engine, offli
                 async for _ in stream:
                     pass
             errors.append(str(info.value))
-        await engine.call(lambda e: delattr(e.runner, "execute"))
+        await engine.call(lambda e: delattr(e.runner, "launch"))
         stream = await engine.generate(PROMPTS[0], greedy(8), "sql")
         return errors, [out async for out in stream][-1], await idle_state(engine)
 

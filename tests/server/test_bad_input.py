@@ -172,13 +172,13 @@ def test_engine_failure_fails_that_request_with_500_and_the_server_recovers(serv
         raise RuntimeError("device fell over")
 
     body = {"prompt": PROMPTS[0], "temperature": 0, "max_tokens": 4, "ignore_eos": True}
-    asyncio.run(server.engine.call(lambda e: setattr(e.runner, "execute", boom)))
+    asyncio.run(server.engine.call(lambda e: setattr(e.runner, "launch", boom)))
     try:
         failed = server.client.post(C, json=body)
         with server.client.stream("POST", C, json={**body, "stream": True}) as response:
             events = "".join(response.iter_text())
     finally:
-        asyncio.run(server.engine.call(lambda e: delattr(e.runner, "execute")))
+        asyncio.run(server.engine.call(lambda e: delattr(e.runner, "launch")))
     assert failed.status_code == 500 and "device fell over" in failed.json()["error"]["message"]
     assert '"error"' in events and "device fell over" in events and events.endswith("data: [DONE]\n\n")
     assert server.client.post(C, json=body).status_code == 200

@@ -76,7 +76,7 @@ def test_live_task_addition_serves_through_and_equals_offline(checkpoints, tiny_
         assert job["status"] == "done", job
         assert job["layers_swapped"] == job["num_layers"] == 2
         assert statuses and set(statuses) == {200}  # no request failed during the swap
-        reference = LLM(str(offline), **ENGINE_OPTIONS)
+        reference = LLM(str(offline), **{**ENGINE_OPTIONS, "async_scheduling": False})
         for model in ("sql", "math"):
             want = reference.generate(PROMPT, greedy(6), model)[0].text
             assert completion(client, model).json()["choices"][0]["text"] == want, model

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from inlaid.kernels import pdl
+from inlaid.kernels.transfer import to_device
 from inlaid.kernels.triton.pdl import start as pdl_start
 
 BLOCK_M = 64  # query rows per program (the host builds the tile map with the same value)
@@ -103,7 +104,7 @@ def tile_map(chunk_lens: list[int], device: torch.device | str) -> torch.Tensor:
         for m0 in range(0, n, BLOCK_M):
             chunks.append(i)
             firsts.append(m0)
-    return torch.tensor([chunks, firsts], dtype=torch.int32, device=device)
+    return to_device([chunks, firsts], torch.int32, device)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
