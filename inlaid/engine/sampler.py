@@ -48,13 +48,14 @@ class Sampled:
     """
 
     def __init__(self, tokens: torch.Tensor, params: list[SamplingParams],
-                 logprobs: torch.Tensor | None, want: list[int]):
+                 logits: torch.Tensor, want: list[int]):
         self.tokens = tokens  # [S] int64 on the logits' device
         self._params, self._want = params, want
         parts = [tokens]
         if want:  # the chosen token's logprob and the top n (n = the largest asked for), per row
-            rows = to_device(want, torch.int64, tokens.device)
-            chosen = logprobs.gather(1, tokens[rows].unsqueeze(1))
+            rows = to_device(want, torch.int64, tokens.device)  # a list index would copy and wait
+            logprobs = torch.log_softmax(logits.index_select(0, rows), dim=-1)
+            chosen = logprobs.gather(1, tokens.index_select(0, rows).unsqueeze(1))
             n = max(params[i].logprobs for i in want)
             top = torch.topk(logprobs, n, dim=-1) if n > 0 else None
             parts += [chosen] + ([top.values, top.indices] if top is not None else [])
@@ -98,9 +99,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         if not p.is_greedy:
             probs = _filter_logits(logits[i], p).softmax(-1)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    want = [i for i, p in enumerate(params) if p.logprobs is not None]
-    logprobs = torch.log_softmax(logits[want], dim=-1) if want else None
-    return Sampled(tokens, params, logprobs, want)
+    return Sampled(tokens, params, logits, [i for i, p in enumerate(params) if p.logprobs is not None])
 
 
 def token_logprobs(logprobs: torch.Tensor, token_id: int, n: int) -> TokenLogprobs:
