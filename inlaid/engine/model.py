@@ -137,9 +137,17 @@ class Ops:
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._k.rms_norm_triton(x, weight, eps) if self.fused else rms_norm(x, weight, eps)
 
-    def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(h + delta), h + delta); ``delta`` None: (norm(h), h)."""
+    def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 lora: PendingLora | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(h + delta), h + delta); ``delta`` None: (norm(h), h). With ``lora`` (the shrink
+        output of the projection that made ``delta``) its LoRA update is expanded into ``delta``
+        first: for decode-sized steps on the GPU inside the same kernel."""
+        if lora is not None:
+            if self._takes_expand(delta, "norm_lora"):
+                slots = lora.slots
+                return self._k.add_rms_norm_lora_triton(h, delta, weight, eps, lora.buf, slots.lora_b[0],
+                                                        lora.meta.slot_of_token, slots.ranks)
+            lora.expand_into(delta)
         if delta is None:
             return self.norm(h, weight, eps), h
         if self.fused:
@@ -193,6 +201,26 @@ class Ops:
         return nn.functional.silu(gate) * up
 
 
+@dataclass(frozen=True)
+class PendingLora:
+    """A one-slice projection's LoRA update not yet added to its output: the shrink's buffer, the
+    projection's adapter slots and the step's grouping. The next residual add + norm adds it."""
+
+    buf: torch.Tensor
+    slots: LoraSlots
+    meta: LoraBatchMeta
+
+    def expand_into(self, y: torch.Tensor) -> None:
+        lora_expand(self.buf, self.slots.lora_b, self.meta, self.slots.ranks, y, self.slots.offsets)
+
+
+def _pending(linear: QuantLinear, x: torch.Tensor, meta: LoraBatchMeta | None
+             ) -> tuple[torch.Tensor, PendingLora | None]:
+    """A one-slice projection's base output and its pending LoRA update (None without one)."""
+    y, buf = linear.base_and_shrink(x, meta)
+    return y, None if buf is None else PendingLora(buf, linear.lora, meta)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # statistics in fp32 then back to the activation dtype before the weight, as transformers does
     h = x.float()
@@ -221,20 +249,23 @@ class DecoderLayer(nn.Module):
         self.q_width = s.num_heads * s.head_dim
         self.scale = s.head_dim ** -0.5
 
-    def forward(self, h: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBatch, kv: tuple[torch.Tensor, torch.Tensor],
-                lora: LoraBatchMeta | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, delta) -> (h', delta'): the residual stream is h + delta. The MLP's output is handed
-        on unadded, so the next norm can add it in the same kernel (one launch, not two)."""
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None, pending: PendingLora | None,
+                cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch,
+                kv: tuple[torch.Tensor, torch.Tensor], lora: LoraBatchMeta | None
+                ) -> tuple[torch.Tensor, torch.Tensor, PendingLora | None]:
+        """(h, delta, pending) -> (h', delta', pending'): the residual stream is h + delta, where
+        delta still lacks the LoRA update ``pending``. The MLP's output is handed on unadded, with
+        its update, so the next norm can add both in the same kernel (one launch, not three)."""
         s, lin, ops = self.shape, self.linears, self.ops
-        x, h = ops.add_norm(h, delta, self.input_norm, s.rms_norm_eps)
+        x, h = ops.add_norm(h, delta, self.input_norm, s.rms_norm_eps, pending)
         qkv, buf = lin["qkv"].base_and_shrink(x, lora)
         q = ops.rope_write_kv(qkv, s, cos, sin, kv, attn.slot_mapping, buf, lin["qkv"].lora, lora)
         o = paged_attention(q, kv[0], kv[1], attn, self.scale, s.sliding_window)
-        x, h = ops.add_norm(h, lin["o"](o.reshape(-1, self.q_width), lora), self.post_attention_norm,
-                            s.rms_norm_eps)
+        o, pending = _pending(lin["o"], o.reshape(-1, self.q_width), lora)
+        x, h = ops.add_norm(h, o, self.post_attention_norm, s.rms_norm_eps, pending)
         gate_up, buf = lin["gateup"].base_and_shrink(x, lora)
-        return h, lin["down"](ops.silu_mul(gate_up, buf, lin["gateup"].lora, lora), lora)
+        down, pending = _pending(lin["down"], ops.silu_mul(gate_up, buf, lin["gateup"].lora, lora), lora)
+        return h, down, pending
 
 
 class CausalLM(nn.Module):
@@ -340,11 +371,11 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 lora: LoraBatchMeta | None = None) -> torch.Tensor:
-        h, delta = self.embed[input_ids], None
+        h, delta, pending = self.embed[input_ids], None, None
         cos, sin = self.rope_cos_sin(positions)
         for layer, kv in zip(self.layers, kv_caches):
-            h, delta = layer(h, delta, cos, sin, attn, kv, lora)
-        return self.ops.add_norm(h, delta, self.norm, self.shape.rms_norm_eps)[0]
+            h, delta, pending = layer(h, delta, pending, cos, sin, attn, kv, lora)
+        return self.ops.add_norm(h, delta, self.norm, self.shape.rms_norm_eps, pending)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.lm_head.t()).float()

@@ -49,6 +49,10 @@ TABLE = (
     # decode-sized steps (the same trade as silu_lora)
     ("rope_lora", "fused", lambda f: f["cuda"] and f["has_triton"] and f["m"] <= 64),
     ("rope_lora", "separate", lambda f: True),
+    # o's and down's LoRA expand inside the residual add + RMSNorm after them, programs per
+    # (token, column block), for decode-sized steps (the same trade as silu_lora)
+    ("norm_lora", "fused", lambda f: f["cuda"] and f["has_triton"] and f["m"] <= 64),
+    ("norm_lora", "separate", lambda f: True),
     # attention over the paged KV cache: the decode kernel and the varlen prefill kernel
     ("paged_attention", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("paged_attention", "ref", lambda f: True),

@@ -6,7 +6,9 @@ kernels (upcast, square, mean, add, rsqrt, scale, downcast, weight), RoPE ~5 per
 write one ``index_copy_`` per tensor, SiLU-and-mul two. One kernel each here:
 
 - :func:`add_rms_norm_triton`: ``h = h + delta`` (the residual add, rounded to the activation dtype
-  as torch rounds it) and ``norm(h)`` in one pass — 2 launches per layer instead of 4.
+  as torch rounds it) and ``norm(h)`` in one pass — 2 launches per layer instead of 4;
+  :func:`add_rms_norm_lora_triton` also adds the LoRA update of the projection that made ``delta``
+  (o or down: the expand) for decode-sized steps.
 - :func:`rope_write_kv_triton`: rotates q in place, rotates k and writes it and v into their cache
   slots — 1 launch instead of 4; :func:`rope_write_kv_lora_triton` also adds q/k/v's LoRA update
   (the expand) for decode-sized steps.
@@ -76,6 +78,97 @@ def add_rms_norm_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
                          f"{tuple(h.shape)}")
     new_h, out = torch.empty_like(h), torch.empty_like(h)
     _norm_launch(h, delta, new_h, weight, out, eps)
+    return out, new_h
+
+
+@triton.jit
+def _add_rms_norm_lora_kernel(h_ptr, d_ptr, hout_ptr, w_ptr, out_ptr, buf_ptr, b_ptr, slot_ptr, ranks_ptr,
+                              count_ptr, n_cols, num_loras, eps, stride_h, stride_d, stride_ho, stride_o,
+                              stride_bt, stride_bl, stride_bn, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                              ROW: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    slot, rank = _adapter_of(slot_ptr, ranks_ptr, row, num_loras)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    hb = tl.load(buf_ptr + row * stride_bt + offs_r, mask=mask_r, other=0.0)
+    b = tl.load(b_ptr + slot * stride_bl + offs[:, None] * stride_bn + offs_r[None, :],
+                mask=mask[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    dtype = hout_ptr.dtype.element_ty
+    # the projection's output rounds once, base + update (as lora_expand leaves it), then the
+    # residual add rounds (as h + delta does)
+    d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+    d = (d + tl.sum(b * hb[None, :], axis=1)).to(dtype).to(tl.float32)
+    x = (tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32) + d).to(dtype)
+    tl.store(hout_ptr + row * stride_ho + offs, x, mask=mask)
+    # The norm needs the whole row: the last of the row's programs to finish normalises it. The
+    # barrier orders every thread's stores before the release of the arrival count; that program's
+    # acquire then makes the other programs' rows visible (read through L2: .cg).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(1) - 1:
+        tl.debug_barrier()
+        full = tl.arange(0, ROW)
+        fmask = full < n_cols
+        xr = tl.load(hout_ptr + row * stride_ho + full, mask=fmask, other=0.0, cache_modifier=".cg")
+        xr = xr.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(xr * xr, axis=0) / n_cols + eps)  # as _rms_norm_kernel
+        normed = (xr * inv).to(out_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + full, mask=fmask, other=0.0)
+        tl.store(out_ptr + row * stride_o + full, normed * w, mask=fmask)
+        tl.store(count_ptr + row, 0)  # ready for the next launch
+
+
+_ROW_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+
+
+def _row_counters(device: torch.device, rows: int) -> torch.Tensor:
+    """Zeroed int32 arrival counts, one per row, kept across calls: each launch's last program per
+    row sets its count back to 0, so no launch needs a memset (one more kernel). Not for two
+    launches running at once on two streams. A buffer outgrown is kept alive, not freed: CUDA
+    graphs captured with it still use it."""
+    counters = _ROW_COUNTERS.get(device)
+    if counters is None or counters.numel() < rows:
+        if counters is not None:
+            _RETIRED_COUNTERS.append(counters)
+        counters = _ROW_COUNTERS[device] = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
+    return counters
+
+
+def add_rms_norm_lora_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                             buf: torch.Tensor, lora_b: torch.Tensor, slot_of_token: torch.Tensor,
+                             ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h + delta'), h + delta') where delta' is ``delta`` [T, H], the base output of a
+    one-slice projection (o or down), plus its LoRA update, expanded here from the shrink's
+    ``buf`` fp32 [1, T, R] and B ``lora_b`` [L, H, R] (``slot_of_token`` int32 [>= T], L for none;
+    ``ranks`` int32 [L]). ``delta`` itself is left as it is.
+
+    For decode-sized T: programs per (token, 256-column block) each read their block of the
+    token's B rows, so the separate expand launch and its read-modify-write of ``delta`` go away.
+    The row's last program to finish normalises the whole row, with the plain kernel's reduction
+    (the same block shape), so rows equal ``add_rms_norm_triton`` after the expand."""
+    tokens, hidden = h.shape
+    num_loras, _, max_rank = lora_b.shape
+    if (delta.shape != h.shape or delta.dtype != h.dtype or h.stride(1) != 1 or delta.stride(1) != 1
+            or buf.shape != (1, tokens, max_rank) or buf.dtype != torch.float32 or buf.stride(2) != 1
+            or lora_b.shape[1] != hidden or lora_b.stride(2) != 1 or lora_b.dtype != h.dtype
+            or slot_of_token.dtype != torch.int32 or slot_of_token.shape[0] < tokens
+            or ranks.shape != (num_loras,) or ranks.dtype != torch.int32):
+        raise ValueError("h and delta [T, H] with contiguous rows, buf fp32 [1, T, R], B [L, H, R] in "
+                         "h's dtype, int32 slot_of_token [>= T] and ranks [L] expected")
+    new_h, out = torch.empty_like(h), torch.empty_like(h)
+    block = 256
+    if tokens:
+        row = triton.next_power_of_2(hidden)
+        _add_rms_norm_lora_kernel[(tokens, triton.cdiv(hidden, block))](
+            h, delta, new_h, weight, out, buf, lora_b, slot_of_token, ranks,
+            _row_counters(h.device, tokens), hidden, num_loras, eps, h.stride(0), delta.stride(0),
+            new_h.stride(0), out.stride(0), buf.stride(1), lora_b.stride(0), lora_b.stride(1),
+            BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(max_rank)), ROW=row,
+            num_warps=4 if row <= 4096 else 8, **pdl.triton_args(h.device))
     return out, new_h
 
 
