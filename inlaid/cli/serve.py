@@ -13,6 +13,7 @@ from inlaid.server.settings import ServerSettings
 
 _E = EngineConfig()  # flag defaults come from the configs, so the two cannot drift apart
 _S = ServerSettings()
+_SCHEDULING = {"auto": None, "async": True, "sync": False}  # --scheduling -> async_scheduling
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -63,12 +64,17 @@ def serve_cmd(
         help="float16, bfloat16 or float32 (default: float16 on cuda, float32 on cpu).")] = _E.dtype,
     num_kv_blocks: Annotated[Optional[int], typer.Option(
         help="KV cache blocks (default: sized from free memory).")] = _E.num_kv_blocks,
+    scheduling: Annotated[str, typer.Option(
+        help="async: launch each step before reading the last one's tokens back, so scheduling "
+             "overlaps the GPU; sync: one step at a time; auto: async on cuda, sync on cpu.")] = "auto",
     max_queue: Annotated[int, typer.Option(
         help="Queued + running requests; more get 429.")] = _S.max_queue,
     drain_timeout: Annotated[float, typer.Option(
         help="Seconds in-flight requests get to finish on SIGTERM / Ctrl-C.")] = _S.drain_timeout,
 ) -> None:
     """Serve the base model and every adapter over an OpenAI-compatible API (vLLM conventions)."""
+    if scheduling not in _SCHEDULING:
+        raise ConfigError(f"--scheduling {scheduling!r}: choose auto, async or sync")
     settings = ServerSettings(host=host, port=port, api_key=api_key, served_model_name=served_model_name,
                               adapter_roots=tuple(str(r) for r in adapter_root or ()), max_queue=max_queue,
                               drain_timeout=drain_timeout)
@@ -76,7 +82,8 @@ def serve_cmd(
     config = EngineConfig(model=model, adapters=parse_adapters(adapter or []), device=device, dtype=dtype,
                           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
                           max_model_len=max_model_len, policy=policy, num_kv_blocks=num_kv_blocks,
-                          ttft_slo_s=ttft_slo, latency_slo_s=latency_slo)
+                          ttft_slo_s=ttft_slo, latency_slo_s=latency_slo,
+                          async_scheduling=_SCHEDULING[scheduling])
     if (ttft_slo is not None or latency_slo is not None) and policy != "inlaid":
         raise ConfigError(f"--ttft-slo / --latency-slo need --policy inlaid (the {policy} policy ignores them)")
     try:
