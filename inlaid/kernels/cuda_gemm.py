@@ -231,7 +231,8 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
     """(nw, unroll, split, stages).
 
     - M <= 4: the register kernel, one 16-column tile per warp, two super tiles per step, K split
-      until there are ~3 blocks per SM.
+      until there are ~3 blocks per SM; where N >= 8192 (q/k/v, gate/up: many column tiles) four
+      super tiles per step and ~5.5 blocks per SM.
     - M 5-32: the pipelined kernel, two tiles per warp, two super tiles per stage, K split until
       there are ~1.5 blocks per SM up to M = 16 and ~0.75 above (a block then holds 4x the MMAs
       and partial sums); one tile per warp where N is not a multiple of 128.
@@ -241,8 +242,13 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
     M = 8, 16 and 32 this rule averages 1.04-1.09x each point's best over the four Llama-2-7B
     shapes, the register kernel's (1, 2) configs 1.10-1.14x even at their best split; at M = 1 the
     latter are 1.02x and the pipelined (2, 2) ones 1.28x. Between M = 1 and 8 (the same 8-token
-    tile) nothing was measured: the line at 4 is a guess."""
+    tile) nothing was measured: the line at 4 is a guess. At M = 1 the wide shapes' four super
+    tiles per step come from the same sweeps: (1, 4, 4, 0) scores 1.04 and 1.00 on q/k/v and
+    gate/up where (1, 2, 4, 0) and (1, 2, 2, 0) scored 1.20 and 1.23 (both machines agree); the
+    5.5 blocks per SM is the target that gives both shapes their best split of 4."""
     if m <= 4:
+        if n >= 8192:
+            return 1, 4, _split(n // (16 * WARPS), k, 5.5 * sms), 0
         return 1, 2, _split(n // (16 * WARPS), k, 3 * sms), 0
     nw = 2 if n % (16 * WARPS * 2) == 0 else 1
     return nw, 2, _split(n // (16 * WARPS * nw), k, (1.5 if m <= 16 else 0.75) * sms), 4
