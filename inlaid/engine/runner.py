@@ -3,7 +3,9 @@
 It owns the device state — the KV cache tensors, the LoRA step metadata buffers, the per-request
 generators, the decode CUDA graphs — and follows the scheduler's contract: feed tokens
 [start, start + n) of each scheduled sequence, write their K/V into its block table, sample where
-``samples`` is set.
+``samples`` is set. ``launch`` queues a step without waiting for the device and returns a
+``PendingStep`` whose ``result()`` reads the tokens back; a fed token the host does not know yet
+(a placeholder) is the previous launch's sample, taken from the device.
 
 CUDA graphs (GPU): a decode step launches a few thousand small kernels; on a busy host their launch
 cost, not the GPU, sets the step time. All-decode steps of up to the largest bucket size therefore

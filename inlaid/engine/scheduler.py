@@ -11,6 +11,12 @@ A step, under either policy:
 4. Unless 3 preempted, waiting sequences of the chosen adapters are admitted, best first, preempting
    paused ones for blocks; admission stops at the first that does not fit, so none is overtaken forever.
 
+After a step is launched, ``advance(plan)`` counts its fed tokens as computed and gives every
+sampling sequence a placeholder; ``resolve(plan, tokens)`` turns the placeholders into tokens and
+finishes sequences (``postprocess`` is both, for a step whose tokens are already known). Under
+asynchronous scheduling the engine schedules, launches and advances step N + 1 before it resolves
+step N.
+
 Policies:
 - ``fcfs``: score 0, arrival order decides; adapter slots go to the oldest requests.
 - ``inlaid``: score = remaining predicted output (``predicted_remaining``) − aging_rate · age.
