@@ -333,20 +333,28 @@ class LLMEngine:
         string) was fed once more in step N + 1: that work is dropped. Outputs come one call later;
         a call launches nothing once every request is done, and returns the last outputs."""
         plan = self.scheduler.schedule()
-        pending = None
-        if not plan.is_empty:
-            self.num_steps += 1
-            pending = self.runner.launch(plan)
-            self.scheduler.advance(plan)
-        outputs = []
         in_flight, self._in_flight = self._in_flight, None  # not retried if reading it fails
-        if in_flight is not None:
-            outputs = self._complete(*in_flight, finished_only)
-        if pending is not None:
-            if self.async_scheduling:
-                self._in_flight = (plan, pending)
-            else:
-                outputs += self._complete(plan, pending, finished_only)
+        try:
+            pending = None
+            if not plan.is_empty:
+                self.num_steps += 1
+                pending = self.runner.launch(plan)
+                self.scheduler.advance(plan)
+            outputs = self._complete(*in_flight, finished_only) if in_flight is not None else []
+            if pending is not None:
+                if not self.async_scheduling:
+                    outputs += self._complete(plan, pending, finished_only)
+                elif not all(s.seq.is_finished for s in plan.scheduled):
+                    # (a step whose requests all finished meanwhile has nothing left to read)
+                    self._in_flight = (plan, pending)
+        except BaseException:
+            # The failed steps' samples will never be read: their requests cannot go on (their
+            # placeholders would never resolve). Fail them, so the engine itself stays usable.
+            for failed in (in_flight[0] if in_flight else None, plan):
+                for s in failed.scheduled if failed is not None else ():
+                    if not s.seq.is_finished:
+                        self.abort_request(s.seq.request_id)
+            raise
         if self.config.prefetch_adapters:
             self._prefetch_adapters()
         return outputs
@@ -355,9 +363,11 @@ class LLMEngine:
         """Read a launched step's tokens back and record them."""
         result = pending.result()
         now = time.monotonic()
+        ours = {s.seq.request_id: s.seq for s in plan.scheduled}
         for request_id, positions in result.prompt_logprobs.items():
-            if request_id in self._requests:
-                self._requests[request_id].prompt_logprobs.update(positions)
+            req = self._requests.get(request_id)
+            if req is not None and req.seq is ours.get(request_id):  # not a reused id's new request
+                req.prompt_logprobs.update(positions)
         self.scheduler.resolve(plan, result.token_ids)
         outputs = []
         for s, token, lp in zip(plan.scheduled, result.token_ids, result.logprobs):

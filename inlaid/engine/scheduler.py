@@ -406,9 +406,11 @@ class Scheduler:
             raise ValueError(f"{len(plan.scheduled)} sequences but {len(token_ids)} sampled tokens")
         finished = []
         now = self.clock() if self.config.slo_aware else 0.0
-        if self.config.slo_aware:
+        if self.config.slo_aware and not all(item.seq.is_finished for item in plan.scheduled):
             # the cadence of tokens: from the later of this plan's schedule and the last resolve
-            # (under asynchronous scheduling the plan was scheduled while the previous step ran)
+            # (under asynchronous scheduling the plan was scheduled while the previous step ran).
+            # A plan whose requests all ended meanwhile may be read long after (an idle engine):
+            # it says nothing about the step time.
             took = now - max(plan.scheduled_at, self._last_resolved or plan.scheduled_at)
             self._last_resolved = now
             self.step_time = took if self.step_time is None else \

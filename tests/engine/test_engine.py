@@ -212,6 +212,8 @@ def test_stop_strings_eos_and_length(llama, asynchronous):
     ended = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12))[0]
     first = free.output_token_ids.index(eos)
     assert ended.finish_reason == "stop" and ended.output_token_ids == free.output_token_ids[:first + 1]
+    # the step launched after the EOS (asynchronous) has nothing to read: it is not kept
+    assert llm.engine._in_flight is None
 
 
 def test_bad_requests_raise_clear_errors(llama):
@@ -382,3 +384,34 @@ def test_async_scheduling_launches_the_next_step_before_reading_the_last(llama):
         if kind == "read" and step != launched[-1]:
             assert events.index(("launch", step + 1)) < i  # step + 1 was queued first
     assert [kind for kind, _ in events].count("read") == len(launched)
+
+
+def test_async_failed_step_fails_its_requests_and_the_engine_serves_on(llama):
+    base, adapter = llama
+    llm = LLM(str(base), {"a": str(adapter)}, max_loras=1, max_lora_rank=4, num_kv_blocks=64,
+              async_scheduling=True)
+    engine = llm.engine
+    expect = llm.generate(PROMPTS[1], GREEDY, "a")[0].output_token_ids
+    assert engine._in_flight is None  # a drained engine keeps no step to read
+    launch, calls = engine.runner.launch, []
+
+    def failing_read(plan):
+        pending = launch(plan)
+        calls.append(plan.step)
+        if len(calls) == 3:
+            def boom():
+                raise RuntimeError("device fell over")
+            pending.result = boom
+        return pending
+
+    engine.runner.launch = failing_read
+    for prompt, name in zip(PROMPTS[:2], ["a", None]):
+        engine.add_request(prompt, GREEDY, name)
+    with pytest.raises(RuntimeError, match="fell over"):
+        while engine.has_unfinished_requests():
+            engine.step()
+    del engine.runner.launch
+    # the engine itself failed the requests of the unread steps (LLM.generate would abort all)
+    assert not engine.has_unfinished_requests() and engine._in_flight is None
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert llm.generate(PROMPTS[1], GREEDY, "a")[0].output_token_ids == expect

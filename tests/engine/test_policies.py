@@ -285,3 +285,21 @@ def test_aging_bounds_how_long_a_late_request_is_passed_over(aging_rate: float) 
 def test_bad_slo_settings_raise_config_error(bad: dict) -> None:
     with pytest.raises(ConfigError):
         SchedulerConfig(policy="inlaid", **bad)
+
+
+def test_a_plan_read_after_its_requests_ended_leaves_the_step_time_alone() -> None:
+    """Asynchronous scheduling can leave a launched plan unread while the engine idles (its
+    requests stopped or were aborted meanwhile): reading it later must not count the idle time."""
+    clock = FakeClock()
+    sched = slo_scheduler(clock, policy="inlaid", latency_slo_s=10.0)
+    add_at(sched, "r", 0.0, predicted=8)
+    first = sched.schedule()
+    sched.advance(first)
+    clock.now += 0.2
+    sched.resolve(first, [5])
+    second = sched.schedule()
+    sched.advance(second)
+    sched.abort("r")
+    clock.now += 60.0  # idle
+    sched.resolve(second, [6])
+    assert sched.step_time == pytest.approx(0.2)
