@@ -350,10 +350,10 @@ class LLMEngine:
         except BaseException:
             # The failed steps' samples will never be read: their requests cannot go on (their
             # placeholders would never resolve). Fail them, so the engine itself stays usable.
-            for failed in (in_flight[0] if in_flight else None, plan):
-                for s in failed.scheduled if failed is not None else ():
-                    if not s.seq.is_finished:
-                        self.abort_request(s.seq.request_id)
+            failed = plan.scheduled + (in_flight[0].scheduled if in_flight else [])
+            for s in failed:
+                if not s.seq.is_finished:
+                    self.abort_request(s.seq.request_id)
             raise
         if self.config.prefetch_adapters:
             self._prefetch_adapters()

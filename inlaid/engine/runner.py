@@ -24,7 +24,8 @@ import torch
 from inlaid.engine.adapters import AdapterManager
 from inlaid.engine.attention import AttentionBatch, build_batch, pad_rows
 from inlaid.engine.model import CausalLM
-from inlaid.engine.sampler import Sampled, TokenLogprobs, make_generator, sample, token_logprobs
+from inlaid.engine.sampler import (Sampled, TokenLogprobs, logprob_rows, make_generator, sample,
+                                   token_logprobs)
 from inlaid.engine.scheduler import StepPlan
 from inlaid.kernels.lora import LoraBatchMeta
 from inlaid.kernels.transfer import to_device
@@ -184,8 +185,9 @@ class ModelRunner:
         prompt_logprobs = {}
         for request_id, row, start, targets, n in prompt_rows:  # reads values back: waits for the GPU
             logprobs = torch.log_softmax(self.model.logits(hidden[row:row + len(targets)]), dim=-1)
-            prompt_logprobs[request_id] = {
-                start + 1 + j: token_logprobs(logprobs[j], t, n) for j, t in enumerate(targets)}
+            parts = [p.cpu() for p in logprob_rows(logprobs, to_device(targets, torch.int64, device), n)]
+            prompt_logprobs[request_id] = dict(enumerate(token_logprobs(targets, parts, [n] * len(targets)),
+                                                         start=start + 1))
         return logits, prompt_logprobs
 
     def _sample(self, plan: StepPlan, sampling: list[int], logits: torch.Tensor) -> Sampled:

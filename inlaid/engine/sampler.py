@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from inlaid.engine.sequence import SamplingParams
-from inlaid.kernels.transfer import to_device
+from inlaid.kernels.transfer import HostCopy, to_device
 
 
 @dataclass
@@ -50,38 +50,45 @@ class Sampled:
     def __init__(self, tokens: torch.Tensor, params: list[SamplingParams],
                  logits: torch.Tensor, want: list[int]):
         self.tokens = tokens  # [S] int64 on the logits' device
-        self._params, self._want = params, want
+        self._ns = [params[i].logprobs for i in want]
+        self._want = want
         parts = [tokens]
-        if want:  # the chosen token's logprob and the top n (n = the largest asked for), per row
+        if want:
             rows = to_device(want, torch.int64, tokens.device)  # a list index would copy and wait
             logprobs = torch.log_softmax(logits.index_select(0, rows), dim=-1)
-            chosen = logprobs.gather(1, tokens.index_select(0, rows).unsqueeze(1))
-            n = max(params[i].logprobs for i in want)
-            top = torch.topk(logprobs, n, dim=-1) if n > 0 else None
-            parts += [chosen] + ([top.values, top.indices] if top is not None else [])
-        self._event = None
-        if tokens.device.type == "cuda":
-            self._host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(p, non_blocking=True)
-                          for p in parts]
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = parts
+            parts += logprob_rows(logprobs, tokens.index_select(0, rows), max(self._ns))
+        self._copy = HostCopy(parts)
+        self._num_rows = len(params)
 
     def fetch(self) -> tuple[list[int], list[TokenLogprobs | None]]:
         """(token ids, logprobs or None per row); waits for this step's copies only."""
-        if self._event is not None:
-            self._event.synchronize()
-        token_list = self._host[0].tolist()
-        out: list[TokenLogprobs | None] = [None] * len(self._params)
+        host = self._copy.wait()
+        token_list = host[0].tolist()
+        out: list[TokenLogprobs | None] = [None] * self._num_rows
         if self._want:
-            chosen = self._host[1][:, 0].tolist()
-            values, ids = (self._host[2].tolist(), self._host[3].tolist()) if len(self._host) > 2 else ([], [])
-            for row, i in enumerate(self._want):
-                n = self._params[i].logprobs
-                top = dict(zip(ids[row][:n], values[row][:n])) if n > 0 else {}
-                out[i] = TokenLogprobs(token_list[i], chosen[row], top)
+            chosen = [token_list[i] for i in self._want]
+            for i, lp in zip(self._want, token_logprobs(chosen, host[1:], self._ns)):
+                out[i] = lp
         return token_list, out
+
+
+def logprob_rows(logprobs: torch.Tensor, token_ids: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """On the device, for rows of log-probabilities [R, V] and one token per row [R]: the tokens'
+    logprobs [R], then (``n`` > 0) the top ``n`` values and ids [R, n]."""
+    parts = [logprobs.gather(1, token_ids.unsqueeze(1))[:, 0]]
+    if n > 0:
+        top = torch.topk(logprobs, n, dim=-1)
+        parts += [top.values, top.indices]
+    return parts
+
+
+def token_logprobs(token_ids: list[int], parts: list[torch.Tensor], ns: list[int]) -> list[TokenLogprobs]:
+    """``logprob_rows``' output (on the host) as one ``TokenLogprobs`` per row, row i keeping its
+    top ``ns[i]``."""
+    chosen = parts[0].tolist()
+    values, ids = (parts[1].tolist(), parts[2].tolist()) if len(parts) > 1 else ([], [])
+    return [TokenLogprobs(t, chosen[r], dict(zip(ids[r][:n], values[r][:n])) if n > 0 else {})
+            for r, (t, n) in enumerate(zip(token_ids, ns))]
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
@@ -100,15 +107,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             probs = _filter_logits(logits[i], p).softmax(-1)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return Sampled(tokens, params, logits, [i for i, p in enumerate(params) if p.logprobs is not None])
-
-
-def token_logprobs(logprobs: torch.Tensor, token_id: int, n: int) -> TokenLogprobs:
-    """The chosen token's logprob and the top ``n`` of one row of log-probabilities."""
-    top = {}
-    if n > 0:
-        values, ids = torch.topk(logprobs, n)
-        top = dict(zip(ids.tolist(), values.tolist()))
-    return TokenLogprobs(token_id, float(logprobs[token_id]), top)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

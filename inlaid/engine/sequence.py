@@ -164,4 +164,4 @@ class Sequence:
         if self.num_placeholders < 1:
             raise RuntimeError(f"{self.request_id}: no placeholder to resolve")
         self.num_placeholders -= 1
-        self.token_ids.append(token_id)
+        self.append_token(token_id)

@@ -102,12 +102,26 @@ def step(sched: Scheduler, runner: FakeRunner) -> StepPlan:
     return plan
 
 
-class AsyncDriver:
+class SyncDriver:
+    """Steps as the engine does by default: schedule, run and record one step at a time."""
+
+    def __init__(self, sched: Scheduler, runner: FakeRunner) -> None:
+        self.sched, self.runner = sched, runner
+
+    def step(self) -> StepPlan:
+        return step(self.sched, self.runner)
+
+    @property
+    def busy(self) -> bool:
+        return not self.sched.is_finished()
+
+
+class AsyncDriver(SyncDriver):
     """Steps as the engine does under asynchronous scheduling: schedule and run step N + 1, then
     resolve step N's tokens."""
 
     def __init__(self, sched: Scheduler, runner: FakeRunner) -> None:
-        self.sched, self.runner = sched, runner
+        super().__init__(sched, runner)
         self.in_flight: tuple[StepPlan, list[int]] | None = None
 
     def step(self) -> StepPlan:
@@ -125,15 +139,16 @@ class AsyncDriver:
 
     @property
     def busy(self) -> bool:
-        return not self.sched.is_finished() or self.in_flight is not None
+        return super().busy or self.in_flight is not None
 
 
 def run_all(sched: Scheduler, runner: FakeRunner | None = None, max_steps: int = 5000,
-            driver: AsyncDriver | None = None) -> list[StepPlan]:
-    """Step until every request is done (through ``driver`` when given: asynchronous)."""
-    runner, plans = runner or FakeRunner(sched.block_manager), []
-    while driver.busy if driver is not None else not sched.is_finished():
-        plans.append(driver.step() if driver is not None else step(sched, runner))
+            driver: SyncDriver | None = None) -> list[StepPlan]:
+    """Step until every request is done (through ``driver``: synchronous by default)."""
+    driver = driver or SyncDriver(sched, runner or FakeRunner(sched.block_manager))
+    plans = []
+    while driver.busy:
+        plans.append(driver.step())
         assert len(plans) < max_steps
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
     return plans

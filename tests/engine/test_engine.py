@@ -113,8 +113,9 @@ def test_prompt_logprobs_match_hf_teacher_forcing(family, asynchronous):
 
     base, adapters = family
     tok = AutoTokenizer.from_pretrained(base)
+    # chunked: logprobs assembled over chunks
     llm = LLM(str(base), {"b": str(adapters["b"])}, max_loras=2, max_lora_rank=8, num_kv_blocks=64,
-              block_size=4, max_num_batched_tokens=8, async_scheduling=asynchronous)  # chunked: logprobs assembled over chunks
+              block_size=4, max_num_batched_tokens=8, async_scheduling=asynchronous)
     prompt = PROMPTS[1]
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3), "b")[0]
     ids = torch.tensor([tok(prompt)["input_ids"]])

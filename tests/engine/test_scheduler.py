@@ -10,8 +10,8 @@ import pytest
 from inlaid.engine.scheduler import SchedulerConfig
 from inlaid.engine.sequence import SamplingParams, Sequence
 from inlaid.errors import ConfigError
-from tests.engine.fake_runner import (EOS, VOCAB, AsyncDriver, FakeRunner, add, first_step_of, make_scheduler,
-                                      reference_output, run_all, step)
+from tests.engine.fake_runner import (EOS, VOCAB, AsyncDriver, FakeRunner, SyncDriver, add, first_step_of,
+                                      make_scheduler, reference_output, run_all, step)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -187,7 +187,7 @@ def test_random_workloads_complete_with_exact_outputs(policy: str, prefix: bool,
                            max_num_seqs=6, max_num_batched_tokens=20, max_loras=2,
                            max_tasks_per_step=3)
     runner, seqs = FakeRunner(sched.block_manager), []
-    driver = AsyncDriver(sched, runner) if asynchronous else None
+    driver = (AsyncDriver if asynchronous else SyncDriver)(sched, runner)
     shared = [rng.randrange(1, VOCAB) for _ in range(9)]
     for t in range(300):
         if t < 150 and rng.random() < 0.5:
@@ -195,10 +195,8 @@ def test_random_workloads_complete_with_exact_outputs(policy: str, prefix: bool,
             prompt = (shared if rng.random() < 0.5 else []) + tail
             seqs.append(add(sched, f"r{t}", prompt, rng.choice([None, "a", "b", "c"]),
                             max_tokens=rng.randrange(1, 20), ignore_eos=rng.random() < 0.5))
-        if driver is not None and driver.busy:
+        if driver.busy:
             driver.step()
-        elif driver is None and not sched.is_finished():
-            step(sched, runner)
     run_all(sched, runner, driver=driver)
     for seq in seqs:
         assert seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.adapter, seq.sampling)
