@@ -309,7 +309,7 @@ class LLMEngine:
 
     def finish_weight_swap(self) -> None:
         """After the last swapped layer: rebuild what depended on the old weights."""
-        if self.runner.graphs is not None:
+        if self.runner.uses_graphs:
             if self.model.device.type == "cuda":
                 torch.cuda.synchronize(self.model.device)  # a step in flight may still replay a graph
             self.runner.capture_graphs()

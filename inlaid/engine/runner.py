@@ -7,11 +7,10 @@ generators, the decode CUDA graphs — and follows the scheduler's contract: fee
 ``PendingStep`` whose ``result()`` reads the tokens back; a fed token the host does not know yet
 (a placeholder) is the previous launch's sample, taken from the device.
 
-CUDA graphs (GPU): a decode step launches a few thousand small kernels; on a busy host their launch
-cost, not the GPU, sets the step time. All-decode steps of up to the largest bucket size therefore
-replay a graph captured per bucket (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, ...): inputs are copied
-into static buffers, rows past the batch are padding (token 0, context length 0, adapter slot -1,
-K/V written to one spare sink block past the real cache) and their logits are dropped.
+CUDA graphs (GPU): a step launches hundreds of small kernels; run op by op, their launch cost on
+the host, not the GPU, sets the step time. Steps therefore replay graphs captured per bucket size
+(``inlaid.engine.graphs``): all-decode steps by sequences, every other step by tokens. Only steps
+that want prompt logprobs, or more tokens than the largest bucket, run op by op.
 """
 
 from __future__ import annotations
@@ -22,18 +21,18 @@ from dataclasses import dataclass, field
 import torch
 
 from inlaid.engine.adapters import AdapterManager
-from inlaid.engine.attention import AttentionBatch, build_batch, pad_rows
+from inlaid.engine.attention import build_batch
+from inlaid.engine.graphs import DecodeGraphs, MixedGraphs
 from inlaid.engine.model import CausalLM
 from inlaid.engine.sampler import (Sampled, TokenLogprobs, logprob_rows, make_generator, sample,
                                    token_logprobs)
 from inlaid.engine.scheduler import StepPlan
-from inlaid.kernels.lora import LoraBatchMeta
+from inlaid.kernels.lora import LoraBatchMeta, lora_backend
 from inlaid.kernels.transfer import to_device
 
 log = logging.getLogger(__name__)
 
 NO_TOKEN = -1  # a prefill chunk that leaves tokens pending samples nothing
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
 @dataclass
@@ -63,9 +62,11 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator | None] = {}
         self._last_sampled: torch.Tensor | None = None  # see launch()
         self._last_rows: dict[str, int] = {}
-        self._graph_shape = (max_num_seqs, -(-max_model_len // block_size))
+        self._max_tokens, self._max_seqs = max_num_batched_tokens, max_num_seqs
+        self._max_blocks = -(-max_model_len // block_size)
         self._max_len = max_model_len
-        self.graphs = None
+        self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         if model.device.type == "cuda":
             self.warm_prefill(max_num_batched_tokens)
         if cuda_graphs and model.device.type == "cuda":
@@ -99,13 +100,33 @@ class ModelRunner:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    @property
+    def uses_graphs(self) -> bool:
+        return self.graphs is not None or self.mixed_graphs is not None
+
     def capture_graphs(self) -> None:
-        """(Re-)capture the decode graphs: at start-up, and after weights change under them."""
-        self.graphs = None  # free the old graphs' pool first
+        """(Re-)capture the step graphs: at start-up, and after weights change under them. The two
+        sets share one memory pool."""
+        self.graphs = self.mixed_graphs = None  # free the old graphs' pool first
+        probe = torch.empty(0, dtype=self.model.dtype, device=self.model.device)
+        if self.lora_meta is not None and lora_backend(probe) == "ref":
+            # torch's LoRA reference reads group sizes back to the host: no graph can hold it
+            log.info("no CUDA graphs: LoRA in %s runs the torch reference; every step runs op by op",
+                     self.model.dtype)
+            return
+        pool = None
         try:
-            self.graphs = DecodeGraphs(self, *self._graph_shape)
+            graphs = DecodeGraphs(self, self._max_seqs, self._max_blocks)
+            pool = graphs.capture()
+            self.graphs = graphs
         except RuntimeError as exc:  # a backend that cannot be captured: serve eagerly
             log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
+        try:
+            graphs = MixedGraphs(self, self._max_tokens, self._max_seqs, self._max_blocks)
+            graphs.capture(pool)
+            self.mixed_graphs = graphs
+        except RuntimeError as exc:
+            log.warning("CUDA graph capture of prefill steps failed, running them eagerly: %s", exc)
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -127,8 +148,9 @@ class ModelRunner:
         from that step's device tensor of sampled tokens."""
         slot_of = self.adapters.activate(plan.adapters) if plan.adapters else {}
         prompt_logprobs = {}
-        if self.graphs is not None and self.graphs.accepts(plan):
-            logits = self.graphs.run(plan, slot_of, self._token_inputs(plan))
+        graphs = self.graph_set(plan)
+        if graphs is not None:
+            logits = graphs.run(plan, slot_of, self._token_inputs(plan))
         else:
             logits, prompt_logprobs = self._forward_eager(plan, slot_of)
         sampling = [i for i, s in enumerate(plan.scheduled) if s.samples]
@@ -137,6 +159,13 @@ class ModelRunner:
         self._last_sampled = sampled.tokens if sampled is not None else None
         self._last_rows = {plan.scheduled[i].seq.request_id: row for row, i in enumerate(sampling)}
         return PendingStep(len(plan.scheduled), sampling, sampled, prompt_logprobs)
+
+    def graph_set(self, plan: StepPlan) -> DecodeGraphs | MixedGraphs | None:
+        """The captured graphs that run ``plan``; None: it runs op by op."""
+        for graphs in (self.graphs, self.mixed_graphs):
+            if graphs is not None and graphs.accepts(plan):
+                return graphs
+        return None
 
     def _token_inputs(self, plan: StepPlan) -> TokenInputs:
         """The step's input token ids, flat in plan order: known ones from the host, placeholders
@@ -234,72 +263,3 @@ class PendingStep:
             for i, token, lp in zip(self._sampling, tokens, logprobs):
                 out.token_ids[i], out.logprobs[i] = token, lp
         return out
-
-
-class DecodeGraphs:
-    """Captured decode steps, one CUDA graph per bucket size, sharing one memory pool."""
-
-    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_blocks_per_seq: int):
-        self.runner = runner
-        model = runner.model
-        self.buckets = [b for b in GRAPH_BUCKETS if b <= max_num_seqs] or [GRAPH_BUCKETS[0]]
-        n, dev = self.buckets[-1], model.device
-        # the per-row inputs live in two blocks, one copy each per step (rows past the batch padded)
-        self.rows64 = torch.zeros(3, n, dtype=torch.int64, device=dev)
-        self.input_ids, self.positions, self.slot_mapping = self.rows64
-        self.slot_mapping.fill_(runner.sink_slot)
-        self.rows32 = torch.zeros(2, n, dtype=torch.int32, device=dev)
-        self.lens, self.token_slot = self.rows32
-        self.token_slot.fill_(-1)
-        self.tables = torch.zeros(n, max(max_blocks_per_seq, 1), dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self._capture()
-
-    def _forward(self, b: int) -> torch.Tensor:
-        r = self.runner
-        attn = AttentionBatch(self.slot_mapping[:b], decode_tables=self.tables[:b],
-                              decode_lens32=self.lens[:b], block_size=r.block_size, all_decode=True)
-        lora = r.lora_meta.prepare(self.token_slot[:b]) if r.lora_meta is not None else None
-        hidden = r.model(self.input_ids[:b], self.positions[:b], attn, r.kv_caches, lora)
-        return r.model.logits(hidden)
-
-    def _capture(self) -> None:
-        pool = None
-        for b in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory
-            self._forward(b)  # warm-up: compiles kernels, builds backend state outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
-            pool = graph.pool()
-            self.graphs[b] = graph
-        torch.cuda.synchronize()
-
-    def accepts(self, plan: StepPlan) -> bool:
-        return (len(plan.scheduled) <= self.buckets[-1]
-                and all(s.is_decode and s.seq.sampling.prompt_logprobs is None for s in plan.scheduled))
-
-    def run(self, plan: StepPlan, slot_of: dict[str, int], inputs: TokenInputs) -> torch.Tensor:
-        """Copy the plan's inputs into the static buffers (without waiting for the GPU) and replay."""
-        n = len(plan.scheduled)
-        b = next(size for size in self.buckets if size >= n)
-        bs, r = self.runner.block_size, self.runner
-        pos, slots, lens, adapter_slots, tables = [], [], [], [], []
-        for s in plan.scheduled:
-            seq, p = s.seq, s.start
-            pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            adapter_slots.append(slot_of[seq.adapter] if seq.adapter is not None else -1)
-            tables.append(seq.block_table)
-        pad = self.rows64.shape[1] - n
-        dev = self.input_ids.device
-        to_device([inputs.ids + [0] * pad, pos + [0] * pad, slots + [r.sink_slot] * pad], torch.int64, dev,
-                  out=self.rows64)
-        inputs.patch(self.input_ids)
-        to_device([lens + [0] * pad, adapter_slots + [-1] * pad], torch.int32, dev, out=self.rows32)
-        padded = pad_rows(tables)
-        to_device(padded, torch.int32, dev, out=self.tables[:n, :len(padded[0])])
-        self.graphs[b].replay()  # the captured step re-groups token_slot for LoRA itself
-        return self.logits[b][:n]

@@ -19,7 +19,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# (op, backend, condition on facts) — facts: cuda, bits, m, group_size, has_triton, has_exllama,
+HALF = (torch.float16, torch.bfloat16)
+
+# (op, backend, condition on facts) — facts: cuda, bits, m, dtype (the activations'; our GPU kernels
+# take fp16 and bf16, exllamav2 fp16 only, so fp32 runs the reference), group_size, has_triton, has_exllama,
 # cuda_gemm (the CUDA GEMM builds here, is not disabled, and holds this layer in its layout), sm
 # (compute capability as 10 * major + minor)
 TABLE = (
@@ -30,11 +33,12 @@ TABLE = (
     # the M <= 2 choice where the CUDA GEMM cannot run (no nvcc, or a layer its layout cannot take).
     ("quant_matmul", "cuda", lambda f: f["cuda"] and f["cuda_gemm"] and f["m"] <= 32),
     ("quant_matmul", "exllama", lambda f: f["cuda"] and f["has_exllama"] and f["bits"] == 4
-     and f["m"] <= 2),
+     and f["m"] <= 2 and f["dtype"] == torch.float16),
     # From M = 256 dequantizing the weight once and calling cuBLAS beats the fused kernel on every
     # Llama-2-7B shape (1.1-1.5x at M = 256, 2.0-2.3x at M = 2048): prefill.
-    ("quant_matmul", "dequant", lambda f: f["cuda"] and f["has_triton"] and f["m"] >= 256),
-    ("quant_matmul", "triton", lambda f: f["cuda"] and f["has_triton"]),
+    ("quant_matmul", "dequant", lambda f: f["cuda"] and f["has_triton"] and f["m"] >= 256
+     and f["dtype"] in HALF),
+    ("quant_matmul", "triton", lambda f: f["cuda"] and f["has_triton"] and f["dtype"] in HALF),
     ("quant_matmul", "ref", lambda f: True),
     ("lora", "triton", lambda f: f["cuda"] and f["has_triton"]),
     ("lora", "ref", lambda f: True),
@@ -88,7 +92,7 @@ def choose(op: str, device: torch.device, **facts) -> str:
         _log_once(op, forced, "forced by environment")
         return forced
     f = {"cuda": device.type == "cuda", "has_triton": has_module("triton"),
-         "has_exllama": has_module("exllamav2"), "bits": None, "m": 0, "group_size": -1,
+         "has_exllama": has_module("exllamav2"), "bits": None, "m": 0, "dtype": None, "group_size": -1,
          "cuda_gemm": False, "sm": 0, **facts}
     for name, backend, rule in TABLE:
         if name == op and rule(f):

@@ -141,7 +141,8 @@ def quant_matmul(x: torch.Tensor, p: PreparedQuant, backend: str | None = None) 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     choice = backend or dispatch.choose("quant_matmul", x2.device, bits=p.bits, m=x2.shape[0],
-                                        group_size=p.group_size, cuda_gemm=_cuda_gemm_ok(p))
+                                        dtype=x2.dtype, group_size=p.group_size,
+                                        cuda_gemm=_cuda_gemm_ok(p))
     if choice == "triton":
         from inlaid.kernels.triton.quant_matmul import quant_matmul_triton
 

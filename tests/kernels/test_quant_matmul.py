@@ -1,5 +1,7 @@
 """quant_matmul reference against float64 math, and the dispatch table (CPU)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -51,6 +53,8 @@ def test_prepared_group_size_detects_act_order():
 
 def test_dispatch_table(monkeypatch):
     cpu = torch.device("cpu")
+    # fp16 activations unless a call names another dtype
+    monkeypatch.setattr(dispatch, "choose", functools.partial(dispatch.choose, dtype=torch.float16))
     assert dispatch.choose("quant_matmul", cpu, bits=4, m=1, group_size=128) == "ref"
     assert dispatch.choose("lora", cpu) == "ref"
     monkeypatch.setattr(dispatch, "has_module", lambda name: True)
@@ -59,6 +63,11 @@ def test_dispatch_table(monkeypatch):
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=4096, group_size=128) == "dequant"
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=255, group_size=128) == "triton"
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=2, group_size=128) == "exllama"
+    # exllamav2 computes in fp16 only (bf16 goes to the Triton kernel), our GPU kernels in fp16 and
+    # bf16: fp32 activations run the reference
+    assert dispatch.choose("quant_matmul", cuda, bits=4, m=2, dtype=torch.bfloat16, group_size=128) == "triton"
+    for m in (2, 64, 4096):
+        assert dispatch.choose("quant_matmul", cuda, bits=4, m=m, dtype=torch.float32, group_size=128) == "ref"
     assert dispatch.choose("quant_matmul", cuda, bits=4, m=4, group_size=128) == "triton"
     # the CUDA GEMM from M = 1 to 32, only where the layer holds its layout (built by prepare)
     for m in (1, 2, 3, 8, 16, 32):

@@ -97,14 +97,19 @@ def _paged_prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def tile_map(chunk_lens: list[int], device: torch.device | str) -> torch.Tensor:
-    """int32 [2, num_tiles]: per query tile, its chunk and its first row in that chunk."""
+def tile_lists(chunk_lens: list[int]) -> tuple[list[int], list[int]]:
+    """(chunk, first row in that chunk) of each query tile, chunk after chunk."""
     chunks, firsts = [], []
     for i, n in enumerate(chunk_lens):
         for m0 in range(0, n, BLOCK_M):
             chunks.append(i)
             firsts.append(m0)
-    return to_device([chunks, firsts], torch.int32, device)
+    return chunks, firsts
+
+
+def tile_map(chunk_lens: list[int], device: torch.device | str) -> torch.Tensor:
+    """int32 [2, num_tiles]: per query tile, its chunk and its first row in that chunk."""
+    return to_device(list(tile_lists(chunk_lens)), torch.int32, device)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
