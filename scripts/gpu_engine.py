@@ -146,15 +146,20 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         return
-    # prefill: 8 prompts of 512 tokens in one step (max_num_batched_tokens 8192)
-    prompts = [torch.randint(3, 32000, (512,), generator=gen).tolist() for _ in range(8)]
+    # prefill: 8 prompts of 512 tokens in one step (max_num_batched_tokens 8192). Fresh prompts
+    # each time: the warm-up's would hit the prefix cache (up to b1724af the timed run reused them,
+    # so it timed a step that computed almost nothing but the last token of each prompt)
     for warm in (True, False):
+        prompts = [torch.randint(3, 32000, (512,), generator=gen).tolist() for _ in range(8)]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
-                     [f"dummy-{i}" for i in range(8)])
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
+                            [f"dummy-{i}" for i in range(8)])
         torch.cuda.synchronize()
         took = time.perf_counter() - t0
+    cached = sum(o.num_cached_tokens for o in outs)
+    if cached:
+        raise RuntimeError(f"the timed prefill found {cached} cached tokens: it would not time a prefill")
     out["prefill"] = {"tokens": 8 * 512, "seconds": took, "tok_s": 8 * 512 / took}
     log(f"prefill 8x512 with 8 adapters: {took * 1e3:.1f} ms, {8 * 512 / took:.0f} tok/s")
     del llm, engine
