@@ -215,8 +215,8 @@ def profile(out: dict, batch: int, steps: int = 8) -> None:
                                               "kernel_ms": busy, "kernels": top})
         while engine.has_unfinished_requests():
             engine.step()
-        for prompts in (1, 8):  # eager too: the prefill graphs' gain, side by side
-            _profile_prefill(out, engine, prompts, gen, mode)
+        for prompts, length in ((1, 128), (8, 128), (8, 512)):  # eager too: the graphs' gain
+            _profile_prefill(out, engine, prompts, gen, mode, length)
         del llm, engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -265,15 +265,17 @@ def _print_top(top: dict, rows: int) -> None:
         log(f"    {v['ms_per_step']:7.3f} ms {v['per_step']:6.0f}x  {name[:110]}")
 
 
-def _profile_prefill(out: dict, engine, prompts: int, gen: torch.Generator, mode: str, reps: int = 3) -> None:
-    """One prefill step of ``prompts`` 128-token prompts (distinct adapters): wall time of each of
-    ``reps`` fresh batches of that shape, then a kernel profile of one more."""
+def _profile_prefill(out: dict, engine, prompts: int, gen: torch.Generator, mode: str, length: int = 128,
+                     reps: int = 3) -> None:
+    """One prefill step of ``prompts`` random ``length``-token prompts (distinct adapters, nothing
+    in the prefix cache): wall time of each of ``reps`` fresh batches of that shape, then a kernel
+    profile of one more."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     walls = []
     for rep in range(reps + 1):
-        ids = [engine.add_request(torch.randint(3, 32000, (128,), generator=gen).tolist(),
+        ids = [engine.add_request(torch.randint(3, 32000, (length,), generator=gen).tolist(),
                                   SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), f"dummy-{i}",
                                   request_id=f"prefill-{prompts}-{rep}-{i}") for i in range(prompts)]
         torch.cuda.synchronize()
@@ -289,10 +291,10 @@ def _profile_prefill(out: dict, engine, prompts: int, gen: torch.Generator, mode
         for rid in ids:
             engine.abort_request(rid)
     busy, top = _kernel_table(prof, 1)
-    log(f"[profile prefill {mode}] {prompts} x 128 tokens: wall " + ", ".join(f"{w * 1e3:.1f}" for w in walls[:reps])
+    log(f"[profile prefill {mode}] {prompts} x {length} tokens: wall " + ", ".join(f"{w * 1e3:.1f}" for w in walls[:reps])
         + f" ms; profiled step: kernel time {busy:.2f} ms, {sum(v['per_step'] for v in top.values()):.0f} kernels")
     _print_top(top, 15)
-    out.setdefault("profile_prefill", []).append({"mode": mode, "prompts": prompts, "prompt_len": 128,
+    out.setdefault("profile_prefill", []).append({"mode": mode, "prompts": prompts, "prompt_len": length,
                                                   "wall_ms": [w * 1e3 for w in walls[:reps]],
                                                   "kernel_ms": busy, "kernels": top})
 
