@@ -58,7 +58,7 @@ class EngineConfig:
     latency_slo_s: float | None = None
     enable_prefix_caching: bool = True
     prefetch_adapters: bool = True  # load waiting requests' adapters into free slots between steps
-    enforce_eager: bool = False  # GPU: no CUDA graphs for decode (debugging, profiling)
+    enforce_eager: bool = False  # GPU: no CUDA graphs, every step op by op (debugging, profiling)
     # launch step N + 1 before reading step N's tokens back, so the host's work overlaps the GPU's
     # (see LLMEngine.step); None: on for CUDA, off for the CPU, where there is nothing to overlap
     async_scheduling: bool | None = None

@@ -4,7 +4,7 @@ A job runs in a worker thread: ``inlaid.quant.pipeline.add_task`` on the served 
 for the new task only, Hessians folded into the stored state, re-solve, atomic checkpoint swap on
 disk — exactly the offline ``inlaid add-task``). Then each re-quantized layer is copied into the live
 model through ``run_on_engine`` (the server's engine thread runs it between two steps), the new
-adapter is registered and, on a GPU, the decode graphs are re-captured. Serving never stops: requests
+adapter is registered and, on a GPU, the step graphs are re-captured. Serving never stops: requests
 in flight during the swap see some layers old and some new, which is the price of not pausing.
 
 A failure while re-quantizing leaves the old weights serving and the old checkpoint on disk
