@@ -269,16 +269,21 @@ struct Tile {
                     if (8 * i + 2 * t < p.M)
                         __stcg(slot(blockIdx.y, n * TM + i),
                                make_float4(acc[n][i][0], acc[n][i][1], acc[n][i][2], acc[n][i][3]));
-            // Every thread's stores are visible device-wide before one thread announces the block's
-            // arrival; the block that sees split - 1 arrivals before its own then reads complete
-            // slices from L2.
-            __threadfence();
+            // The barrier orders every thread's stores before thread 0's fence, and that fence
+            // (cumulative) makes them visible device-wide before the block's arrival counts; the
+            // block that sees split - 1 arrivals before its own fences again before its barrier,
+            // so all its threads then read complete slices from L2. One fence per block, as in
+            // cooperative groups' grid sync, rather than one per thread: 128 membar waits per
+            // block showed as ~5% of the stall samples in ncu (kernels.md).
             __syncthreads();
             __shared__ bool last;
-            if (threadIdx.x == 0) last = atomicAdd(p.counts + blockIdx.x, 1) == split - 1;
+            if (threadIdx.x == 0) {
+                __threadfence();
+                last = atomicAdd(p.counts + blockIdx.x, 1) == split - 1;
+                if (last) __threadfence();
+            }
             __syncthreads();
             if (!last) return;
-            __threadfence();
 #pragma unroll
             for (int n = 0; n < NW; ++n)
 #pragma unroll
