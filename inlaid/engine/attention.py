@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from inlaid.kernels import dispatch
+from inlaid.kernels.prefill_tiles import tile_map
 from inlaid.kernels.transfer import to_device
 
 
@@ -89,8 +90,6 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
     batch = AttentionBatch(to_device(slot_mapping, torch.int64, device), chunks,
                            block_size=block_size, all_decode=len(decode_rows) == len(pieces))
     if prefill:
-        from inlaid.kernels.triton.paged_prefill import tile_map
-
         tables, rows, lens, starts = zip(*prefill)
         batch.prefill_tables = to_device(pad_rows(tables), torch.int32, device)
         batch.prefill_meta = to_device([rows, lens, starts], torch.int32, device)

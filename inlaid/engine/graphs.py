@@ -30,6 +30,7 @@ import torch
 
 from inlaid.engine.attention import AttentionBatch, pad_rows
 from inlaid.engine.scheduler import StepPlan
+from inlaid.kernels.prefill_tiles import tile_bound, tile_lists
 from inlaid.kernels.transfer import to_device
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)  # sequences
@@ -130,11 +131,9 @@ class MixedGraphs(_Graphs):
     """Steps with multi-token chunks, one graph per token bucket up to ``max_tokens``."""
 
     def __init__(self, runner, max_tokens: int, max_num_seqs: int, max_blocks_per_seq: int):
-        from inlaid.kernels.triton.paged_prefill import BLOCK_M
-
         super().__init__(runner, sorted({b for b in MIXED_BUCKETS if b < max_tokens} | {max_tokens}))
         t, s, dev = self.buckets[-1], max_num_seqs, runner.model.device
-        self.max_seqs, self.block_m = s, BLOCK_M
+        self.max_seqs = s
         self.rows64 = torch.zeros(3, t, dtype=torch.int64, device=dev)  # ids, positions, KV slots
         self.input_ids, self.positions, self.slot_mapping = self.rows64
         self.slot_mapping.fill_(runner.sink_slot)
@@ -147,8 +146,7 @@ class MixedGraphs(_Graphs):
         self.sample_rows = torch.zeros(min(s, t), dtype=torch.int64, device=dev)
 
     def tile_bound(self, tokens: int) -> int:
-        """Most query tiles any split of ``tokens`` into at most ``max_seqs`` chunks needs."""
-        return -(-tokens // self.block_m) + min(self.max_seqs, tokens)
+        return tile_bound(tokens, self.max_seqs)
 
     def _forward(self, b: int) -> torch.Tensor:
         r = self.runner
@@ -165,8 +163,6 @@ class MixedGraphs(_Graphs):
     def run(self, plan: StepPlan, slot_of: dict[str, int], inputs) -> torch.Tensor:
         """Copy the plan's inputs into the static buffers (without waiting for the GPU) and replay.
         Returns the logits of the sampling rows, in plan order."""
-        from inlaid.kernels.triton.paged_prefill import tile_lists
-
         r, bs = self.runner, self.runner.block_size
         b = self.bucket(plan.num_batched_tokens)
         pos, slots, token_slot, sample_rows, tables = [], [], [], [], []

@@ -19,10 +19,9 @@ import triton
 import triton.language as tl
 
 from inlaid.kernels import pdl
-from inlaid.kernels.transfer import to_device
+from inlaid.kernels.prefill_tiles import BLOCK_M
 from inlaid.kernels.triton.pdl import start as pdl_start
 
-BLOCK_M = 64  # query rows per program (the host builds the tile map with the same value)
 
 
 @triton.jit
@@ -97,21 +96,6 @@ def _paged_prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def tile_lists(chunk_lens: list[int]) -> tuple[list[int], list[int]]:
-    """(chunk, first row in that chunk) of each query tile, chunk after chunk."""
-    chunks, firsts = [], []
-    for i, n in enumerate(chunk_lens):
-        for m0 in range(0, n, BLOCK_M):
-            chunks.append(i)
-            firsts.append(m0)
-    return chunks, firsts
-
-
-def tile_map(chunk_lens: list[int], device: torch.device | str) -> torch.Tensor:
-    """int32 [2, num_tiles]: per query tile, its chunk and its first row in that chunk."""
-    return to_device(list(tile_lists(chunk_lens)), torch.int32, device)
-
-
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, chunk_meta: torch.Tensor, tiles: torch.Tensor,
                             block_size: int, scale: float, sliding_window: int | None = None,
@@ -119,7 +103,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """q [T, H, D] -> out [T, H, D], rows of chunk tokens written (other rows left as they are).
 
     ``block_tables`` int32 [C, max_blocks]; ``chunk_meta`` int32 [3, C]: each chunk's first row in
-    q, its number of tokens and the position of its first token; ``tiles`` from :func:`tile_map`."""
+    q, its number of tokens and the position of its first token; ``tiles`` from
+    :func:`inlaid.kernels.prefill_tiles.tile_map` (or a static buffer of such rows: CUDA graphs)."""
     _, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     if dim & (dim - 1) or dim < 16 or heads % kv_heads or block_size & (block_size - 1):
