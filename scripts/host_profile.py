@@ -27,12 +27,12 @@ import torch
 from inlaid.engine.llm import LLM, SamplingParams
 
 
-VOCAB = [32000]  # the model's vocabulary size, set in main
-MODE = ["eager"]
+def _prompt(llm: LLM, gen: torch.Generator, n: int = 128) -> list[int]:
+    return torch.randint(3, llm.engine.hf_config.vocab_size, (n,), generator=gen).tolist()
 
 
-def _prompt(gen: torch.Generator, n: int = 128) -> list[int]:
-    return torch.randint(3, VOCAB[0], (n,), generator=gen).tolist()
+def _mode(llm: LLM) -> str:
+    return "graphs" if llm.engine.runner.uses_graphs else "eager"
 
 
 def _report(name: str, prof: cProfile.Profile, steps: int, out: Path | None, rows: int) -> None:
@@ -68,7 +68,7 @@ def _timed_steps(engine, steps: int, prof: cProfile.Profile | None) -> float:
 def decode(llm: LLM, batch: int, steps: int, out: Path | None, rows: int) -> None:
     engine, gen = llm.engine, torch.Generator().manual_seed(1)
     for r in range(batch):
-        engine.add_request(_prompt(gen), SamplingParams(temperature=0, max_tokens=4 * steps + 8,
+        engine.add_request(_prompt(llm, gen), SamplingParams(temperature=0, max_tokens=4 * steps + 8,
                                                         ignore_eos=True), f"dummy-{r}")
     while any(q.num_computed_tokens < q.num_tokens - 1 for q in engine.scheduler.running):
         engine.step()
@@ -77,7 +77,7 @@ def decode(llm: LLM, batch: int, steps: int, out: Path | None, rows: int) -> Non
     wall = _timed_steps(engine, steps, None)
     prof = cProfile.Profile()
     profiled = _timed_steps(engine, steps, prof)
-    print(f"[decode {MODE[0]}] batch {batch}: wall {wall * 1e3:.2f} ms/step ({profiled * 1e3:.2f} under cProfile)")
+    print(f"[decode {_mode(llm)}] batch {batch}: wall {wall * 1e3:.2f} ms/step ({profiled * 1e3:.2f} under cProfile)")
     _report(f"decode{batch}", prof, steps, out, rows)
     for rid in list(engine._requests):
         engine.abort_request(rid)
@@ -90,14 +90,14 @@ def prefill(llm: LLM, prompts: int, reps: int, out: Path | None, rows: int) -> N
     prof = cProfile.Profile()
     walls = []
     for rep in range(reps + 1):
-        ids = [engine.add_request(_prompt(gen), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        ids = [engine.add_request(_prompt(llm, gen), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                                   f"dummy-{i}", request_id=f"p{prompts}-{rep}-{i}") for i in range(prompts)]
         walls.append(_timed_steps(engine, 1, prof if rep == reps else None))
         for rid in ids:
             engine.abort_request(rid)
         while engine.has_unfinished_requests():
             engine.step()
-    print(f"[prefill {MODE[0]}] {prompts} x 128 tokens: wall " + ", ".join(f"{w * 1e3:.1f}" for w in walls[:reps])
+    print(f"[prefill {_mode(llm)}] {prompts} x 128 tokens: wall " + ", ".join(f"{w * 1e3:.1f}" for w in walls[:reps])
           + f" ms ({walls[-1] * 1e3:.1f} under cProfile)")
     _report(f"prefill{prompts}", prof, 1, out, rows)
 
@@ -119,8 +119,6 @@ def main() -> None:
     llm = LLM(f"dummy:{args.shape}", dummy_layers=args.layers, dummy_adapters=100, dummy_rank=16,
               max_loras=128, max_lora_rank=16, max_num_seqs=max(args.batch, 8), max_num_batched_tokens=8192,
               device=args.device, enforce_eager=not args.graphs, async_scheduling=False)
-    VOCAB[0] = llm.engine.hf_config.vocab_size
-    MODE[0] = "graphs" if args.graphs else "eager"
     for n in args.prompts:
         prefill(llm, n, 3, args.out, args.rows)
     if args.batch:

@@ -57,7 +57,7 @@ class AttentionBatch:
     all_decode: bool = False  # every row is a decode (CUDA-graph batches): no row gather/scatter
 
 
-def _slots(block_table: list[int], end: int, block_size: int, start: int = 0) -> list[int]:
+def kv_slots(block_table: list[int], end: int, block_size: int, start: int = 0) -> list[int]:
     """Cache slots of positions start..end-1."""
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
@@ -74,16 +74,15 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
     for table, start, num in pieces:
         end = start + num
         if num == 1:
-            last = end - 1
-            slot_mapping.append(table[last // block_size] * block_size + last % block_size)
+            slot_mapping.extend(kv_slots(table, end, block_size, end - 1))
             decode_rows.append(row)
             decode_tables.append(table)
             decode_lens.append(end)
         elif use_kernel:  # the kernel reads the context through the table: only new slots are listed
-            slot_mapping.extend(_slots(table, end, block_size, start))
+            slot_mapping.extend(kv_slots(table, end, block_size, start))
             prefill.append((table, row, num, start))
         else:
-            context = _slots(table, end, block_size)
+            context = kv_slots(table, end, block_size)
             slot_mapping.extend(context[start:])
             chunks.append(Chunk(row, num, to_device(context, torch.int64, device), start))
         row += num
@@ -101,7 +100,7 @@ def build_batch(pieces: list[tuple[list[int], int, int]], block_size: int,
             batch.decode_tables = to_device(pad_rows(decode_tables), torch.int32, device)
             batch.decode_lens32 = batch.decode_lens.to(torch.int32)
         else:
-            contexts = [_slots(t, n, block_size) for t, n in zip(decode_tables, decode_lens)]
+            contexts = [kv_slots(t, n, block_size) for t, n in zip(decode_tables, decode_lens)]
             batch.decode_slots = to_device(pad_rows(contexts), torch.int64, device)
     return batch
 

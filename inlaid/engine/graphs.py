@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from inlaid.engine.attention import AttentionBatch, pad_rows
+from inlaid.engine.attention import AttentionBatch, kv_slots, pad_rows
 from inlaid.engine.scheduler import StepPlan
 from inlaid.kernels.prefill_tiles import tile_bound, tile_lists
 from inlaid.kernels.transfer import to_device
@@ -112,7 +112,7 @@ class DecodeGraphs(_Graphs):
         for s in plan.scheduled:
             seq, p = s.seq, s.start
             pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            slots.extend(kv_slots(seq.block_table, p + 1, bs, p))
             lens.append(p + 1)
             adapter_slots.append(_adapter_slot(seq, slot_of))
             tables.append(seq.block_table)
@@ -170,9 +170,8 @@ class MixedGraphs(_Graphs):
         row = 0
         for s in plan.scheduled:
             seq, n, table = s.seq, s.num_new_tokens, s.seq.block_table
-            positions = range(s.start, s.start + n)
-            pos.extend(positions)
-            slots.extend(table[p // bs] * bs + p % bs for p in positions)
+            pos.extend(range(s.start, s.start + n))
+            slots.extend(kv_slots(table, s.start + n, bs, s.start))
             token_slot.extend([_adapter_slot(seq, slot_of)] * n)
             for part, value in zip(chunks, (row, n, s.start)):
                 part.append(value)
@@ -190,9 +189,10 @@ class MixedGraphs(_Graphs):
         padded = pad_rows(tables)
         to_device(padded, torch.int32, dev, out=self.tables[:len(tables), :len(padded[0])])
         tile_chunk, tile_m0 = tile_lists(chunks[1])
-        spare = self.tile_bound(b) - len(tile_chunk)
+        grid = self.tile_bound(b)
+        spare = grid - len(tile_chunk)
         to_device([tile_chunk + [self.max_seqs] * spare, tile_m0 + [0] * spare], torch.int32, dev,
-                  out=self.tiles[:, :self.tile_bound(b)])
+                  out=self.tiles[:, :grid])
         # every row the graph gathers must lie inside this bucket, stale ones from a larger step too
         width = min(self.max_seqs, b)
         to_device(sample_rows + [0] * (width - len(sample_rows)), torch.int64, dev,

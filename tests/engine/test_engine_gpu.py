@@ -7,6 +7,7 @@ fp16 serving. Also: the CUDA engine with every kernel gives the CPU engine's gre
 import pytest
 import torch
 
+from inlaid.engine.graphs import DecodeGraphs
 from inlaid.engine.llm import LLM
 from inlaid.engine.sequence import SamplingParams
 
@@ -118,7 +119,7 @@ def _record_graph_sets(engine, strict: bool = False) -> list[tuple[str, int | No
         if graphs is None:
             kinds.append(("eager", None))
         else:
-            n = len(plan.scheduled) if type(graphs).__name__ == "DecodeGraphs" else plan.num_batched_tokens
+            n = len(plan.scheduled) if isinstance(graphs, DecodeGraphs) else plan.num_batched_tokens
             kinds.append((type(graphs).__name__, graphs.bucket(n)))
         if strict:
             torch.cuda.set_sync_debug_mode("error")

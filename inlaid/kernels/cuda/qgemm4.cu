@@ -274,7 +274,7 @@ struct Tile {
             // block that sees split - 1 arrivals before its own fences again before its barrier,
             // so all its threads then read complete slices from L2. One fence per block, as in
             // cooperative groups' grid sync, rather than one per thread: 128 membar waits per
-            // block showed as ~5% of the stall samples in ncu (kernels.md).
+            // block showed in ncu's stall samples (kernels.md).
             __syncthreads();
             __shared__ bool last;
             if (threadIdx.x == 0) {
