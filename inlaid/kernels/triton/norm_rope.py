@@ -28,6 +28,7 @@ import triton.language as tl
 
 from inlaid.kernels import pdl
 from inlaid.kernels.triton.pdl import start as pdl_start
+from inlaid.kernels.triton.scratch import persistent
 
 
 @triton.jit
@@ -121,23 +122,6 @@ def _add_rms_norm_lora_kernel(h_ptr, d_ptr, hout_ptr, w_ptr, out_ptr, buf_ptr, b
         tl.store(count_ptr + row, 0)  # ready for the next launch
 
 
-_ROW_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED_COUNTERS: list[torch.Tensor] = []
-
-
-def _row_counters(device: torch.device, rows: int) -> torch.Tensor:
-    """Zeroed int32 arrival counts, one per row, kept across calls: each launch's last program per
-    row sets its count back to 0, so no launch needs a memset (one more kernel). Not for two
-    launches running at once on two streams. A buffer outgrown is kept alive, not freed: CUDA
-    graphs captured with it still use it."""
-    counters = _ROW_COUNTERS.get(device)
-    if counters is None or counters.numel() < rows:
-        if counters is not None:
-            _RETIRED_COUNTERS.append(counters)
-        counters = _ROW_COUNTERS[device] = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
-    return counters
-
-
 def add_rms_norm_lora_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                              buf: torch.Tensor, lora_b: torch.Tensor, slot_of_token: torch.Tensor,
                              ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,8 +149,9 @@ def add_rms_norm_lora_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch
         row = triton.next_power_of_2(hidden)
         _add_rms_norm_lora_kernel[(tokens, triton.cdiv(hidden, block))](
             h, delta, new_h, weight, out, buf, lora_b, slot_of_token, ranks,
-            _row_counters(h.device, tokens), hidden, num_loras, eps, h.stride(0), delta.stride(0),
-            new_h.stride(0), out.stride(0), buf.stride(1), lora_b.stride(0), lora_b.stride(1),
+            persistent("norm_rows", h.device, tokens, torch.int32), hidden, num_loras, eps, h.stride(0),
+            delta.stride(0), new_h.stride(0), out.stride(0), buf.stride(1), lora_b.stride(0),
+            lora_b.stride(1),
             BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(max_rank)), ROW=row,
             num_warps=4 if row <= 4096 else 8, **pdl.triton_args(h.device))
     return out, new_h
