@@ -1,6 +1,7 @@
 """Time the Triton paged decode attention kernel by variant, loop tile, warps and stages (CUDA only).
 
     python scripts/bench_attention.py [--batches 1,8,32,128] [--contexts 192,1024] [--variants fma,mma]
+                                      [--tiles ...] [--warps ...] [--stages ...] [--splits auto,1,2,...]
 
 Llama-2-7B's attention (32 heads, head_dim 128, no GQA), 16-token KV blocks scattered at random over
 the cache, one layer. Per row: the median µs of ``triton.testing.do_bench`` (L2 flushed before each
@@ -27,17 +28,20 @@ def main() -> None:
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--variants", default="fma,mma")
     parser.add_argument("--stages", default="2,3", help="software-pipeline stages (the mma variant's loads)")
+    parser.add_argument("--splits", default="auto",
+                        help="programs per (sequence, KV head), the mma variant only; auto: decode_splits")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA, skipping")
         return
     import triton.testing
 
+    from inlaid.kernels.decode_splits import decode_splits
     from inlaid.kernels.triton.paged_attention import paged_decode_attention
 
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-    print("| batch | context | variant | tile | warps | stages | µs | % of bytes floor |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| batch | context | variant | tile | warps | stages | splits | µs | % of bytes floor |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for batch, context in itertools.product(ints(args.batches), ints(args.contexts)):
         blocks_per_seq = -(-context // BLOCK)
         num_blocks = batch * blocks_per_seq
@@ -49,15 +53,19 @@ def main() -> None:
         out = torch.empty_like(q)
         floor_us = batch * context * 2 * HEADS * DIM * 2 / HBM_BYTES_PER_S * 1e6
         configs = itertools.product(args.variants.split(","), ints(args.tiles), ints(args.warps),
-                                    ints(args.stages))
-        for variant, tile, warps, stages in configs:
-            if variant == "fma" and stages != ints(args.stages)[0]:
-                continue  # its loop has no dot for Triton to pipeline: stages change nothing
-            def call(tile=tile, warps=warps, variant=variant, stages=stages):
+                                    ints(args.stages), args.splits.split(","))
+        for variant, tile, warps, stages, split_arg in configs:
+            if variant == "fma" and (stages != ints(args.stages)[0] or split_arg != "auto"):
+                continue  # its loop has no dot for Triton to pipeline, and it has no splits
+            splits = None if split_arg == "auto" or variant == "fma" else int(split_arg)
+            if splits is None and variant == "mma":
+                split_arg = f"auto ({decode_splits(batch, HEADS, blocks_per_seq, BLOCK, max(16, tile))})"
+
+            def call(tile=tile, warps=warps, variant=variant, stages=stages, splits=splits):
                 paged_decode_attention(q, k, v, tables, lens, BLOCK, DIM ** -0.5, out=out, tile=tile,
-                                       num_warps=warps, variant=variant, num_stages=stages)
+                                       num_warps=warps, variant=variant, num_stages=stages, splits=splits)
             us = triton.testing.do_bench(call, warmup=10, rep=100, return_mode="median") * 1e3
-            print(f"| {batch} | {context} | {variant} | {tile} | {warps} | {stages} | {us:.1f} "
+            print(f"| {batch} | {context} | {variant} | {tile} | {warps} | {stages} | {split_arg} | {us:.1f} "
                   f"| {floor_us / us:.0%} |", flush=True)
         del k, v
         torch.cuda.empty_cache()

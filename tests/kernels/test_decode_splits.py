@@ -5,10 +5,10 @@ from inlaid.kernels.decode_splits import MAX_SPLITS, SPLIT_TARGET, decode_splits
 
 def test_splits_fill_the_grid_up_to_the_target():
     # Llama-2-7B (32 KV heads), contexts up to 4,096 tokens in 16-token blocks, 64-token tiles
-    assert decode_splits(128, 32, 256, 16, 64) == 1  # 4,096 programs already
-    assert decode_splits(64, 32, 256, 16, 64) == 1  # 2,048: at the target
-    assert decode_splits(32, 32, 256, 16, 64) == 2
-    assert decode_splits(8, 32, 256, 16, 64) == MAX_SPLITS
+    assert decode_splits(32, 32, 256, 16, 64) == 1  # 1,024 programs already
+    assert decode_splits(8, 32, 256, 16, 64) == 1  # 256: at the target
+    assert decode_splits(4, 32, 256, 16, 64) == 2
+    assert decode_splits(1, 32, 256, 16, 64) == MAX_SPLITS
     for batch in (1, 3, 8, 17, 32, 100):
         splits = decode_splits(batch, 8, 256, 16, 64)
         assert splits & (splits - 1) == 0 and 1 <= splits <= MAX_SPLITS

@@ -11,13 +11,16 @@ max and sum), so any context length runs in one pass. Sliding window: tiles enti
 window are skipped, partial ones masked. A sequence with context length 0 (graph padding rows) writes
 zeros.
 
-- "mma" (the default): grid (sequences, KV heads). The query heads that share a KV head (GQA) are
+- "mma" (the default): grid (sequences, KV heads, splits). The query heads that share a KV head (GQA) are
   the rows of a [16+, head_dim] block, so q·K and P·V are tensor-core dots and each K/V tile is read
   once per KV head; Triton software-pipelines the K/V loads of those dots (num_stages), which the
   FMA kernel's loop does not get. P is rounded to the cache's dtype before P·V, as in
   FlashAttention. On an H100 it takes 15-16% off the FMA kernel at batch 32 (192 and 1,024 tokens of
   context) and 25-50% at batch 1-8 (docs/results/bench_attention_8d21b75.log). With fp32 caches the
   dots are IEEE (exact fp32 products, no P rounding): TF32 would put the fp32 engine ~1e-3 off torch.
+  With several splits per (sequence, KV head) (``inlaid.kernels.decode_splits``), each program walks
+  a share of the context's tiles and the last split of the pair to finish merges the others' partial
+  results (flash-decoding's combine, in the same kernel: no second launch).
 - "fma": grid (sequences, query heads), CUDA-core dot products in fp32. Query head h reads KV head
   h // (heads / kv_heads). 64-token steps instead of one 16-token block took batch 32 from 42% to
   57% of the bytes floor at 192 tokens of context; 8 warps are slower everywhere
@@ -31,7 +34,9 @@ import triton
 import triton.language as tl
 
 from inlaid.kernels import pdl
+from inlaid.kernels.decode_splits import decode_splits
 from inlaid.kernels.triton.pdl import start as pdl_start
+from inlaid.kernels.triton.scratch import persistent
 
 
 @triton.jit
@@ -100,14 +105,18 @@ def _paged_decode_mma_kernel(
     out_ptr,  # [B, H, D]
     tables_ptr,  # [B, max_blocks] int32
     lens_ptr,  # [B] int32: context length incl. the new token
+    part_ptr,  # SPLITS > 1: fp32 [B, KVH, SPLITS, GROUPS, D + 4]: each split's acc, max and sum
+    count_ptr,  # SPLITS > 1: int32 [B * KVH], zero at launch and left at zero
     scale, window,
     stride_qb, stride_qh, stride_kslot, stride_kh, stride_ob, stride_oh, stride_tb,
     GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     length = tl.load(lens_ptr + b)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_h = tl.arange(0, BLOCK_H)
@@ -119,10 +128,15 @@ def _paged_decode_mma_kernel(
         first = tl.maximum(length - window, 0)
     else:
         first = 0
+    # this split's share of the tiles that hold context tokens (all of them when SPLITS == 1)
+    lo, hi = first // TILE, tl.cdiv(length, TILE)
+    per = tl.cdiv(hi - lo, SPLITS)
+    lo = lo + split * per
+    hi = tl.minimum(hi, lo + per)
     m_i = tl.full([BLOCK_H], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    for j in range(first // TILE, tl.cdiv(length, TILE)):
+    for j in range(lo, hi):
         k, v, valid = _kv_tile(k_ptr, v_ptr, tables_ptr, b, j, kvh, length, first, stride_kslot, stride_kh,
                                stride_tb, BLOCK_SIZE, TILE, HEAD_DIM)
         if IEEE:  # fp32 caches: no TF32 rounding, so the fp32 engine stays exact against torch
@@ -140,19 +154,69 @@ def _paged_decode_mma_kernel(
         acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=own[:, None])
+    if SPLITS > 1:
+        acc, l_i, done = _merge_splits(part_ptr, count_ptr, b * tl.num_programs(1) + kvh, split, acc, m_i,
+                                       l_i, offs_h, offs_d, own, GROUPS, HEAD_DIM, SPLITS)
+    else:
+        done = True
+    if done:
+        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=own[:, None])
+
+
+@triton.jit
+def _merge_splits(part_ptr, count_ptr, pair, split, acc, m_i, l_i, offs_h, offs_d, own,
+                  GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    """Flash-decoding's combine, in the kernel: every split stores its unnormalised acc, running max
+    and sum; the last of the (sequence, KV head) pair's splits to arrive rescales them all to one
+    max and returns the sums with ``done`` (the others return ``done`` False and store nothing).
+
+    The barrier orders every thread's stores before the release of the arrival count; the last
+    program's acquire then makes the other splits' stores visible, read through L2 (.cg). It sets
+    the count back to 0 for the next launch (``inlaid.kernels.triton.scratch``)."""
+    width = HEAD_DIM + 4  # acc, max, sum, 2 pad: rows stay 16-byte aligned
+    rows = (pair * SPLITS + split) * GROUPS + offs_h
+    tl.store(part_ptr + rows[:, None] * width + offs_d[None, :], acc, mask=own[:, None])
+    tl.store(part_ptr + rows * width + HEAD_DIM, m_i, mask=own)
+    tl.store(part_ptr + rows * width + HEAD_DIM + 1, l_i, mask=own)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + pair, 1, sem="acq_rel", scope="gpu")
+    done = arrived == SPLITS - 1
+    if done:
+        tl.debug_barrier()
+        offs_s = tl.arange(0, SPLITS)
+        first_rows = pair * SPLITS * GROUPS + offs_h
+        stat = part_ptr + ((first_rows[None, :] + offs_s[:, None] * GROUPS) * width + HEAD_DIM)
+        m_all = tl.load(stat, mask=own[None, :], other=-float("inf"), cache_modifier=".cg")
+        m_max = tl.max(m_all, axis=0)
+        # a split with no tokens has max -inf and weighs 0; a row with none at all stays all zero
+        m_max = tl.where(m_max == -float("inf"), 0.0, m_max)
+        l_i = tl.sum(tl.load(stat + 1, mask=own[None, :], other=0.0, cache_modifier=".cg")
+                     * tl.exp(m_all - m_max[None, :]), axis=0)
+        acc = tl.zeros_like(acc)
+        for s in tl.static_range(SPLITS):
+            r = first_rows + s * GROUPS
+            w = tl.exp(tl.load(part_ptr + r * width + HEAD_DIM, mask=own, other=-float("inf"),
+                               cache_modifier=".cg") - m_max)
+            part = tl.load(part_ptr + r[:, None] * width + offs_d[None, :], mask=own[:, None], other=0.0,
+                           cache_modifier=".cg")
+            acc += part * w[:, None]
+        tl.store(count_ptr + pair, 0)
+    return acc, l_i, done
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                            scale: float, sliding_window: int | None = None,
                            out: torch.Tensor | None = None, tile: int = 64,
-                           num_warps: int = 4, variant: str = "mma", num_stages: int = 3) -> torch.Tensor:
+                           num_warps: int = 4, variant: str = "mma", num_stages: int = 3,
+                           splits: int | None = None) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D]. ``block_tables`` int32 [B, max_blocks], ``context_lens`` int32 [B];
     ``tile``: tokens per loop step (a power of 2; at least one block); ``num_warps`` per program;
-    ``variant`` "fma" (one program per query head) or "mma" (one per KV head, tensor cores)."""
+    ``variant`` "fma" (one program per query head) or "mma" (one per KV head, tensor cores);
+    ``splits`` (mma only, a power of 2): programs per (sequence, KV head), each over a share of the
+    context; None picks them from the shapes (:func:`decode_splits`)."""
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     if dim & (dim - 1) or heads % kv_heads or block_size & (block_size - 1) or tile & (tile - 1):
@@ -162,19 +226,29 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("q and the caches must be contiguous in head_dim")
     if variant not in ("fma", "mma"):
         raise ValueError(f"variant must be 'fma' or 'mma', got {variant!r}")
+    if splits is not None and (splits < 1 or splits & (splits - 1) or (variant == "fma" and splits > 1)):
+        raise ValueError(f"splits must be a power of 2, and 1 for the fma variant; got {splits}")
     out = torch.empty_like(q) if out is None else out
-    args = (q, k_cache, v_cache, out, block_tables, context_lens, scale, sliding_window or 0,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
-            block_tables.stride(0))
+    args = (q, k_cache, v_cache, out, block_tables, context_lens)
+    strides = (scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+               out.stride(0), out.stride(1), block_tables.stride(0))
     groups = heads // kv_heads
     if variant == "mma":
-        _paged_decode_mma_kernel[(batch, kv_heads)](
-            *args, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(16, block_size, tile), HEAD_DIM=dim,
+        tile = max(16, block_size, tile)
+        if splits is None:
+            splits = decode_splits(batch, kv_heads, block_tables.shape[1], block_size, tile)
+        part = count = out  # placeholders: the one-split kernel never touches them
+        if splits > 1:
+            part = persistent("decode_attention_parts", q.device, batch * heads * splits * (dim + 4),
+                              torch.float32)
+            count = persistent("decode_attention_counts", q.device, batch * kv_heads, torch.int32)
+        _paged_decode_mma_kernel[(batch, kv_heads, splits)](
+            *args, part, count, *strides, GROUPS=groups, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=dim,
             HAS_WINDOW=sliding_window is not None, BLOCK_H=max(16, triton.next_power_of_2(groups)),
-            IEEE=q.dtype == torch.float32,
+            IEEE=q.dtype == torch.float32, SPLITS=splits,
             num_warps=num_warps, num_stages=num_stages, **pdl.triton_args(q.device))
     else:
         _paged_decode_kernel[(batch, heads)](
-            *args, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(block_size, tile), HEAD_DIM=dim,
+            *args, *strides, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(block_size, tile), HEAD_DIM=dim,
             HAS_WINDOW=sliding_window is not None, num_warps=num_warps, **pdl.triton_args(q.device))
     return out
