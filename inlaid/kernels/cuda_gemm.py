@@ -234,7 +234,7 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
       until there are ~3 blocks per SM; where N >= 8192 (q/k/v, gate/up: many column tiles) four
       super tiles per step and ~5.5 blocks per SM.
     - M 5-32: the pipelined kernel, two tiles per warp, two super tiles per stage, K split until
-      there are ~1.5 blocks per SM up to M = 16 and ~0.75 above (a block then holds 4x the MMAs
+      there are ~1.5 blocks per SM up to M = 16 and ~1 above (a block then holds 4x the MMAs
       and partial sums); one tile per warp where N is not a multiple of 128.
 
     From two launch-config sweeps on two H100s (`bench_kernels.py --sweep-cuda 1 8 16 32`, 45
@@ -245,13 +245,18 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
     tile) nothing was measured: the line at 4 is a guess. At M = 1 the wide shapes' four super
     tiles per step come from the same sweeps: (1, 4, 4, 0) scores 1.04 and 1.00 on q/k/v and
     gate/up where (1, 2, 4, 0) and (1, 2, 2, 0) scored 1.20 and 1.23 (both machines agree); the
-    5.5 blocks per SM is the target that gives both shapes their best split of 4."""
+    5.5 blocks per SM is the target that gives both shapes their best split of 4.
+
+    Above M = 16 those sweeps (the GEMM alone) put the best target at ~0.75 blocks per SM; in the
+    engine's batch-32 decode step, where the LoRA shrink runs beside each GEMM on a side stream,
+    ~1 was faster in two side-by-side runs (6.16 -> 6.05 and 6.13 -> 6.10 ms a step; 1.25 gave
+    6.11, 1.5 and 2 6.43 and 6.69: docs/results/gpu_ab_knobs1_00e4223.log, gpu_ab_knobs2_00e4223.log)."""
     if m <= 4:
         if n >= 8192:
             return 1, 4, _split(n // (16 * WARPS), k, 5.5 * sms), 0
         return 1, 2, _split(n // (16 * WARPS), k, 3 * sms), 0
     nw = 2 if n % (16 * WARPS * 2) == 0 else 1
-    return nw, 2, _split(n // (16 * WARPS * nw), k, (1.5 if m <= 16 else 0.75) * sms), 4
+    return nw, 2, _split(n // (16 * WARPS * nw), k, (1.5 if m <= 16 else 1.0) * sms), 4
 
 
 def _group_shift(cq: CudaQuant) -> int:
