@@ -139,7 +139,7 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
                      "roofline_ms": roof * 1e3, "roofline_frac": roof / step,
                      "bytes_gb": bytes_step / 1e9, "steps_timed": len(steady)})
         log(f"[{mode}] decode batch {batch:4d}: {step * 1e3:7.2f} ms/step, {batch / step:8.0f} tok/s, "
-            f"roofline {roof * 1e3:.2f} ms ({roof / step:.0%})")
+            f"roofline {roof * 1e3:.2f} ms ({roof / step:.1%})")  # .1: 49.5% must not print as 50%
     out.setdefault("decode", []).extend(rows)
     if eager:
         del llm, engine

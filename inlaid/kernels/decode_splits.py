@@ -7,10 +7,16 @@ SMs: a long context leaves most of the GPU idle. Splitting each context over sev
 from shapes the host knows, so a captured CUDA graph keeps its grid; each program divides its
 sequence's actual tiles at run time (splits past a short context hold no token and cost little).
 
-Measured on an H100 (docs/results/bench_attention_splits_00e4223.log, Llama-2-7B heads, 64-token tiles):
-at batch 1, 1,024 tokens of context, 8 splits take 18.6 µs against 38.8 for one. From batch 8 on
-(256 pairs) splitting gains nothing at 1,024 tokens and costs 10-50% at 192, where the merge's
-extra stores, arrival count and reads are not paid back: so only grids under 256 programs split.
+Measured on an H100 (Llama-2-7B heads, 64-token tiles; docs/results/bench_attention_splits_03b3b13.log
+and bench_attention_splits_00e4223.log):
+- batch 1: 4,096 tokens of context 128.4 -> 41.2 µs with 8 splits (3.1x), 1,024 tokens 38.8 ->
+  20.4, 512 tokens 22.9 -> 14.0;
+- batch 2, 4 splits: 130.1 -> 65.1 µs at 4,096 tokens, 42.7 -> 26.4 at 1,024;
+- batch 4, 2 splits: 140.3 -> 109.4 µs at 4,096 tokens;
+- from batch 8 (256 pairs) on, splitting gains nothing at 1,024 tokens and costs 5-50% at 192,
+  where the merge's extra stores, arrival count and reads are not paid back. So only grids under
+  256 programs split. At 192 tokens and batch 1-4 every split count lies within the noise of
+  these ~15-25 µs timings.
 """
 
 from __future__ import annotations
