@@ -215,11 +215,11 @@ _SMS: dict[int, int] = {}
 Config = tuple[int, int, int, int]
 
 
-def _split(blocks: int, k: int, target: float) -> int:
-    """The smallest power-of-two K split that gives ``target`` blocks, keeping >= 8 super tiles per
-    block."""
+def _split(blocks: int, k: int, target: float, min_tiles: int = 8) -> int:
+    """The smallest power-of-two K split that gives ``target`` blocks, keeping >= ``min_tiles``
+    super tiles per block."""
     max_split = 1
-    while k // (64 * max_split * 2) >= 8:
+    while k // (64 * max_split * 2) >= min_tiles:
         max_split *= 2
     split = 1
     while blocks * split < target and split < max_split:
@@ -234,8 +234,9 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
       until there are ~3 blocks per SM; where N >= 8192 (q/k/v, gate/up: many column tiles) four
       super tiles per step and ~5.5 blocks per SM.
     - M 5-32: the pipelined kernel, two tiles per warp, two super tiles per stage, K split until
-      there are ~1.5 blocks per SM up to M = 16 and ~1 above (a block then holds 4x the MMAs
-      and partial sums); one tile per warp where N is not a multiple of 128.
+      there are ~1.5 blocks per SM up to M = 16 and ~1 above; above M = 16 a block keeps >= 16
+      super tiles (it then holds 4x the MMAs and partial sums, so its share of K must pay for a
+      larger split-K merge); one tile per warp where N is not a multiple of 128.
 
     From two launch-config sweeps on two H100s (`bench_kernels.py --sweep-cuda 1 8 16 32`, 45
     configs; `bench_kernels.py --rank` on their JSON ranks the rules; docs/results/kernels.md): at
@@ -247,16 +248,22 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
     gate/up where (1, 2, 4, 0) and (1, 2, 2, 0) scored 1.20 and 1.23 (both machines agree); the
     5.5 blocks per SM is the target that gives both shapes their best split of 4.
 
-    Above M = 16 those sweeps (the GEMM alone) put the best target at ~0.75 blocks per SM; in the
+    Above M = 16 those sweeps (the GEMM alone) put the best target at ~0.75 blocks per SM. The
     engine's batch-32 decode step, where the LoRA shrink runs beside each GEMM on a side stream,
-    ~1 was faster in two side-by-side runs (6.16 -> 6.05 and 6.13 -> 6.10 ms a step; 1.25 gave
-    6.11, 1.5 and 2 6.43 and 6.69: docs/results/gpu_ab_knobs1_00e4223.log, gpu_ab_knobs2_00e4223.log)."""
+    was measured side by side per shape (docs/results/gpu_ab_knobs1_00e4223.log,
+    gpu_ab_knobs2_00e4223.log, gpu_ab_splits32_f0fc243.log): down (4096 x 11008) at split 8 instead
+    of 4 took 0.03-0.11 ms off the step, o (4096 x 4096) wants 4 (8: +0.03 ms), and q/k/v at 4 with
+    gate/up at 2 (+0.30 ms), gate/up at 2 alone (+0.19), down at 16 (+0.32) and q/k/v at 1 (+0.04)
+    were all slower. The target of ~1 with >= 16 super tiles per block gives exactly the best of
+    these."""
     if m <= 4:
         if n >= 8192:
             return 1, 4, _split(n // (16 * WARPS), k, 5.5 * sms), 0
         return 1, 2, _split(n // (16 * WARPS), k, 3 * sms), 0
     nw = 2 if n % (16 * WARPS * 2) == 0 else 1
-    return nw, 2, _split(n // (16 * WARPS * nw), k, (1.5 if m <= 16 else 1.0) * sms), 4
+    if m <= 16:
+        return nw, 2, _split(n // (16 * WARPS * nw), k, 1.5 * sms), 4
+    return nw, 2, _split(n // (16 * WARPS * nw), k, 1.0 * sms, min_tiles=16), 4
 
 
 def _group_shift(cq: CudaQuant) -> int:

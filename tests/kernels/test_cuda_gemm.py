@@ -119,17 +119,18 @@ def test_layout_problems_are_named():
     (1, 4096, 4096, (1, 2, 8, 0)), (4, 22016, 4096, (1, 4, 4, 0)), (1, 4096, 11008, (1, 2, 8, 0)),
     (1, 12288, 4096, (1, 4, 4, 0)),
     (8, 4096, 4096, (2, 2, 8, 4)), (8, 12288, 4096, (2, 2, 4, 4)), (16, 22016, 4096, (2, 2, 2, 4)),
-    (16, 4096, 11008, (2, 2, 8, 4)), (32, 4096, 4096, (2, 2, 8, 4)), (32, 12288, 4096, (2, 2, 2, 4)),
-    (32, 22016, 4096, (2, 2, 1, 4)), (32, 4096, 11008, (2, 2, 8, 4)), (24, 192, 4096, (1, 2, 8, 4))])
+    (16, 4096, 11008, (2, 2, 8, 4)), (32, 4096, 4096, (2, 2, 4, 4)), (32, 12288, 4096, (2, 2, 2, 4)),
+    (32, 22016, 4096, (2, 2, 1, 4)), (32, 4096, 11008, (2, 2, 8, 4)), (24, 192, 4096, (1, 2, 4, 4))])
 def test_default_config_rule(m, n, k, config):
     got = cuda_gemm.default_config(m, n, k, 132)
     assert got == config
     nw, _, split, _ = got
-    assert split == 1 or k // 64 // split >= 8  # >= 8 super tiles per block
+    min_tiles = 8 if m <= 16 else 16  # super tiles per block
+    assert split == 1 or k // 64 // split >= min_tiles
     blocks = n // (64 * nw)
     target = (5.5 if m <= 4 and n >= 8192 else 3 if m <= 4 else 1.5 if m <= 16 else 1.0) * 132
     # the smallest power-of-two split that reaches the block target, unless the K limit stops it
-    assert blocks * split >= target or k // (64 * split * 2) < 8
+    assert blocks * split >= target or k // (64 * split * 2) < min_tiles
     assert split == 1 or blocks * (split // 2) < target
 
 
