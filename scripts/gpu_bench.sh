@@ -27,6 +27,8 @@
 #             (ADAPTER_BASELINES="" runs inlaid alone)
 #   rates     shape 2: SLO attainment vs arrival rate, `inlaid` (SLO-aware) vs `fcfs`, rates up to saturation
 #   rates-plain  shape 2 for `inlaid` without the SLO targets (--no-slo-aware), same workloads
+#   rates-decode-graphs  shape 2 for `inlaid` with CUDA graphs for decode steps only (--cuda-graphs
+#             decode): next to `rates`, what the prefill graphs buy at the serving level
 #   engine    scripts/gpu_engine.py (correctness, decode speed per batch, HF baselines)
 #   profile-nocuda, engine-nocuda   the same two with the CUDA small-M GEMM off (INLAID_CUDA_GEMM=0),
 #             results under results/nocuda/: run next to profile / engine for a side-by-side comparison
@@ -73,6 +75,12 @@ part() {  # part NAME CMD...: run under its limit, log to $OUT/NAME.log
     echo "=== $name rc=$? in $SECONDS s total"
     tail -40 "$OUT/$name.log"
 }
+rates_part() {  # rates_part NAME FLAGS...: shape 2 (SLO attainment vs arrival rate), policy inlaid + FLAGS
+    local name=$1; shift
+    part "$name" "${INLAID[@]}" bench sweep rates $M --adapters 5 --tasks sample \
+        --rates "${RATES:-16,24,32,48}" --arrival gamma --cv 2 --requests "${RATE_REQUESTS:-300}" --realtime \
+        --policy inlaid --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 "$@" --out "$OUT/results/${name//_/-}"
+}
 for what in "$@"; do
     case $what in
         tests) part tests python3 -m pytest -m gpu -p no:cacheprovider tests/kernels tests/quant tests/engine \
@@ -104,14 +112,9 @@ for what in "$@"; do
             --input-len 8:512 --output-len 8:512 --max-num-seqs 128 \
             ${ADAPTER_BASELINES---baseline fp16 --baseline hf-peft --hf-max-requests ${HF_MAX_REQUESTS:-16}} \
             --out "$OUT/results/adapters" ;;
-        rates) part rates "${INLAID[@]}" bench sweep rates $M --adapters 5 --tasks sample \
-            --rates "${RATES:-16,24,32,48}" --arrival gamma --cv 2 --requests "${RATE_REQUESTS:-300}" --realtime \
-            --policy inlaid --baseline fcfs --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 \
-            --out "$OUT/results/rates" ;;
-        rates-plain) part rates_plain "${INLAID[@]}" bench sweep rates $M --adapters 5 --tasks sample \
-            --rates "${RATES:-16,24,32,48}" --arrival gamma --cv 2 --requests "${RATE_REQUESTS:-300}" --realtime \
-            --policy inlaid --no-slo-aware --latency-slo "${LATENCY_SLO:-10}" --ttft-slo 2 \
-            --out "$OUT/results/rates-plain" ;;
+        rates) rates_part rates --baseline fcfs ;;
+        rates-plain) rates_part rates_plain --no-slo-aware ;;
+        rates-decode-graphs) rates_part rates_decode_graphs --cuda-graphs decode ;;
         engine) part engine python3 scripts/gpu_engine.py --out "$OUT/results" ;;
         profile-nocuda) mkdir -p "$OUT/results/nocuda"; part profile_nocuda env INLAID_CUDA_GEMM=0 \
             python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results/nocuda" ;;

@@ -22,7 +22,7 @@ from inlaid.bench.results import RunResult, load_results, write_results
 from inlaid.bench.roofline import HBM_BYTES_PER_S
 from inlaid.bench.runner import BASELINES, BenchConfig, run_all
 from inlaid.bench.workload import SAMPLE_TASKS, LengthProfile, LengthRange, WorkloadSpec
-from inlaid.cli.serve import parse_adapters
+from inlaid.cli.serve import CUDA_GRAPHS_HELP, cuda_graph_options, parse_adapters
 from inlaid.engine.llm_engine import EngineConfig
 from inlaid.errors import ConfigError
 
@@ -87,6 +87,7 @@ class _Target:
     ttft_slo: float | None = None
     latency_slo: float | None = None
     slo_aware: bool = True
+    cuda_graphs: str = "all"
     realtime: bool = True
     hf_batch_size: int = _B.hf_batch_size
     hf_max_requests: int | None = None
@@ -105,7 +106,7 @@ class _Target:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens, policy=self.policy,
             max_tasks_per_step=self.max_tasks_per_step, num_kv_blocks=self.num_kv_blocks,
             dummy_bits=None if self.bits == 16 else self.bits, dummy_layers=self.dummy_layers,
-            dummy_rank=self.rank)
+            dummy_rank=self.rank, **cuda_graph_options(self.cuda_graphs))
         return BenchConfig(engine=engine, url=self.url, baselines=tuple(self.baseline or ()),
                            fp16_model=self.fp16_model, max_concurrency=self.max_concurrency, api_key=self.api_key,
                            realtime=self.realtime, ttft_slo_s=self.ttft_slo, latency_slo_s=self.latency_slo,
@@ -213,6 +214,7 @@ SloAware = Annotated[bool, typer.Option("--slo-aware/--no-slo-aware",
                                         help="--policy inlaid: give the engine's scheduler the --ttft-slo / "
                                              "--latency-slo targets, so it serves requests that can no longer "
                                              "meet them last (fcfs runs never get them).")]
+CudaGraphs = Annotated[str, typer.Option(help=CUDA_GRAPHS_HELP)]
 Realtime = Annotated[bool, typer.Option("--realtime/--as-fast-as-possible",
                                         help="Honour arrival times, or send every request at 0.")]
 HfBatch = Annotated[int, typer.Option(help="hf-peft: requests per generate() batch.")]
@@ -237,6 +239,7 @@ def serve_cmd(
     max_num_seqs: MaxNumSeqs = _E.max_num_seqs, max_num_batched_tokens: MaxBatchedTokens = _E.max_num_batched_tokens,
     max_tasks_per_step: MaxTasks = _E.max_tasks_per_step, num_kv_blocks: KvBlocks = None, device: Device = None,
     dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, slo_aware: SloAware = True,
+    cuda_graphs: CudaGraphs = "all",
     realtime: Realtime = True,
     hf_batch_size: HfBatch = _B.hf_batch_size, hf_max_requests: HfMax = None, warmup: Warmup = _B.warmup_requests,
     hbm_tbps: Hbm = HBM_BYTES_PER_S / 1e12,
@@ -267,6 +270,7 @@ def sweep_adapters_cmd(
     max_num_seqs: MaxNumSeqs = _E.max_num_seqs, max_num_batched_tokens: MaxBatchedTokens = _E.max_num_batched_tokens,
     max_tasks_per_step: MaxTasks = _E.max_tasks_per_step, num_kv_blocks: KvBlocks = None, device: Device = None,
     dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, slo_aware: SloAware = True,
+    cuda_graphs: CudaGraphs = "all",
     realtime: Realtime = True,
     hf_batch_size: HfBatch = _B.hf_batch_size, hf_max_requests: HfMax = None, warmup: Warmup = _B.warmup_requests,
     hbm_tbps: Hbm = HBM_BYTES_PER_S / 1e12,
@@ -298,6 +302,7 @@ def sweep_rates_cmd(
     max_num_seqs: MaxNumSeqs = _E.max_num_seqs, max_num_batched_tokens: MaxBatchedTokens = _E.max_num_batched_tokens,
     max_tasks_per_step: MaxTasks = _E.max_tasks_per_step, num_kv_blocks: KvBlocks = None, device: Device = None,
     dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, slo_aware: SloAware = True,
+    cuda_graphs: CudaGraphs = "all",
     realtime: Realtime = True,
     hf_batch_size: HfBatch = _B.hf_batch_size, hf_max_requests: HfMax = None, warmup: Warmup = _B.warmup_requests,
     hbm_tbps: Hbm = HBM_BYTES_PER_S / 1e12,
@@ -326,6 +331,7 @@ def sweep_batch_cmd(
     max_num_seqs: MaxNumSeqs = _E.max_num_seqs, max_num_batched_tokens: MaxBatchedTokens = _E.max_num_batched_tokens,
     max_tasks_per_step: MaxTasks = _E.max_tasks_per_step, num_kv_blocks: KvBlocks = None, device: Device = None,
     dtype: Dtype = None, ttft_slo: TtftSlo = None, latency_slo: LatencySlo = None, slo_aware: SloAware = True,
+    cuda_graphs: CudaGraphs = "all",
     hf_batch_size: HfBatch = _B.hf_batch_size, hf_max_requests: HfMax = None, warmup: Warmup = _B.warmup_requests,
     hbm_tbps: Hbm = HBM_BYTES_PER_S / 1e12,
     patterns: Annotated[str, typer.Option(help="Adapter patterns, comma-separated.")] = "distinct,uniform,identical",

@@ -14,6 +14,19 @@ from inlaid.server.settings import ServerSettings
 _E = EngineConfig()  # flag defaults come from the configs, so the two cannot drift apart
 _S = ServerSettings()
 _SCHEDULING = {"auto": None, "async": True, "sync": False}  # --scheduling -> async_scheduling
+# --cuda-graphs -> EngineConfig fields
+_GRAPHS = {"all": dict(enforce_eager=False, prefill_graphs=True),
+           "decode": dict(enforce_eager=False, prefill_graphs=False),
+           "off": dict(enforce_eager=True, prefill_graphs=False)}
+CUDA_GRAPHS_HELP = ("GPU: all: every step replays a CUDA graph (prefill steps too); decode: only "
+                    "all-decode steps do; off: every step runs op by op.")
+
+
+def cuda_graph_options(mode: str) -> dict:
+    """``--cuda-graphs`` -> the EngineConfig fields it sets."""
+    if mode not in _GRAPHS:
+        raise ConfigError(f"--cuda-graphs {mode!r}: choose {', '.join(_GRAPHS)}")
+    return _GRAPHS[mode]
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -67,6 +80,7 @@ def serve_cmd(
     scheduling: Annotated[str, typer.Option(
         help="async: launch each step before reading the last one's tokens back, so scheduling "
              "overlaps the GPU; sync: one step at a time; auto: async on cuda, sync on cpu.")] = "auto",
+    cuda_graphs: Annotated[str, typer.Option(help=CUDA_GRAPHS_HELP)] = "all",
     max_queue: Annotated[int, typer.Option(
         help="Queued + running requests; more get 429.")] = _S.max_queue,
     drain_timeout: Annotated[float, typer.Option(
@@ -83,7 +97,7 @@ def serve_cmd(
                           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
                           max_model_len=max_model_len, policy=policy, num_kv_blocks=num_kv_blocks,
                           ttft_slo_s=ttft_slo, latency_slo_s=latency_slo,
-                          async_scheduling=_SCHEDULING[scheduling])
+                          async_scheduling=_SCHEDULING[scheduling], **cuda_graph_options(cuda_graphs))
     if (ttft_slo is not None or latency_slo is not None) and policy != "inlaid":
         raise ConfigError(f"--ttft-slo / --latency-slo need --policy inlaid (the {policy} policy ignores them)")
     try:

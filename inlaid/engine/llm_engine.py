@@ -59,6 +59,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefetch_adapters: bool = True  # load waiting requests' adapters into free slots between steps
     enforce_eager: bool = False  # GPU: no CUDA graphs, every step op by op (debugging, profiling)
+    # GPU: graphs for steps that prefill too (False: only all-decode steps replay graphs; for
+    # measuring what the prefill graphs buy, and a fallback should their capture misbehave)
+    prefill_graphs: bool = True
     # launch step N + 1 before reading step N's tokens back, so the host's work overlaps the GPU's
     # (see LLMEngine.step); None: on for CUDA, off for the CPU, where there is nothing to overlap
     async_scheduling: bool | None = None
@@ -193,7 +196,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_config, self.block_manager, self.predictor)
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, cfg.block_size,
                                   cfg.max_num_batched_tokens, cfg.max_num_seqs, self.max_model_len,
-                                  cuda_graphs=not cfg.enforce_eager)
+                                  cuda_graphs=not cfg.enforce_eager, prefill_graphs=cfg.prefill_graphs)
         self._requests: dict[str, _Request] = {}
         self._next_id = 0
         self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None \

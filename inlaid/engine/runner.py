@@ -46,7 +46,7 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, model: CausalLM, adapters: AdapterManager | None, num_blocks: int,
                  block_size: int, max_num_batched_tokens: int, max_num_seqs: int = 0,
-                 max_model_len: int = 0, cuda_graphs: bool = False):
+                 max_model_len: int = 0, cuda_graphs: bool = False, prefill_graphs: bool = True):
         self.model, self.adapters = model, adapters
         self.block_size = block_size
         s = model.shape
@@ -67,6 +67,7 @@ class ModelRunner:
         self._max_len = max_model_len
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
+        self._prefill_graphs = prefill_graphs
         if model.device.type == "cuda":
             self.warm_prefill(max_num_batched_tokens)
         if cuda_graphs and model.device.type == "cuda":
@@ -121,6 +122,8 @@ class ModelRunner:
             self.graphs = graphs
         except RuntimeError as exc:  # a backend that cannot be captured: serve eagerly
             log.warning("CUDA graph capture failed, decoding eagerly: %s", exc)
+        if not self._prefill_graphs:
+            return
         try:
             graphs = MixedGraphs(self, self._max_tokens, self._max_seqs, self._max_blocks)
             graphs.capture(pool)

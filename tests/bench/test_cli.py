@@ -42,6 +42,21 @@ def test_no_slo_aware_reaches_the_run(tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["params"]["slo_aware"] for r in results] == [False]
+    assert [r["params"]["cuda_graphs"] for r in results] == ["off"]  # the CPU has none
+
+
+def test_cuda_graphs_flag_sets_the_engine_config(monkeypatch, tmp_path):
+    import inlaid.cli.bench as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_all", lambda config, *a, **k: seen.append(config.engine) or [])
+    monkeypatch.setattr(cli, "finish", lambda *a, **k: None)
+    for mode, want in (("all", (False, True)), ("decode", (False, False)), ("off", (True, False))):
+        result = runner.invoke(app, ["bench", "serve", *TINY, "--adapters", "1", "--requests", "1", "--cuda-graphs", mode,
+                                     "--no-plots", "--out", str(tmp_path / mode)])
+        assert result.exit_code == 0, result.output
+        assert (seen[-1].enforce_eager, seen[-1].prefill_graphs) == want
+    assert run_cli(["bench", "serve", *TINY, "--adapters", "1", "--cuda-graphs", "prefill"]) == 1
 
 
 def test_serve_writes_table_json_csv_and_plots(serve_dir):

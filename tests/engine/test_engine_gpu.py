@@ -34,7 +34,7 @@ def test_prefetch_on_a_side_stream_changes_no_output(tmp_path):
     assert outs[True] == outs[False]
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["adapters", "graphs"])
+@pytest.mark.parametrize("graphs", [None, "all", "decode"], ids=["adapters", "graphs", "decode-graphs"])
 def test_cuda_kernels_generate_the_cpu_reference_tokens(tmp_path, graphs):
     """The CUDA path against the CPU engine (torch SDPA, torch LoRA), both fp32: identical greedy
     tokens. Prompts longer than one prefill tile (64 rows), and a token budget of 48 so long prompts
@@ -45,7 +45,9 @@ def test_cuda_kernels_generate_the_cpu_reference_tokens(tmp_path, graphs):
       reference, which reads group sizes back to the host: no graph can hold it, every step runs
       op by op.
     - ``graphs``: no adapter slots, so every step replays a CUDA graph: decode steps and prefill
-      steps (chunks and decodes mixed), in three token buckets."""
+      steps (chunks and decodes mixed), in three token buckets.
+    - ``decode-graphs``: the same with ``prefill_graphs=False``: decode steps replay graphs,
+      prefill steps run op by op."""
     base = save_tiny_model(tmp_path / "base", seed=7)
     words = "the quick brown fox jumps over the lazy dog and then some more words follow here".split()
     prompts = [" ".join(words[: 3 + 6 * i] * (1 + i // 2)) for i in range(6)]
@@ -57,14 +59,17 @@ def test_cuda_kernels_generate_the_cpu_reference_tokens(tmp_path, graphs):
     outs = {}
     for device in ("cpu", "cuda"):
         llm = LLM(str(base), adapters, max_loras=slots, max_lora_rank=4, num_kv_blocks=256, max_num_seqs=4,
-                  max_num_batched_tokens=48, device=device, dtype="float32")
+                  max_num_batched_tokens=48, device=device, dtype="float32",
+                  prefill_graphs=graphs != "decode")
         kinds = _record_graph_sets(llm.engine) if device == "cuda" else []
         outs[device] = [o.output_token_ids for o in llm.generate(prompts, greedy, names)]
     assert outs["cuda"] == outs["cpu"]
     ran = {kind for kind, _ in kinds}
-    if graphs:  # only graphs, and prefill steps in more than one token bucket (16, 32, 48)
+    if graphs == "all":  # only graphs, and prefill steps in more than one token bucket (16, 32, 48)
         assert ran == {"DecodeGraphs", "MixedGraphs"}
         assert len({bucket for kind, bucket in kinds if kind == "MixedGraphs"}) > 1
+    elif graphs == "decode":
+        assert ran == {"DecodeGraphs", "eager"}
     else:
         assert ran == {"eager"}
 

@@ -39,14 +39,14 @@ def test_options_reach_the_library(monkeypatch, served):
                 "--served-model-name", "tiny", "--max-loras", "3", "--max-lora-rank", "16",
                 "--max-num-seqs", "7", "--max-model-len", "128", "--policy", "inlaid", "--device", "cpu",
                 "--dtype", "float32", "--num-kv-blocks", "99", "--max-queue", "5", "--drain-timeout", "2.5",
-                "--ttft-slo", "1.5", "--latency-slo", "8", "--scheduling", "async"])
+                "--ttft-slo", "1.5", "--latency-slo", "8", "--scheduling", "async", "--cuda-graphs", "decode"])
     assert code == 0
     c, s = seen["c"], seen["s"]
     assert c.model == str(served.base)
     assert c.adapters == {"sql": str(sql), "math": str(served.adapters["math"])}
     assert (c.max_loras, c.max_lora_rank, c.max_num_seqs, c.max_model_len, c.policy, c.device, c.dtype,
-            c.num_kv_blocks, c.ttft_slo_s, c.latency_slo_s, c.async_scheduling) == \
-        (3, 16, 7, 128, "inlaid", "cpu", "float32", 99, 1.5, 8.0, True)
+            c.num_kv_blocks, c.ttft_slo_s, c.latency_slo_s, c.async_scheduling, c.enforce_eager,
+            c.prefill_graphs) == (3, 16, 7, 128, "inlaid", "cpu", "float32", 99, 1.5, 8.0, True, False, False)
     assert (s.host, s.port, s.api_key, s.served_model_name, s.adapter_roots) == \
         ("0.0.0.0", 9001, "k", "tiny", (str(served.root),))
     assert (s.max_queue, s.drain_timeout) == (5, 2.5)
@@ -61,6 +61,7 @@ def test_options_reach_the_library(monkeypatch, served):
     (["--ttft-slo", "0"], "ttft_slo_s"),
     (["--latency-slo", "5"], "need --policy inlaid"),
     (["--scheduling", "eager"], "--scheduling"),
+    (["--cuda-graphs", "some"], "--cuda-graphs"),
 ])
 def test_bad_options_exit_1_with_one_line(capsys, served, args, needle):
     assert run_cli(["serve", served.base, *args]) == 1
