@@ -21,7 +21,10 @@ _RETIRED: list[torch.Tensor] = []
 def persistent(name: str, device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A zero-initialised 1-D buffer of at least ``numel`` elements, the same one on every call for
     (name, device, dtype) until a larger one is asked for."""
-    key = (name, torch.device(device), dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one buffer
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (name, device, dtype)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
         if buf is not None:
