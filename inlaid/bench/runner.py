@@ -105,12 +105,6 @@ def run_variant(config: BenchConfig, workload: Workload, variant: str, progress:
     return _engine_result(config, workload, variant, tick, params)
 
 
-def _graphs_in_use(engine: LLMEngine) -> str:
-    """Which steps of the run replayed CUDA graphs (``--cuda-graphs``' words; "off" on the CPU)."""
-    decode, prefill = engine.runner.graphs is not None, engine.runner.mixed_graphs is not None
-    return {(True, True): "all", (True, False): "decode", (False, True): "prefill"}.get((decode, prefill), "off")
-
-
 def engine_config_for(config: BenchConfig, variant: str, num_adapters: int) -> EngineConfig:
     """The main engine config with the one change ``variant`` makes."""
     base = config.engine
@@ -149,7 +143,7 @@ def _engine_result(config: BenchConfig, workload: Workload, variant: str, tick, 
         bits, group = base_quantization(engine)
         params.update(model=engine_config.model, policy=engine_config.policy, bits=bits,
                       max_loras=engine_config.max_loras, slo_aware=engine.scheduler.config.slo_aware,
-                      cuda_graphs=_graphs_in_use(engine))
+                      cuda_graphs=engine.runner.graph_mode)
         return RunResult(
             name=variant, target="engine", params=params, summary=_summary(config, run.timelines),
             requests=_request_rows(run.timelines, run.predicted_output_len),

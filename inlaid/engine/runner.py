@@ -102,8 +102,15 @@ class ModelRunner:
             torch.cuda.synchronize(device)
 
     @property
+    def graph_mode(self) -> str:
+        """Which steps replay CUDA graphs, in ``--cuda-graphs``' words ("prefill": only those, when
+        the decode capture failed; "off" on the CPU)."""
+        decode, prefill = self.graphs is not None, self.mixed_graphs is not None
+        return {(True, True): "all", (True, False): "decode", (False, True): "prefill"}.get((decode, prefill), "off")
+
+    @property
     def uses_graphs(self) -> bool:
-        return self.graphs is not None or self.mixed_graphs is not None
+        return self.graph_mode != "off"
 
     def capture_graphs(self) -> None:
         """(Re-)capture the step graphs: at start-up, and after weights change under them. The two

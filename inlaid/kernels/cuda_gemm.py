@@ -251,10 +251,10 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
     Above M = 16 those sweeps (the GEMM alone) put the best target at ~0.75 blocks per SM. The
     engine's batch-32 decode step, where the LoRA shrink runs beside each GEMM on a side stream,
     was measured side by side per shape (docs/results/gpu_ab_knobs1_00e4223.log,
-    gpu_ab_knobs2_00e4223.log, gpu_ab_splits32_f0fc243.log): down (4096 x 11008) at split 8 instead
-    of 4 took 0.03-0.11 ms off the step, o (4096 x 4096) wants 4 (8: +0.03 ms), and q/k/v at 4 with
-    gate/up at 2 (+0.30 ms), gate/up at 2 alone (+0.19), down at 16 (+0.32) and q/k/v at 1 (+0.04)
-    were all slower. The target of ~1 with >= 16 super tiles per block gives exactly the best of
+    gpu_ab_knobs2_00e4223.log, gpu_ab_splits32_f0fc243.log): down (4096 x 11008) and o (4096 x
+    4096) at split 8 instead of 4 took 0.03-0.11 ms off the step, then o back at 4 another 0.03;
+    q/k/v at 4 with gate/up at 2 (+0.30 ms), gate/up at 2 alone (+0.19), down at 16 (+0.32) and
+    q/k/v at 1 (+0.04) were all slower. The target of ~1 with >= 16 super tiles per block gives exactly the best of
     these."""
     if m <= 4:
         if n >= 8192:

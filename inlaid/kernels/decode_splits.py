@@ -13,7 +13,7 @@ and bench_attention_splits_00e4223.log):
   20.4, 512 tokens 22.9 -> 14.0;
 - batch 2, 4 splits: 130.1 -> 65.1 µs at 4,096 tokens, 42.7 -> 26.4 at 1,024;
 - batch 4, 2 splits: 140.3 -> 109.4 µs at 4,096 tokens;
-- from batch 8 (256 pairs) on, splitting gains nothing at 1,024 tokens and costs 5-50% at 192,
+- from batch 8 (256 pairs) on, splitting gains nothing at 1,024 tokens and costs 6-55% at 192,
   where the merge's extra stores, arrival count and reads are not paid back. So only grids under
   256 programs split. At 192 tokens and batch 1-4 every split count lies within the noise of
   these ~15-25 µs timings.

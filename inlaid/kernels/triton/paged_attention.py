@@ -230,7 +230,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"splits must be a power of 2, and 1 for the fma variant; got {splits}")
     out = torch.empty_like(q) if out is None else out
     args = (q, k_cache, v_cache, out, block_tables, context_lens)
-    strides = (scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+    scalars = (scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
                out.stride(0), out.stride(1), block_tables.stride(0))
     groups = heads // kv_heads
     if variant == "mma":
@@ -243,12 +243,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                               torch.float32)
             count = persistent("decode_attention_counts", q.device, batch * kv_heads, torch.int32)
         _paged_decode_mma_kernel[(batch, kv_heads, splits)](
-            *args, part, count, *strides, GROUPS=groups, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=dim,
+            *args, part, count, *scalars, GROUPS=groups, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=dim,
             HAS_WINDOW=sliding_window is not None, BLOCK_H=max(16, triton.next_power_of_2(groups)),
             IEEE=q.dtype == torch.float32, SPLITS=splits,
             num_warps=num_warps, num_stages=num_stages, **pdl.triton_args(q.device))
     else:
         _paged_decode_kernel[(batch, heads)](
-            *args, *strides, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(block_size, tile), HEAD_DIM=dim,
+            *args, *scalars, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(block_size, tile), HEAD_DIM=dim,
             HAS_WINDOW=sliding_window is not None, num_warps=num_warps, **pdl.triton_args(q.device))
     return out
