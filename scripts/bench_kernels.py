@@ -185,25 +185,30 @@ def table(rows, bw) -> str:
     return "\n".join(out)
 
 
-# (nw, unroll, split, stages) of every instantiated launch (cuda_gemm.Config)
+# (nw, unroll, split, kernel) of every instantiated launch (cuda_gemm.Config); the wgmma kernel's
+# only where it is built (sm_90)
 CUDA_CONFIGS = ([(nw, u, split, 0) for nw in (1, 2) for u in (2, 4) for split in (1, 2, 4, 8, 16)]
                 + [(nw, u, split, 4) for nw, u in ((1, 1), (1, 2), (2, 1), (2, 2), (4, 1))
                    for split in (1, 2, 4, 8, 16)])
+WGMMA_CONFIGS = [(nw, u, split, 90) for nw, u in ((1, 2), (2, 1), (2, 2), (4, 1)) for split in (1, 2, 4, 8, 16)]
 
 
-def sweep_cuda(ms, json_out=None) -> None:
-    """Launch configs of the CUDA GEMM (``CUDA_CONFIGS``) on the decode shapes: the default's time
-    and the best few per shape and M (every config's time as JSON lines to ``json_out``)."""
-    from inlaid.kernels.cuda_gemm import default_config, quant_matmul_cuda
+def sweep_cuda(ms, json_out=None, kernels=None) -> None:
+    """Launch configs of the CUDA GEMM (``CUDA_CONFIGS``, and ``WGMMA_CONFIGS`` where built) of the
+    given kernels (all by default) on the decode shapes: the default's time and the best few per
+    shape and M (every config's time as JSON lines to ``json_out``)."""
+    from inlaid.kernels.cuda_gemm import default_config, has_wgmma, quant_matmul_cuda
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    configs = [c for c in CUDA_CONFIGS + (WGMMA_CONFIGS if has_wgmma(0) else [])
+               if kernels is None or c[3] in kernels]
     for k, n, name in SHAPES:
         copies, layers, floor_us = sweep_layers(k, n)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            default = default_config(m, n, k, sms)
+            default = default_config(m, n, k, sms, has_wgmma(0))
             found = []
-            for cfg in CUDA_CONFIGS:
+            for cfg in sorted(set(configs) | {default}):
                 if k // 64 < cfg[2] or n % (64 * cfg[0]) or (cfg[0] == 4 and m > 32):
                     continue
                 found.append((timed(lambda i: quant_matmul_cuda(x, layers[i], config=cfg), copies, reps=10),
@@ -283,7 +288,9 @@ def main() -> None:
     parser.add_argument("--repeat", nargs=4, metavar=("BACKEND", "M", "K", "N"),
                         help="only call one backend (cuda, triton, exllama) on one shape 20 times, "
                              "for a profiler (ncu) to pick a call")
-    parser.add_argument("--config", help="--repeat cuda: a launch config nw,unroll,split,stages")
+    parser.add_argument("--kernels", help="--sweep-cuda: only these kernels' configs, e.g. 4,90 "
+                                          "(0 registers, 4 pipelined, 90 wgmma; the default config always)")
+    parser.add_argument("--config", help="--repeat cuda: a launch config nw,unroll,split,kernel")
     parser.add_argument("--rank", nargs="+", metavar="JSON",
                         help="only rank launch-config rules on --sweep-cuda --json files (no GPU)")
     args = parser.parse_args()
@@ -300,11 +307,12 @@ def main() -> None:
         sweep(args.sweep)
         return
     if args.sweep_cuda:
+        kernels = None if args.kernels is None else {int(k) for k in args.kernels.split(",")}
         if args.json:
             with open(args.json, "w") as f:
-                sweep_cuda(args.sweep_cuda, f)
+                sweep_cuda(args.sweep_cuda, f, kernels)
         else:
-            sweep_cuda(args.sweep_cuda)
+            sweep_cuda(args.sweep_cuda, kernels=kernels)
         return
     exllama = None
     if not args.no_exllama:

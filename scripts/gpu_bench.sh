@@ -10,8 +10,8 @@
 #   table     scripts/bench_kernels.py: every quant_matmul backend vs cuBLAS and exllamav2, M 1-2048
 #   cuda      GPU tests of the CUDA small-M GEMM (and the other quant_matmul backends), then its
 #             launch-config sweep at M = ${SWEEP_M:-1 8 16 32}
-#   sweep-cuda  only the CUDA GEMM's launch-config sweep (at M = ${SWEEP_M:-1 8 16 32}), every
-#             config's time also in results/sweep_cuda.json
+#   sweep-cuda  only the CUDA GEMM's launch-config sweep (at M = ${SWEEP_M:-1 8 16 32}; kernels
+#             ${SWEEP_KERNELS:-all}, e.g. 4,90), every config's time also in results/sweep_cuda.json
 #   ncu       scripts/ncu_gemm.sh: Nsight Compute sections of single GEMM calls, NCU_RUNS="BACKEND M
 #             K N CONFIG;..." (default: the CUDA GEMM and the Triton kernel, M = 32, gate/up)
 #   attention scripts/bench_attention.py ${ATTENTION_ARGS}: the paged decode attention kernel by variant,
@@ -94,7 +94,7 @@ for what in "$@"; do
             --json $OUT/results/sweep_cuda.json" ;;
         table) part table python3 scripts/bench_kernels.py ;;
         sweep-cuda) part sweep_cuda python3 scripts/bench_kernels.py --sweep-cuda ${SWEEP_M:-1 8 16 32} \
-            --json "$OUT/results/sweep_cuda.json" ;;
+            ${SWEEP_KERNELS:+--kernels $SWEEP_KERNELS} --json "$OUT/results/sweep_cuda.json" ;;
         ncu) if [ -n "${NCU_RUNS:-}" ]; then IFS=';' read -ra runs <<< "$NCU_RUNS"; else runs=(); fi
             part ncu bash scripts/ncu_gemm.sh "${runs[@]}" ;;
         attention) part attention python3 scripts/bench_attention.py ${ATTENTION_ARGS:-} ;;

@@ -149,14 +149,22 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc") or shutil.which("/usr/local/cuda/bin/nvcc")
 
 
+def _arch_flags(arch: str) -> list[str]:
+    """nvcc's target flags. Hopper builds for sm_90a, whose arch-specific wgmma the WGMMA kernel
+    needs (the library then runs on sm_90 only, and it is built per GPU anyway)."""
+    if arch == "sm_90":
+        return ["-gencode", "arch=compute_90a,code=sm_90a", "-DINLAID_WGMMA"]
+    return [f"-arch={arch}"]
+
+
 def build(arch: str, nvcc: str | None = None) -> Path:
     """Compile the kernel for ``arch`` (e.g. "sm_90") into a cached shared library; returns its path.
-    The cache key is the source's hash, so an edited kernel is rebuilt."""
+    The cache key hashes the source and the target flags, so an edited kernel is rebuilt."""
     nvcc = nvcc or _nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME)")
     src = SOURCE.read_bytes()
-    digest = hashlib.sha256(src + arch.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(src + " ".join(_arch_flags(arch)).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("INLAID_CACHE", Path.home() / ".cache" / "inlaid")) / "kernels"
     lib = cache / f"qgemm4-{arch}-{digest}.so"
     if lib.exists():
@@ -164,7 +172,7 @@ def build(arch: str, nvcc: str | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: no half files
         out = Path(tmp) / lib.name
-        cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}",
+        cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *_arch_flags(arch),
                "-o", str(out), str(SOURCE)]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
@@ -208,11 +216,19 @@ def enabled() -> bool:
 _SMS: dict[int, int] = {}
 
 
-# A launch config: (nw 16-column tiles per warp, unroll super tiles per step, split K ways, stages).
-# stages 0: the register kernel (nw 1 or 2, unroll 2 or 4); 4: the pipelined kernel, a 4-deep
-# cp.async ring in shared memory (nw 1, 2 or 4 (not above M = 32), unroll 1 or 2). The kernel's
-# launch_config lists them.
+# A launch config: (nw 16-column tiles per warp, unroll super tiles per step, split K ways, kernel).
+# Kernels: REGISTERS (nw 1 or 2, unroll 2 or 4); PIPELINED, a 4-deep cp.async ring in shared memory
+# feeding mma.sync (nw 1, 2 or 4 (not above M = 32), unroll 1 or 2); WGMMA, the same ring feeding
+# Hopper's warpgroup MMA, sm_90 only (nw 1 with unroll 2, nw 2 with unroll 1 or 2, nw 4 with unroll
+# 1 up to M = 32). The kernel's launch_config lists them.
 Config = tuple[int, int, int, int]
+REGISTERS, PIPELINED, WGMMA = 0, 4, 90
+
+
+@functools.lru_cache(maxsize=None)
+def has_wgmma(device_index: int = 0) -> bool:
+    """Whether the library built for this GPU holds the WGMMA kernel (sm_90)."""
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
 def _split(blocks: int, k: int, target: float, min_tiles: int = 8) -> int:
@@ -227,8 +243,8 @@ def _split(blocks: int, k: int, target: float, min_tiles: int = 8) -> int:
     return split
 
 
-def default_config(m: int, n: int, k: int, sms: int) -> Config:
-    """(nw, unroll, split, stages).
+def default_config(m: int, n: int, k: int, sms: int, wgmma: bool = False) -> Config:
+    """(nw, unroll, split, kernel); ``wgmma``: the GPU has the WGMMA kernel (sm_90).
 
     - M <= 4: the register kernel, one 16-column tile per warp, two super tiles per step, K split
       until there are ~3 blocks per SM; where N >= 8192 (q/k/v, gate/up: many column tiles) four
@@ -237,6 +253,12 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
       there are ~1.5 blocks per SM up to M = 16 and ~1 above; above M = 16 a block keeps >= 16
       super tiles (it then holds 4x the MMAs and partial sums, so its share of K must pay for a
       larger split-K merge); one tile per warp where N is not a multiple of 128.
+    - With wgmma, M 5-32 take the WGMMA kernel instead: the same configs up to M = 16; above, one
+      tile per warp and ~2 blocks per SM (still >= 16 super tiles a block). On an H100, side by
+      side in the engine's decode step (docs/results/gpu_ab_wgmma_*.log), that took 3.4% off at
+      batch 32 and 1.4% at batch 8; the M > 16 configs are the GEMM sweep's best per shape
+      (docs/results/bench_kernels_cuda_sweep_wgmma_*.log), and with the pipelined kernel's
+      configs the batch-32 step was 0.8% slower than before.
 
     From two launch-config sweeps on two H100s (`bench_kernels.py --sweep-cuda 1 8 16 32`, 45
     configs; `bench_kernels.py --rank` on their JSON ranks the rules; docs/results/kernels.md): at
@@ -260,10 +282,13 @@ def default_config(m: int, n: int, k: int, sms: int) -> Config:
         if n >= 8192:
             return 1, 4, _split(n // (16 * WARPS), k, 5.5 * sms), 0
         return 1, 2, _split(n // (16 * WARPS), k, 3 * sms), 0
+    kernel = WGMMA if wgmma else PIPELINED
     nw = 2 if n % (16 * WARPS * 2) == 0 else 1
     if m <= 16:
-        return nw, 2, _split(n // (16 * WARPS * nw), k, 1.5 * sms), 4
-    return nw, 2, _split(n // (16 * WARPS * nw), k, 1.0 * sms, min_tiles=16), 4
+        return nw, 2, _split(n // (16 * WARPS * nw), k, 1.5 * sms), kernel
+    if wgmma:
+        return 1, 2, _split(n // (16 * WARPS), k, 2.0 * sms, min_tiles=16), kernel
+    return nw, 2, _split(n // (16 * WARPS * nw), k, 1.0 * sms, min_tiles=16), kernel
 
 
 def _group_shift(cq: CudaQuant) -> int:
@@ -295,7 +320,7 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     dev = x.device.index or 0
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    nw, unroll, split, stages = config or default_config(m, n, k, _SMS[dev])
+    nw, unroll, split, kernel = config or default_config(m, n, k, _SMS[dev], has_wgmma(dev))
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=torch.float16)
     if not y.is_contiguous() or y.shape != (m, n) or y.dtype != torch.float16 or y.device != x.device:
         raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor on {x.device}")
@@ -305,10 +330,10 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     with torch.cuda.device(x.device):  # the launch goes to the current device's context
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),
                             None if p.bias is None else p.bias.data_ptr(), y.data_ptr(), ws.data_ptr(),
-                            counts.data_ptr(), m, n, k, nw, unroll, split, stages, _group_shift(cq),
+                            counts.data_ptr(), m, n, k, nw, unroll, split, kernel, _group_shift(cq),
                             int(pdl.enabled(x.device)),
                             torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"qgemm4 launch failed (code {err}) for M={m} N={n} K={k} "
-                           f"config={(nw, unroll, split, stages)}")
+                           f"config={(nw, unroll, split, kernel)}")
     return y

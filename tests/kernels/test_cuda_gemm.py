@@ -69,10 +69,28 @@ def emulate(x: torch.Tensor, cq: cuda_gemm.CudaQuant, n: int) -> torch.Tensor:
     col = (2 * t + h + 8 * (q // 2)).expand(full)
     jj = j.expand(full)
     a[:, :, jj, row, col] = vals
-    # B: token tiles of 8; rows past M are zero
-    mpad = -(-m // 8) * 8
-    xs = torch.zeros(mpad, k, dtype=torch.float64)
-    xs[:m] = x.double()
+    b = mma_b_operand(_padded(x))
+    yt = torch.einsum("nsjrl,sjlm->nrm", a, b)  # [NT, 16, Mpad]
+    return yt.permute(2, 0, 1).reshape(mpad_of(m), n)[:m]
+
+
+def mpad_of(m: int) -> int:
+    return -(-m // 8) * 8
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """x in float64 with token tiles of 8: rows past M are zero."""
+    xs = torch.zeros(mpad_of(x.shape[0]), x.shape[1], dtype=torch.float64)
+    xs[: x.shape[0]] = x.double()
+    return xs
+
+
+def mma_b_operand(xs: torch.Tensor) -> torch.Tensor:
+    """B of every super tile s and MMA j, [KS, 4, 16 logical k, Mpad], as the mma.sync kernels'
+    lanes load it: lane (g, t)'s B registers r = 0, 1 hold B[2t + h + 8 r][g] = x[token][64 s + 16 t
+    + 4 j + 2 r + h]."""
+    mpad, k = xs.shape
+    ks = k // 64
     lane_b, jb, r, hb = _axes(32, 4, 2, 2)
     gb, tb = lane_b // 4, lane_b % 4
     fb = (32, 4, 2, 2)
@@ -83,8 +101,38 @@ def emulate(x: torch.Tensor, cq: cuda_gemm.CudaQuant, n: int) -> torch.Tensor:
         tok = (8 * i + gb).expand(fb)
         for s in range(ks):
             b[s, jb.expand(fb), lrow, tok] = xs[tok, 64 * s + kphys]
-    yt = torch.einsum("nsjrl,sjlm->nrm", a, b)  # [NT, 16, Mpad]
-    return yt.permute(2, 0, 1).reshape(mpad, n)[:m]
+    return b
+
+
+def wgmma_b_operand(xs: torch.Tensor) -> torch.Tensor:
+    """B as the wgmma kernel presents it, [KS, 4, 16, Mpad]: each token row's 4-byte word L copied
+    to core matrix L % 8, slot L / 8, of its 8-token group (XCores in qgemm4.cu: core matrices 144
+    bytes apart, groups 8 x 144), then read back the way PTX defines a K-major, unswizzled
+    descriptor: logical (k, token n) of MMA j at start + (k / 8) LBO + (n / 8) SBO + 16 (n % 8) +
+    2 (k % 8) bytes, with start 2 j x 144, LBO 144 and SBO 8 x 144."""
+    mpad, k = xs.shape
+    core, group = 144, 8 * 144
+    b = torch.zeros(k // 64, 4, 16, mpad, dtype=torch.float64)
+    for s in range(k // 64):
+        smem = torch.full((mpad // 8 * group // 2,), float("nan"), dtype=torch.float64)  # in halves
+        for tok in range(mpad):
+            for lane in range(32):
+                at = ((lane % 8) * core + (lane // 8) * 4 + (tok % 8) * 16 + (tok // 8) * group) // 2
+                smem[at:at + 2] = xs[tok, 64 * s + 2 * lane: 64 * s + 2 * lane + 2]
+        for j in range(4):
+            for kk in range(16):
+                for tok in range(mpad):
+                    at = 2 * j * core + (kk // 8) * core + (tok // 8) * group + (tok % 8) * 16 + (kk % 8) * 2
+                    b[s, j, kk, tok] = smem[at // 2]
+    return b
+
+
+@pytest.mark.parametrize("m", [1, 11, 32])
+def test_wgmma_shared_memory_layout_gives_the_mma_b_operand(m):
+    """The wgmma kernel takes A (the weights) in the same registers as the mma.sync kernels, so its
+    B, read through its descriptors, must be exactly their B: x permuted as the layout's logical k."""
+    xs = _padded(torch.randn(m, 256))
+    assert torch.equal(wgmma_b_operand(xs), mma_b_operand(xs))
 
 
 @pytest.mark.parametrize("group_size,act_order,sym", LAYOUTS)
@@ -124,6 +172,12 @@ def test_layout_problems_are_named():
 def test_default_config_rule(m, n, k, config):
     got = cuda_gemm.default_config(m, n, k, 132)
     assert got == config
+    # with wgmma (sm_90) M 5-16 keep the configs on the WGMMA kernel; M > 16: test below
+    wg = cuda_gemm.default_config(m, n, k, 132, wgmma=True)
+    if m <= 4:
+        assert wg == config
+    elif m <= 16:
+        assert wg == config[:3] + (cuda_gemm.WGMMA,)
     nw, _, split, _ = got
     min_tiles = 8 if m <= 16 else 16  # super tiles per block
     assert split == 1 or k // 64 // split >= min_tiles
@@ -132,6 +186,14 @@ def test_default_config_rule(m, n, k, config):
     # the smallest power-of-two split that reaches the block target, unless the K limit stops it
     assert blocks * split >= target or k // (64 * split * 2) < min_tiles
     assert split == 1 or blocks * (split // 2) < target
+
+
+# M 17-32 with wgmma: one tile per warp, ~2 blocks per SM, >= 16 super tiles a block: the best
+# config of each Llama-2-7B shape in the M = 32 sweep (docs/results/kernels.md)
+@pytest.mark.parametrize("n,k,split", [(4096, 4096, 4), (12288, 4096, 2), (22016, 4096, 1), (4096, 11008, 8)])
+def test_default_config_rule_with_wgmma_above_m16(n, k, split):
+    assert cuda_gemm.default_config(32, n, k, 132, wgmma=True) == (1, 2, split, cuda_gemm.WGMMA)
+    assert cuda_gemm.default_config(17, n, k, 132, wgmma=True) == (1, 2, split, cuda_gemm.WGMMA)
 
 
 def test_group_shift_only_for_equal_power_of_two_groups():
@@ -143,8 +205,9 @@ def test_group_shift_only_for_equal_power_of_two_groups():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-def test_kernel_source_compiles(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # sm_90: sm_90a, with the wgmma kernel
+def test_kernel_source_compiles(tmp_path, monkeypatch, arch):
     monkeypatch.setenv("INLAID_CACHE", str(tmp_path))
-    lib = cuda_gemm.build("sm_80")
+    lib = cuda_gemm.build(arch)
     assert lib.exists() and lib.parent == tmp_path / "kernels"
-    assert cuda_gemm.build("sm_80") == lib  # cached by the source's hash
+    assert cuda_gemm.build(arch) == lib  # cached by the source's hash

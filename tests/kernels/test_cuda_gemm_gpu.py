@@ -29,19 +29,28 @@ def _enabled(monkeypatch):
     monkeypatch.setenv("INLAID_CUDA_GEMM", "1")
 
 
-# (nw, unroll, split, stages): both kernels, every tile count and unroll, odd and even splits
+# (nw, unroll, split, kernel): every kernel, tile count and unroll, odd and even splits
 CONFIGS = [None, (1, 2, 1, 0), (2, 4, 1, 0), (1, 4, 3, 0), (2, 2, 8, 0),
-           (1, 1, 1, 4), (1, 2, 3, 4), (2, 1, 8, 4), (2, 2, 1, 4), (4, 1, 3, 4)]
+           (1, 1, 1, 4), (1, 2, 3, 4), (2, 1, 8, 4), (2, 2, 1, 4), (4, 1, 3, 4),
+           (1, 2, 1, 90), (2, 1, 3, 90), (2, 2, 8, 90), (4, 1, 2, 90)]
+
+
+def _skip_unbuilt(config):
+    from inlaid.kernels import cuda_gemm
+
+    if config is not None and config[3] == cuda_gemm.WGMMA and not cuda_gemm.has_wgmma(0):
+        pytest.skip("the wgmma kernel is built for sm_90 only")
 
 
 @pytest.mark.parametrize("group_size,act_order,sym", LAYOUTS)
 @pytest.mark.parametrize("m", [1, 5, 8, 17, 32, 33, 64])
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "default" if c is None else "nw{}u{}s{}k{}".format(*c))
 def test_cuda_gemm_matches_reference(group_size, act_order, sym, m, config):
     from inlaid.kernels.cuda_gemm import quant_matmul_cuda
 
     if config is not None and config[0] == 4 and m > 32:
         pytest.skip("four tiles per warp are not built above M = 32")
+    _skip_unbuilt(config)
     packed, _, _ = random_layer(1024, 768, 4, group_size, sym, act_order, bias=(m % 2 == 1), seed=m)
     p = prepare(packed, "cuda", torch.float16)
     assert p.backend_state.get("cuda") is not None  # built at load time
@@ -62,10 +71,13 @@ def test_uneven_and_empty_split_ranges(k, split):
     packed, _, _ = random_layer(k, 384, 4, 64, False, False, bias=True, seed=k + split)
     p = prepare(packed, "cuda", torch.float16)
     ref_p = prepare(packed, "cuda", torch.float32)
-    for unroll, stages in ((2, 0), (4, 0), (1, 4), (2, 4)):
+    from inlaid.kernels.cuda_gemm import has_wgmma
+
+    kernels = ((2, 0), (4, 0), (1, 4), (2, 4)) + (((2, 90),) if has_wgmma(0) else ())
+    for unroll, kernel in kernels:
         x = torch.randn(19, k, device="cuda", dtype=torch.float16)
         out = torch.full((19, 384), float("nan"), device="cuda", dtype=torch.float16)
-        got = quant_matmul_cuda(x, p, config=(1, unroll, split, stages), out=out)
+        got = quant_matmul_cuda(x, p, config=(1, unroll, split, kernel), out=out)
         assert rel(got, quant_matmul_ref(x.float(), ref_p)) < TOL
 
 
@@ -126,6 +138,6 @@ def test_a_config_that_is_not_built_is_an_error_not_a_wrong_result():
     packed, _, _ = random_layer(1024, 256, 4, 128, True, False, bias=False, seed=4)
     p = prepare(packed, "cuda", torch.float16)
     x = torch.randn(8, 1024, device="cuda", dtype=torch.float16)
-    for bad in ((3, 2, 1, 0), (1, 3, 1, 0), (1, 2, 0, 0), (1, 4, 1, 4), (1, 1, 1, 3)):
+    for bad in ((3, 2, 1, 0), (1, 3, 1, 0), (1, 2, 0, 0), (1, 4, 1, 4), (1, 1, 1, 3), (1, 1, 1, 90)):
         with pytest.raises(RuntimeError, match="launch failed"):
             quant_matmul_cuda(x, p, config=bad)

@@ -37,6 +37,10 @@
 // (gate/up at M = 32); the register kernel stays the default for M <= 4, where it measured faster
 // (docs/results/kernels.md). In both, every instruction in the loop counts (750 -> 489 SASS
 // instructions for 64 MMAs in the register kernel's loop cut 55.8 -> 49.0 us at M = 32).
+// On sm_90 the same ring feeds Hopper's warpgroup MMA instead (kWg; "the wgmma kernel" below):
+// x is read by the tensor cores from shared memory, one instruction per 16 k for the whole
+// block, so the warps' x loads go, and at M = 32 three quarters of their MMA instructions; it is the
+// default there for M 5-32.
 //
 // Split-K: every block stores its partial sums, as they lie in its registers, into its own slice of
 // an fp32 workspace (plain coalesced stores, no atomics), and the last block of a column tile to
@@ -55,6 +59,8 @@
 
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 namespace {
 
@@ -142,6 +148,16 @@ __device__ __forceinline__ void dequant_word(uint32_t w, half2 z0, half2 s0, hal
     }
 }
 
+// The A registers of the four MMAs (j = 0..3) of one 16-column x 64-k super tile: its uint4 of
+// codes w, its zero points zg = (1024 + z_g, 1024 + z_g8) and its scales s0 = (s_g, s_g), s1 =
+// (s_g8, s_g8) (zero past the K range where the caller masks).
+__device__ __forceinline__ void dequant_tile(const uint4& w, half2 zg, half2 s0, half2 s1, uint32_t (&a)[4][4]) {
+    const half2 z0 = __low2half2(zg), nz1 = __high2half2(__hsub2(__float2half2_rn(960.f), zg));
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dequant_word(words[j], z0, s0, nz1, s1, a[j]);
+}
+
 // The launch's arguments.
 struct Params {
     const half* __restrict__ x;      // [M, K] (K permuted for act-order)
@@ -217,18 +233,15 @@ struct Tile {
                 const half2 live2 = __float2half2_rn(live ? 1.f : 0.f);
                 s0 = __hmul2(s0, live2), s1 = __hmul2(s1, live2);
             }
-            const half2 z0 = __low2half2(zg), nz1 = __high2half2(__hsub2(__float2half2_rn(960.f), zg));
-            const uint32_t words[4] = {w[n].x, w[n].y, w[n].z, w[n].w};
+            uint32_t a[4][4];
+            dequant_tile(w[n], zg, s0, s1, a);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                uint32_t a[4];
-                dequant_word(words[j], z0, s0, nz1, s1, a);
+            for (int j = 0; j < 4; ++j)
 #pragma unroll
                 for (int i = 0; i < TM; ++i) {
                     const uint32_t* xb = (j < 2) ? &xv[i][0].x : &xv[i][1].x;
-                    mma(acc[n][i], a, xb[(2 * j) & 3], xb[(2 * j + 1) & 3]);
+                    mma(acc[n][i], a[j], xb[(2 * j) & 3], xb[(2 * j + 1) & 3]);
                 }
-            }
         }
     }
 
@@ -352,8 +365,9 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
 // pairs sit in slots of its own and are read back only by that lane (cp.async.wait_group orders
 // them, no barrier, no bank conflicts: a warp's 32 consecutive slots). x is the block's: every
 // thread copies a share of the U super tiles' token rows once, and all warps read them after a
-// barrier. Rows hold 64 halves plus 8 of padding, so that the 8 tokens a quarter warp reads at
-// 32t-byte offsets fall in distinct banks.
+// barrier. The mma.sync kernel's rows hold 64 halves plus 8 of padding, so that the 8 tokens a
+// quarter warp reads at 32t-byte offsets fall in distinct banks; the wgmma kernel's x (XCores
+// below) takes the same bytes.
 constexpr int kRow = 72;
 
 template <int TM, int NW, int U>
@@ -364,7 +378,158 @@ struct Stage {
     static constexpr int kSize = kW + kZS + kX;       // uint4 per stage
 };
 
-// The pipelined kernel: a ring of S stages in shared memory, S - 1 steps of loads (weights, scales
+// x for the mma.sync kernel: 16-byte chunks of token rows into padded rows, each thread a fixed
+// share (kPer chunks) whose source advances by U super tiles a step.
+template <int TM, int U>
+struct XRows {
+    static constexpr int kChunks = U * TM * 8 * 8, kPer = (kChunks + kWarps * 32 - 1) / (kWarps * 32);
+    const half* src[kPer];
+    unsigned dst[kPer];
+    int u[kPer];
+
+    __device__ __forceinline__ XRows(const Params& p, int ks0) {
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+            const int idx = min(c * kWarps * 32 + (int)threadIdx.x, kChunks - 1);  // spare threads: a duplicate
+            const int r = (idx / 8) % (TM * 8), part = idx % 8;
+            u[c] = idx / (TM * 64);
+            src[c] = p.x + (size_t)min(r, p.M - 1) * p.K + (size_t)(ks0 + u[c]) * 64 + 8 * part;
+            dst[c] = ((u[c] * TM * 8 + r) * kRow + 8 * part) * 2;
+        }
+    }
+
+    // step st's copies into the x region at shared address `x`; super tiles from `first` (the
+    // step's first, relative to ks0) at or past `left` are zero-filled
+    __device__ __forceinline__ void copy(unsigned x, int st, int left) const {
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+            const bool in = st * U + u[c] < left;
+            cp_async16(x + dst[c], src[c] + (in ? st * U * 64 : 0), in ? 16 : 0);
+        }
+    }
+};
+
+#ifdef INLAID_WGMMA
+// --- the wgmma kernel (sm_90a) -----------------------------------------------------------------
+//
+// Hopper's warpgroup MMA computes a 64 x N x 16 product per instruction across the block's four
+// warps (one warpgroup): A, 64 output columns (warp w's 16-column tile as rows 16w..16w+15), comes
+// from registers in exactly the m16n8k16 A layout that dequant_word already produces, and B, the
+// tokens' x (N = 8 TM), straight from shared memory, so no warp loads x fragments and one
+// instruction replaces TM mma.syncs per warp. The accumulator's layout per warp is the m16n8 C
+// layout for each 8-token chunk, so Tile::finish is unchanged. The MMAs run asynchronously while
+// the warp dequantizes the next super tile.
+//
+// B from shared memory follows the K-major "core matrix" layout: 8 tokens x 8 k (16 bytes a
+// token) contiguous, neighbours along K LBO bytes apart and along the tokens SBO bytes apart. The
+// A registers' logical k is not physical k (the kernel header: thread t's 16 physical k feed
+// logical {2t, 2t+1} and {2t+8, 2t+9} of MMA j), so B must be x permuted the same way: logical
+// k 0-7 of MMA j (core matrix c = 0) are the 4-byte words 8t + 2j of the 64-k row, t = 0..3, and
+// logical 8-15 (c = 1) the words 8t + 2j + 1. Each lane copies word L of a token row (one
+// coalesced 128-byte read per warp) with a 4-byte cp.async to core matrix jc = L % 8, slot
+// t = L / 8; core matrices sit kCore = 144 bytes apart (9 x 16: the 32 lanes' words then fall in
+// 32 distinct banks), 8 of them per 8-token group.
+constexpr int kCore = 144, kGroup = 8 * kCore;
+
+__device__ __forceinline__ void cp_async4(unsigned smem, const void* gmem, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem), "l"(gmem), "r"(bytes) : "memory");
+}
+
+// Shared-memory matrix descriptor: start, LBO, SBO in 16-byte units, no swizzle.
+__device__ __forceinline__ uint64_t smem_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// cp.async's writes are the generic proxy's; wgmma reads through the async proxy
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// d[i][e] += A (64 x 16, registers) x B (16 x 8 TM, shared memory at desc)
+template <int TM>
+__device__ __forceinline__ void wgmma(float (&d)[TM][4], const uint32_t (&a)[4], uint64_t desc);
+
+template <>
+__device__ __forceinline__ void wgmma<1>(float (&d)[1][4], const uint32_t (&a)[4], uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma<2>(float (&d)[2][4], const uint32_t (&a)[4], uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma<3>(float (&d)[3][4], const uint32_t (&a)[4], uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %17, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n24k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}, {%12, %13, %14, %15}, %16, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma<4>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma<8>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+
+// x for the wgmma kernel: 4-byte words into core matrices. Copy c of a thread is token row
+// r = 4c + warp of the stage (u = c / 2TM, token 4 (c % 2TM) + warp); its lane's word and slot are
+// fixed, so only the row offsets are kept (32-bit) and the source advances by U super tiles a step.
+template <int TM, int U>
+struct XCores {
+    static constexpr int kRows = 2 * TM;  // distinct token rows per thread
+    static constexpr int kPer = U * kRows;
+    const half* src;  // this lane's word of token row 0 at super tile ks0
+    int row[kRows];   // element offsets of the thread's token rows (rows past M read row M - 1)
+    unsigned dst;     // byte offset of this lane's slot in its warp's first row
+
+    __device__ __forceinline__ XCores(const Params& p, int ks0) {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        src = p.x + (size_t)ks0 * 64 + 2 * lane;
+#pragma unroll
+        for (int c = 0; c < kRows; ++c) row[c] = min(4 * c + warp, p.M - 1) * p.K;
+        dst = (lane % 8) * kCore + (lane / 8) * 4 + warp * 16;
+    }
+
+    __device__ __forceinline__ void copy(unsigned x, int st, int left) const {
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) {
+            const int u = c / kRows, cr = c % kRows;  // token 4 cr + warp: group cr / 2, row 4 (cr % 2) + warp
+            const bool in = st * U + u < left;
+            const unsigned at = x + dst + (u * TM + cr / 2) * kGroup + (cr % 2) * 64;
+            cp_async4(at, src + row[cr] + (in ? (st * U + u) * 64 : 0), in ? 4 : 0);
+        }
+    }
+};
+#endif
+
+// The pipelined kernels: a ring of S stages in shared memory, S - 1 steps of loads (weights, scales
 // and x alike) in flight while a step's math runs, so no warp waits on a global load in the loop.
 // Step st lives in slot st % S. One group is committed per step, empty ones included, so "at most
 // S - 2 pending" after the prologue's S - 1 groups means "step st has landed"; the barrier that
@@ -372,8 +537,8 @@ struct Stage {
 // st + S - 1. Super tiles past the block's K range are zero-filled (weights, scales and x): they
 // add exactly 0, so the math needs no mask. Every source address advances by a constant per step
 // (the weights of a column tile and x's rows are contiguous along k): the loop does no 64-bit
-// index arithmetic beyond one add per copy.
-template <int TM, int NW, int U, int S>
+// index arithmetic beyond one add per copy. kWg: the math is wgmma (XCores), else mma.sync (XRows).
+template <int TM, int NW, int U, int S, bool kWg>
 __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params p) {
     using St = Stage<TM, NW, U>;
     extern __shared__ uint4 smem[];
@@ -383,21 +548,14 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params 
     const unsigned base = smem_addr(smem);
     const unsigned own = ((threadIdx.x >> 5) * U * NW * 32 + tile.lane) * 16;  // bytes into a stage
     const uint4* wsrc = tile.weights(p, 0, ks0);  // column tile n: + n * KS * 32
-    // this thread's 16-byte chunks of a stage's x: (super tile u, token row r, 8 halves `part`);
-    // rows past M copy row M - 1, whose products land in accumulator rows that are never stored
-    constexpr int kChunks = U * TM * 8 * 8, kPer = (kChunks + kWarps * 32 - 1) / (kWarps * 32);
-    const half* xsrc[kPer];
-    unsigned xdst[kPer];
-    int xu[kPer];
-#pragma unroll
-    for (int c = 0; c < kPer; ++c) {
-        const int idx = min(c * kWarps * 32 + (int)threadIdx.x, kChunks - 1);  // spare threads: a duplicate
-        const int u = idx / (TM * 64), r = (idx / 8) % (TM * 8), part = idx % 8;
-        xu[c] = u;
-        xsrc[c] = p.x + (size_t)min(r, p.M - 1) * p.K + (size_t)(ks0 + u) * 64 + 8 * part;
-        xdst[c] = (St::kW + St::kZS) * 16 + ((u * TM * 8 + r) * kRow + 8 * part) * 2;
-    }
+#ifdef INLAID_WGMMA
+    using X = std::conditional_t<kWg, XCores<TM, U>, XRows<TM, U>>;
+#else
+    using X = XRows<TM, U>;
+#endif
+    const X xcopy(p, ks0);
     auto slot = [&](int st) { return base + (unsigned)(st % S) * St::kSize * 16; };
+    constexpr unsigned kXAt = (St::kW + St::kZS) * 16;  // the x region, bytes into a stage
     auto copy_weights = [&](int st) {
         const unsigned dst = slot(st) + own;
 #pragma unroll
@@ -414,13 +572,6 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params 
             }
         }
     };
-    auto copy_x = [&](int st) {
-#pragma unroll
-        for (int c = 0; c < kPer; ++c) {
-            const bool in = ks0 + st * U + xu[c] < ks1;
-            cp_async16(slot(st) + xdst[c], xsrc[c] + (in ? st * U * 64 : 0), in ? 16 : 0);
-        }
-    };
     // Weights and scales are not written during a forward pass: their first copies go out before
     // the wait for the kernel ahead (pdl.py); x, the workspace, the counters and y come after it.
 #pragma unroll
@@ -430,39 +581,69 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params 
     release_dependents();
 #pragma unroll
     for (int st = 0; st < S - 1; ++st) {
-        if (st < steps) copy_x(st);
+        if (st < steps) xcopy.copy(slot(st) + kXAt, st, ks1 - ks0);
         cp_commit();
     }
     for (int st = 0; st < steps; ++st) {
         cp_wait<S - 2>();
+#ifdef INLAID_WGMMA
+        if constexpr (kWg) fence_proxy_async();
+#endif
         __syncthreads();
         if (st + S - 1 < steps) {
             copy_weights(st + S - 1);
-            copy_x(st + S - 1);
+            xcopy.copy(slot(st + S - 1) + kXAt, st + S - 1, ks1 - ks0);
         }
         cp_commit();
         const uint4* stage = smem + (st % S) * St::kSize;
         const uint4* w = stage + own / 16;
         const uint2* zs = reinterpret_cast<const uint2*>(stage + St::kW) + own / 16;
-        const half* xs = reinterpret_cast<const half*>(stage + St::kW + St::kZS);
+        if constexpr (kWg) {
+#ifdef INLAID_WGMMA
+            // one commit group per super tile: its MMAs run while the next one is dequantized;
+            // all must be done before the next step's barrier lets this slot be refilled
+            const uint64_t desc = smem_desc(slot(st) + kXAt, kCore, kGroup);
+            uint32_t a[U][NW][4][4];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            uint4 wv[NW];
-            uint2 zv[NW];
+            for (int u = 0; u < U; ++u) {
 #pragma unroll
-            for (int n = 0; n < NW; ++n) {
-                wv[n] = w[(u * NW + n) * 32];
-                zv[n] = zs[(u * NW + n) * 32];
+                for (int n = 0; n < NW; ++n) {
+                    const uint4 wv = w[(u * NW + n) * 32];
+                    const uint2 zv = zs[(u * NW + n) * 32];
+                    const half2 sg = bits_h2(zv.x);
+                    dequant_tile(wv, bits_h2(zv.y), __low2half2(sg), __high2half2(sg), a[u][n]);
+                }
+                wgmma_fence();
+#pragma unroll
+                for (int n = 0; n < NW; ++n)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)  // MMA j's B: core matrices 2j, 2j + 1 of super tile u
+                        wgmma<TM>(tile.acc[n], a[u][n][j], desc + ((u * TM * kGroup + 2 * j * kCore) >> 4));
+                wgmma_commit();
             }
-            uint4 xv[TM][2];
+            wgmma_wait<0>();
+#endif
+        } else {
+            const half* xs = reinterpret_cast<const half*>(stage + St::kW + St::kZS);
 #pragma unroll
-            for (int i = 0; i < TM; ++i) {
-                const uint4* row =
-                    reinterpret_cast<const uint4*>(xs + (u * TM * 8 + 8 * i + tile.g) * kRow) + 2 * tile.t;
-                xv[i][0] = row[0];
-                xv[i][1] = row[1];
+            for (int u = 0; u < U; ++u) {
+                uint4 wv[NW];
+                uint2 zv[NW];
+#pragma unroll
+                for (int n = 0; n < NW; ++n) {
+                    wv[n] = w[(u * NW + n) * 32];
+                    zv[n] = zs[(u * NW + n) * 32];
+                }
+                uint4 xv[TM][2];
+#pragma unroll
+                for (int i = 0; i < TM; ++i) {
+                    const uint4* row =
+                        reinterpret_cast<const uint4*>(xs + (u * TM * 8 + 8 * i + tile.g) * kRow) + 2 * tile.t;
+                    xv[i][0] = row[0];
+                    xv[i][1] = row[1];
+                }
+                tile.template math<false>(wv, zv, xv, true);
             }
-            tile.template math<false>(wv, zv, xv, true);
         }
     }
     tile.finish(p);
@@ -495,7 +676,7 @@ int launch_registers(const Params& p, const Launch& l) {
     return launch(qgemm4_kernel<TM, NW, U>, 0, p, l);
 }
 
-template <int TM, int NW, int U, int S>
+template <int TM, int NW, int U, int S, bool kWg>
 int launch_async(const Params& p, const Launch& l) {
     constexpr int bytes = Stage<TM, NW, U>::kSize * 16 * S;
     // 48 KB of shared memory per block, static and dynamic together, unless the kernel opts in to
@@ -504,31 +685,43 @@ int launch_async(const Params& p, const Launch& l) {
     static bool opted_in[64] = {};
     int dev = 0;
     if (cudaGetDevice(&dev) == cudaSuccess && dev < 64 && !opted_in[dev]) {
-        const cudaError_t err = cudaFuncSetAttribute(qgemm4_async_kernel<TM, NW, U, S>,
+        const cudaError_t err = cudaFuncSetAttribute(qgemm4_async_kernel<TM, NW, U, S, kWg>,
                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
         if (err != cudaSuccess) return static_cast<int>(err);
         opted_in[dev] = true;
     }
-    return launch(qgemm4_async_kernel<TM, NW, U, S>, bytes, p, l);
+    return launch(qgemm4_async_kernel<TM, NW, U, S, kWg>, bytes, p, l);
 }
 
+// Which kernel (the config's last field; cuda_gemm.py names them).
+constexpr int kRegisters = 0, kPipelined = 4, kWgmma = 90;
+
 // The instantiated configs (each costs compile time): the register kernel with one or two tiles
-// per warp, unroll 2 or 4; the pipelined kernel 4 stages deep with one, two or four tiles per warp
-// (not four at 64 tokens: 128 accumulators), one or two super tiles per stage.
+// per warp, unroll 2 or 4; the pipelined kernels 4 stages deep with one, two or four tiles per
+// warp (not four at 64 tokens: 128 accumulators), one or two super tiles per stage; the wgmma one
+// only where the library was built for sm_90a.
 template <int TM>
-int launch_config(const Params& p, const Launch& l, int nw, int unroll, int stages) {
-    if (stages == 0) {
+int launch_config(const Params& p, const Launch& l, int nw, int unroll, int kernel) {
+    if (kernel == kRegisters) {
         if (nw == 1 && unroll == 2) return launch_registers<TM, 1, 2>(p, l);
         if (nw == 1 && unroll == 4) return launch_registers<TM, 1, 4>(p, l);
         if (nw == 2 && unroll == 2) return launch_registers<TM, 2, 2>(p, l);
         if (nw == 2 && unroll == 4) return launch_registers<TM, 2, 4>(p, l);
-    } else if (stages == 4) {
-        if (nw == 1 && unroll == 1) return launch_async<TM, 1, 1, 4>(p, l);
-        if (nw == 1 && unroll == 2) return launch_async<TM, 1, 2, 4>(p, l);
-        if (nw == 2 && unroll == 1) return launch_async<TM, 2, 1, 4>(p, l);
-        if (nw == 2 && unroll == 2) return launch_async<TM, 2, 2, 4>(p, l);
+    } else if (kernel == kPipelined) {
+        if (nw == 1 && unroll == 1) return launch_async<TM, 1, 1, 4, false>(p, l);
+        if (nw == 1 && unroll == 2) return launch_async<TM, 1, 2, 4, false>(p, l);
+        if (nw == 2 && unroll == 1) return launch_async<TM, 2, 1, 4, false>(p, l);
+        if (nw == 2 && unroll == 2) return launch_async<TM, 2, 2, 4, false>(p, l);
         if constexpr (TM < 8)
-            if (nw == 4 && unroll == 1) return launch_async<TM, 4, 1, 4>(p, l);
+            if (nw == 4 && unroll == 1) return launch_async<TM, 4, 1, 4, false>(p, l);
+    } else if (kernel == kWgmma) {
+#ifdef INLAID_WGMMA
+        if (nw == 1 && unroll == 2) return launch_async<TM, 1, 2, 4, true>(p, l);
+        if (nw == 2 && unroll == 1) return launch_async<TM, 2, 1, 4, true>(p, l);
+        if (nw == 2 && unroll == 2) return launch_async<TM, 2, 2, 4, true>(p, l);
+        if constexpr (TM < 8)
+            if (nw == 4 && unroll == 1) return launch_async<TM, 4, 1, 4, true>(p, l);
+#endif
     }
     return -1;
 }
@@ -539,11 +732,12 @@ int launch_config(const Params& p, const Launch& l, int nw, int unroll, int stag
 // Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x
 // and ws; with split > 1, ws holds split * N * 8 * TM floats and counts gridDim.x zeros.
 // Config (launch_config lists the instantiated ones): nw column tiles per warp, unroll super tiles
-// per step, split K ways, stages 0 (the register kernel) or 4 (the pipelined kernel).
+// per step, split K ways, kernel 0 (the register kernel), 4 (the pipelined mma.sync kernel) or 90 (the
+// pipelined wgmma kernel, sm_90a builds only).
 // pdl != 0: programmatic dependent launch (sm_90+ only).
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, void* ws, int* counts, int M, int N, int K,
-                             int nw, int unroll, int split, int stages, int gshift, int pdl, void* stream) {
+                             int nw, int unroll, int split, int kernel, int gshift, int pdl, void* stream) {
     if (nw != 1 && nw != 2 && nw != 4) return -1;
     if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
     const Params p{static_cast<const half*>(x), static_cast<const uint4*>(qw),
@@ -551,10 +745,10 @@ extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, cons
                    static_cast<half*>(y), static_cast<float4*>(ws), counts, M, N, K, gshift};
     const Launch l{dim3(N / (16 * nw * kWarps), split), pdl != 0, static_cast<cudaStream_t>(stream)};
     switch (M <= 32 ? (M + 7) / 8 : 8) {
-        case 1: return launch_config<1>(p, l, nw, unroll, stages);
-        case 2: return launch_config<2>(p, l, nw, unroll, stages);
-        case 3: return launch_config<3>(p, l, nw, unroll, stages);
-        case 4: return launch_config<4>(p, l, nw, unroll, stages);
-        default: return launch_config<8>(p, l, nw, unroll, stages);
+        case 1: return launch_config<1>(p, l, nw, unroll, kernel);
+        case 2: return launch_config<2>(p, l, nw, unroll, kernel);
+        case 3: return launch_config<3>(p, l, nw, unroll, kernel);
+        case 4: return launch_config<4>(p, l, nw, unroll, kernel);
+        default: return launch_config<8>(p, l, nw, unroll, kernel);
     }
 }
