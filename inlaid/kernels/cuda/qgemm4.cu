@@ -39,8 +39,8 @@
 // instructions for 64 MMAs in the register kernel's loop cut 55.8 -> 49.0 us at M = 32).
 // On sm_90 the same ring feeds Hopper's warpgroup MMA instead (kWg; "the wgmma kernel" below):
 // x is read by the tensor cores from shared memory, one instruction per 16 k for the whole
-// block, so the warps' x loads go, and at M = 32 three quarters of their MMA instructions; it is the
-// default there for M 5-32.
+// block, so the warps' x loads go, and at M = 32 three quarters of their MMA instructions; it
+// is the default there for M 5-32.
 //
 // Split-K: every block stores its partial sums, as they lie in its registers, into its own slice of
 // an fp32 workspace (plain coalesced stores, no atomics), and the last block of a column tile to
