@@ -190,7 +190,8 @@ def table(rows, bw) -> str:
 CUDA_CONFIGS = ([(nw, u, split, 0) for nw in (1, 2) for u in (2, 4) for split in (1, 2, 4, 8, 16)]
                 + [(nw, u, split, 4) for nw, u in ((1, 1), (1, 2), (2, 1), (2, 2), (4, 1))
                    for split in (1, 2, 4, 8, 16)])
-WGMMA_CONFIGS = [(nw, u, split, 90) for nw, u in ((1, 2), (2, 1), (2, 2), (4, 1)) for split in (1, 2, 4, 8, 16)]
+WGMMA_CONFIGS = [(nw, u, split, 90) for nw, u in ((1, 2), (2, 1), (2, 2), (4, 1))
+                 for split in (1, 2, 4, 8, 16)]
 
 
 def sweep_cuda(ms, json_out=None, kernels=None) -> None:
@@ -241,20 +242,28 @@ def rank(paths, sms: int = 132) -> None:
 
     rows = [json.loads(line) for path in paths for line in open(path)]
 
-    def family(r, nw, u, stages):  # the family's best split at this point
-        return min(t for c, t in r["times"].items()
-                   if c.startswith(f"({nw}, {u},") and c.endswith(f", {stages})"))
+    # each column's time at a point, None where that sweep did not time it (e.g. --kernels 4,90)
+    def family(r, nw, u, kernel):  # the family's best split at this point
+        return min((t for c, t in r["times"].items()
+                    if c.startswith(f"({nw}, {u},") and c.endswith(f", {kernel})")), default=None)
 
-    columns = {"new rule": lambda r: r["times"][str(default_config(r["m"], r["n"], r["k"], sms))],
-               "old rule": lambda r: r["times"][str(_old_default(r["m"], r["n"], r["k"], sms))],
+    def rule(r):  # today's rule on the swept machine: with the wgmma kernel where the sweep had it
+        wgmma = any(c.endswith(", 90)") for c in r["times"])
+        return r["times"].get(str(default_config(r["m"], r["n"], r["k"], sms, wgmma)))
+
+    columns = {"new rule": rule,
+               "old rule": lambda r: r["times"].get(str(_old_default(r["m"], r["n"], r["k"], sms))),
                "register (1, 2), best split": lambda r: family(r, 1, 2, 0),
                "pipelined (2, 2), best split": lambda r: family(r, 2, 2, 4)}
     print("| M | points | " + " | ".join(columns) + " |")
     print("|---:|---:|" + "---:|" * len(columns))
     for m in sorted({r["m"] for r in rows}):
         at = [r for r in rows if r["m"] == m]
-        means = [statistics.fmean(f(r) / min(r["times"].values()) for r in at) for f in columns.values()]
-        print(f"| {m} | {len(at)} | " + " | ".join(f"{v:.2f}" for v in means) + " |")
+        cells = []
+        for f in columns.values():
+            ratios = [t / min(r["times"].values()) for r in at if (t := f(r)) is not None]
+            cells.append(f"{statistics.fmean(ratios):.2f}" if len(ratios) == len(at) else "–")
+        print(f"| {m} | {len(at)} | " + " | ".join(cells) + " |")
 
 
 def repeat(backend: str, m: str, k: str, n: str, config: str | None = None) -> None:

@@ -227,8 +227,9 @@ REGISTERS, PIPELINED, WGMMA = 0, 4, 90
 
 @functools.lru_cache(maxsize=None)
 def has_wgmma(device_index: int = 0) -> bool:
-    """Whether the library built for this GPU holds the WGMMA kernel (sm_90)."""
-    return torch.cuda.get_device_capability(device_index) == (9, 0)
+    """Whether the library built for this GPU holds the WGMMA kernel (its build flags say so: sm_90)."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return "-DINLAID_WGMMA" in _arch_flags(f"sm_{major}{minor}")
 
 
 def _split(blocks: int, k: int, target: float, min_tiles: int = 8) -> int:
@@ -280,8 +281,8 @@ def default_config(m: int, n: int, k: int, sms: int, wgmma: bool = False) -> Con
     these."""
     if m <= 4:
         if n >= 8192:
-            return 1, 4, _split(n // (16 * WARPS), k, 5.5 * sms), 0
-        return 1, 2, _split(n // (16 * WARPS), k, 3 * sms), 0
+            return 1, 4, _split(n // (16 * WARPS), k, 5.5 * sms), REGISTERS
+        return 1, 2, _split(n // (16 * WARPS), k, 3 * sms), REGISTERS
     kernel = WGMMA if wgmma else PIPELINED
     nw = 2 if n % (16 * WARPS * 2) == 0 else 1
     if m <= 16:

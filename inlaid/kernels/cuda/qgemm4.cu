@@ -398,8 +398,8 @@ struct XRows {
         }
     }
 
-    // step st's copies into the x region at shared address `x`; super tiles from `first` (the
-    // step's first, relative to ks0) at or past `left` are zero-filled
+    // step st's copies into the x region at shared address `x`; the step's super tiles at or past
+    // `left` (counted from ks0) are zero-filled
     __device__ __forceinline__ void copy(unsigned x, int st, int left) const {
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
