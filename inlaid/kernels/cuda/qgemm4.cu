@@ -378,8 +378,16 @@ struct Stage {
     static constexpr int kSize = kW + kZS + kX;       // uint4 per stage
 };
 
+// How the pipelined kernels' copies find their sources: each copy's source is a pointer that
+// advances by U super tiles after every step (next()), so in a step whose U super tiles are all in
+// the block's K range (kFull) a copy is one instruction: the pointer, a constant shared-memory
+// offset, no predicate. Only a block's last step can be partial (`left` < U of its super tiles in
+// range): its other copies zero-fill from the step's first super tile, which is in range.
+// (Computing each address from the step number instead took ~120 of the wgmma loop's ~350 SASS
+// instructions a step at M = 32: 64-bit index arithmetic and selects around 20 copies.)
+
 // x for the mma.sync kernel: 16-byte chunks of token rows into padded rows, each thread a fixed
-// share (kPer chunks) whose source advances by U super tiles a step.
+// share (kPer chunks).
 template <int TM, int U>
 struct XRows {
     static constexpr int kChunks = U * TM * 8 * 8, kPer = (kChunks + kWarps * 32 - 1) / (kWarps * 32);
@@ -398,14 +406,66 @@ struct XRows {
         }
     }
 
-    // step st's copies into the x region at shared address `x`; the step's super tiles at or past
-    // `left` (counted from ks0) are zero-filled
-    __device__ __forceinline__ void copy(unsigned x, int st, int left) const {
+    // this step's copies into the x region at shared address `x`
+    template <bool kFull>
+    __device__ __forceinline__ void copy(unsigned x, int left) const {
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
-            const bool in = st * U + u[c] < left;
-            cp_async16(x + dst[c], src[c] + (in ? st * U * 64 : 0), in ? 16 : 0);
+            const bool in = kFull || u[c] < left;
+            cp_async16(x + dst[c], in ? src[c] : src[c] - u[c] * 64, in ? 16 : 0);
         }
+    }
+
+    __device__ __forceinline__ void next() {
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) src[c] += U * 64;
+    }
+};
+
+// One warp's weights and (scale, zero) pairs. Each lane copies its own uint4 of codes per super
+// tile and column tile, and the pairs of its rows' group, whose index comes from the lane's 16-k
+// chunk 4 k + t: a shift for equal power-of-two groups, else a table lookup.
+template <int TM, int NW, int U>
+struct WCopy {
+    static constexpr int kW = kWarps * U * NW * 32;  // Stage::kW
+    const uint4* w[NW];  // column tile n's codes at the next step's first super tile
+    const uint2* sz;     // the lane's pairs of column tile 0 in group 0
+    const int* gidx16;
+    int chunk;           // the lane's 16-k chunk at the next step's first super tile
+    int gshift;
+    unsigned gbytes;      // bytes per group of pairs
+    unsigned own;        // the lane's weight slots, bytes into a stage (its pairs: own / 2 into theirs)
+
+    __device__ __forceinline__ WCopy(const Params& p, const Tile<TM, NW>& tile, int ks0, unsigned own_)
+        : sz(tile.szrow), gidx16(p.gidx16), chunk(4 * ks0 + tile.t), gshift(p.gshift), gbytes(64 * tile.NT),
+          own(own_) {
+#pragma unroll
+        for (int n = 0; n < NW; ++n) w[n] = tile.weights(p, n, ks0);
+    }
+
+    template <bool kFull>
+    __device__ __forceinline__ void copy(unsigned stage, int left) const {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const bool in = kFull || u < left;
+            const int from = in ? u : 0;
+            const int c = chunk + 4 * from;
+            const unsigned grp = gshift >= 0 ? c >> gshift : __ldg(gidx16 + c);
+            // one wide multiply-add (32-bit offset, 64-bit address): a signed index takes five
+            const uint2* pairs = reinterpret_cast<const uint2*>(reinterpret_cast<const char*>(sz) + grp * gbytes);
+#pragma unroll
+            for (int n = 0; n < NW; ++n) {
+                const unsigned off = (u * NW + n) * 32;
+                cp_async16(stage + own + off * 16, w[n] + from * 32, in ? 16 : 0);
+                cp_async8(stage + kW * 16 + own / 2 + off * 8, pairs + 8 * n, in ? 8 : 0);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void next() {
+#pragma unroll
+        for (int n = 0; n < NW; ++n) w[n] += U * 32;
+        chunk += 4 * U;
     }
 };
 
@@ -474,31 +534,36 @@ INLAID_WGMMA_SHAPE(8, 64, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %1
 
 // x for the wgmma kernel: 4-byte words into core matrices. Copy c of a thread is token row
 // r = 4c + warp of the stage (u = c / 2TM, token 4 (c % 2TM) + warp); its lane's word and slot are
-// fixed, so only the row offsets are kept (32-bit) and the source advances by U super tiles a step.
+// fixed, so it keeps one source per token row.
 template <int TM, int U>
 struct XCores {
     static constexpr int kRows = 2 * TM;  // distinct token rows per thread
     static constexpr int kPer = U * kRows;
-    const half* src;  // this lane's word of token row 0 at super tile ks0
-    int row[kRows];   // element offsets of the thread's token rows (rows past M read row M - 1)
-    unsigned dst;     // byte offset of this lane's slot in its warp's first row
+    const half* src[kRows];  // this lane's word of each token row at the next step's first super tile
+    unsigned dst;            // byte offset of this lane's slot in its warp's first row
 
     __device__ __forceinline__ XCores(const Params& p, int ks0) {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        src = p.x + (size_t)ks0 * 64 + 2 * lane;
 #pragma unroll
-        for (int c = 0; c < kRows; ++c) row[c] = min(4 * c + warp, p.M - 1) * p.K;
+        for (int c = 0; c < kRows; ++c)  // rows past M read row M - 1
+            src[c] = p.x + (size_t)min(4 * c + warp, p.M - 1) * p.K + (size_t)ks0 * 64 + 2 * lane;
         dst = (lane % 8) * kCore + (lane / 8) * 4 + warp * 16;
     }
 
-    __device__ __forceinline__ void copy(unsigned x, int st, int left) const {
+    template <bool kFull>
+    __device__ __forceinline__ void copy(unsigned x, int left) const {
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
             const int u = c / kRows, cr = c % kRows;  // token 4 cr + warp: group cr / 2, row 4 (cr % 2) + warp
-            const bool in = st * U + u < left;
+            const bool in = kFull || u < left;
             const unsigned at = x + dst + (u * TM + cr / 2) * kGroup + (cr % 2) * 64;
-            cp_async4(at, src + row[cr] + (in ? (st * U + u) * 64 : 0), in ? 4 : 0);
+            cp_async4(at, src[cr] + (in ? u * 64 : 0), in ? 4 : 0);
         }
+    }
+
+    __device__ __forceinline__ void next() {
+#pragma unroll
+        for (int c = 0; c < kRows; ++c) src[c] += U * 64;
     }
 };
 #endif
@@ -509,9 +574,9 @@ struct XCores {
 // S - 2 pending" after the prologue's S - 1 groups means "step st has landed"; the barrier that
 // follows makes every thread's x copies visible and frees the slot of step st - 1 for step
 // st + S - 1. Super tiles past the block's K range are zero-filled (weights, scales and x): they
-// add exactly 0, so the math needs no mask. Every source address advances by a constant per step
-// (the weights of a column tile and x's rows are contiguous along k): the loop does no 64-bit
-// index arithmetic beyond one add per copy. kWg: the math is wgmma (XCores), else mma.sync (XRows).
+// add exactly 0, so the math needs no mask. The copies' sources advance by a constant per step
+// (the weights of a column tile and x's rows are contiguous along k; WCopy, XRows, XCores).
+// kWg: the math is wgmma (XCores), else mma.sync (XRows).
 template <int TM, int NW, int U, int S, bool kWg>
 __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params p) {
     using St = Stage<TM, NW, U>;
@@ -521,41 +586,34 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params 
     const int steps = ks1 > ks0 ? (ks1 - ks0 + U - 1) / U : 0;
     const unsigned base = smem_addr(smem);
     const unsigned own = ((threadIdx.x >> 5) * U * NW * 32 + tile.lane) * 16;  // bytes into a stage
-    const uint4* wsrc = tile.weights(p, 0, ks0);  // column tile n: + n * KS * 32
 #ifdef INLAID_WGMMA
     using X = std::conditional_t<kWg, XCores<TM, U>, XRows<TM, U>>;
 #else
     using X = XRows<TM, U>;
 #endif
-    const X xcopy(p, ks0);
+    X xcopy(p, ks0);
+    WCopy<TM, NW, U> wcopy(p, tile, ks0, own);
     auto slot = [&](int st) { return base + (unsigned)(st % S) * St::kSize * 16; };
     constexpr unsigned kXAt = (St::kW + St::kZS) * 16;  // the x region, bytes into a stage
-    auto copy_weights = [&](int st) {
-        const unsigned dst = slot(st) + own;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int k = ks0 + st * U + u;
-            const int bytes = k < ks1 ? 16 : 0;
-#pragma unroll
-            for (int n = 0; n < NW; ++n) {
-                const unsigned off = (u * NW + n) * 32;
-                // (a zero-filled copy reads nothing; its address is kept in range all the same)
-                const uint4* src = wsrc + (size_t)n * tile.KS * 32 + (k < ks1 ? (st * U + u) * 32 : 0);
-                cp_async16(dst + off * 16, src, bytes);
-                cp_async8(dst + St::kW * 16 - own / 2 + off * 8, tile.scales(p, n, min(k, ks1 - 1)), bytes / 2);
-            }
-        }
+    // step st's copies (steps are copied in order, each once); only the last can be partial
+    auto copy_step = [&](auto& c, int st, unsigned at) {
+        const int left = ks1 - ks0 - st * U;
+        if (left >= U)
+            c.template copy<true>(at, left);
+        else
+            c.template copy<false>(at, left);
+        c.next();
     };
     // Weights and scales are not written during a forward pass: their first copies go out before
     // the wait for the kernel ahead (pdl.py); x, the workspace, the counters and y come after it.
 #pragma unroll
     for (int st = 0; st < S - 1; ++st)
-        if (st < steps) copy_weights(st);
+        if (st < steps) copy_step(wcopy, st, slot(st));
     wait_prior_grids();
     release_dependents();
 #pragma unroll
     for (int st = 0; st < S - 1; ++st) {
-        if (st < steps) xcopy.copy(slot(st) + kXAt, st, ks1 - ks0);
+        if (st < steps) copy_step(xcopy, st, slot(st) + kXAt);
         cp_commit();
     }
     for (int st = 0; st < steps; ++st) {
@@ -565,8 +623,8 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params 
 #endif
         __syncthreads();
         if (st + S - 1 < steps) {
-            copy_weights(st + S - 1);
-            xcopy.copy(slot(st + S - 1) + kXAt, st + S - 1, ks1 - ks0);
+            copy_step(wcopy, st + S - 1, slot(st + S - 1));
+            copy_step(xcopy, st + S - 1, slot(st + S - 1) + kXAt);
         }
         cp_commit();
         const uint4* stage = smem + (st % S) * St::kSize;
