@@ -158,6 +158,14 @@ __device__ __forceinline__ void dequant_tile(const uint4& w, half2 zg, half2 s0,
     for (int j = 0; j < 4; ++j) dequant_word(words[j], z0, s0, nz1, s1, a[j]);
 }
 
+// The (scale, zero) pairs of 16-k chunk c, given a lane's pairs in group 0 (`row`; gbytes: bytes per
+// group). One wide multiply-add (32-bit offset, 64-bit address): a signed index takes five.
+__device__ __forceinline__ const uint2* group_pairs(const uint2* row, int c, int gshift, const int* gidx16,
+                                                    unsigned gbytes) {
+    const unsigned grp = gshift >= 0 ? c >> gshift : __ldg(gidx16 + c);
+    return reinterpret_cast<const uint2*>(reinterpret_cast<const char*>(row) + grp * gbytes);
+}
+
 // The launch's arguments.
 struct Params {
     const half* __restrict__ x;      // [M, K] (K permuted for act-order)
@@ -210,13 +218,6 @@ struct Tile {
         return p.qw + ((size_t)(tile0 + n) * KS + k) * 32 + lane;
     }
 
-    // Where this lane's (scale, zero) pairs of column tile n for super tile k are: the group of its
-    // 16 k. Computed, not loaded, for equal power-of-two groups: the scale load then does not wait
-    // on another load (nor on an integer division).
-    __device__ __forceinline__ const uint2* scales(const Params& p, int n, int k) const {
-        const int grp = p.gshift >= 0 ? (4 * k + t) >> p.gshift : __ldg(p.gidx16 + 4 * k + t);
-        return szrow + grp * (8 * NT) + 8 * n;
-    }
 
     // The math of one super tile: weights w[n], their (scale, zero) pairs zs[n], x fragments xv
     // (xv[i][h]: token 8i + g, k 16t + 8h .. +8). Past the range (the last step of an uneven split)
@@ -245,19 +246,24 @@ struct Tile {
         }
     }
 
-    // Super tile k (< ks1, or masked: see math) with weights w[n] already in registers, x and the
-    // scales read straight from global memory (L1 serves the block's other warps).
-    __device__ __forceinline__ void super_tile(const Params& p, const uint4 (&w)[NW], int k, bool live) {
+    // A super tile with weights w[n] already in registers, x and the pairs read straight from
+    // global memory (L1 serves the block's other warps): x at xs[i] (this lane's 16-byte units of
+    // token 8i + g), the pairs of the lane's 16-k chunk c. Their group is computed, not loaded, for
+    // equal power-of-two groups: the pairs' load then does not wait on another load.
+    template <bool kMask>
+    __device__ __forceinline__ void super_tile(const Params& p, const uint4 (&w)[NW], const uint4* const (&xs)[TM],
+                                               int c, bool live) {
         uint4 xv[TM][2];
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
-            xv[i][0] = __ldg(xrow[i] + 8 * k);
-            xv[i][1] = __ldg(xrow[i] + 8 * k + 1);
+            xv[i][0] = __ldg(xs[i]);
+            xv[i][1] = __ldg(xs[i] + 1);
         }
+        const uint2* pairs = group_pairs(szrow, c, p.gshift, p.gidx16, 64 * NT);
         uint2 zs[NW];
 #pragma unroll
-        for (int n = 0; n < NW; ++n) zs[n] = __ldg(scales(p, n, k));
-        math(w, zs, xv, live);
+        for (int n = 0; n < NW; ++n) zs[n] = __ldg(pairs + 8 * n);
+        math<kMask>(w, zs, xv, live);
     }
 
     // C fragment: acc[n][i] = (col g, tokens 8i+2t, 8i+2t+1), (col g+8, same tokens). With a split,
@@ -328,31 +334,61 @@ struct Tile {
     }
 };
 
-// U super tiles per step, the next step's weights loaded before this step's math.
+// U super tiles per step, the next step's weights loaded before this step's math. As in the
+// pipelined kernels' copies, every source (weights, x, the pairs' chunk) advances by U super tiles
+// a step, and only a block's last step can be partial: full steps load and multiply without
+// predicates or masks (217 -> 169 SASS instructions a full step at M = 1, one tile per warp, U = 2).
 template <int TM, int NW, int U>
 __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
     Tile<TM, NW> tile(p);
     const int ks0 = tile.ks0, ks1 = tile.ks1;
+    const uint4* wp[NW];  // this lane's codes of column tile n at the current step
+#pragma unroll
+    for (int n = 0; n < NW; ++n) wp[n] = tile.weights(p, n, ks0);
     uint4 cur[U][NW], nxt[U][NW];
-    auto load_w = [&](uint4 (&dst)[U][NW], int ks) {
+    // the U super tiles from wp + 32 `ahead`, those at or past `left` of them zero
+    auto load_w = [&](uint4 (&dst)[U][NW], int ahead, int left) {
 #pragma unroll
         for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int n = 0; n < NW; ++n)
-                dst[u][n] = (ks + u < ks1) ? load_stream(tile.weights(p, n, ks + u)) : make_uint4(0, 0, 0, 0);
+                dst[u][n] = u < left ? load_stream(wp[n] + 32 * (ahead + u)) : make_uint4(0, 0, 0, 0);
     };
-    if (ks0 < ks1) load_w(cur, ks0);
+    if (ks0 < ks1) load_w(cur, 0, ks1 - ks0);
     // Everything before this line reads only weights; x, the workspace, the counters and y belong
     // to the stream's order, which the wait restores.
     wait_prior_grids();
     release_dependents();
-    for (int ks = ks0; ks < ks1; ks += U) {
-        if (ks + U < ks1) load_w(nxt, ks + U);
+    const uint4* xs[TM];  // this lane's x of token 8i + g at the current step
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const bool live = ks + u < ks1;
-            tile.super_tile(p, cur[u], live ? ks + u : ks1 - 1, live);
+    for (int i = 0; i < TM; ++i) xs[i] = tile.xrow[i] + 8 * ks0;
+    int chunk = 4 * ks0 + tile.t;  // the lane's 16-k chunk at the current step
+    for (int ks = ks0; ks < ks1; ks += U) {
+        const int left = ks1 - ks;  // super tiles from this step on
+        if (left > U) load_w(nxt, U, left - U);
+        if (left >= U) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const uint4* at[TM];
+#pragma unroll
+                for (int i = 0; i < TM; ++i) at[i] = xs[i] + 8 * u;
+                tile.template super_tile<false>(p, cur[u], at, chunk + 4 * u, true);
+            }
+        } else {  // the block's last step, partial: past the range, a zero scale masks the step's first super tile
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const bool live = u < left;
+                const uint4* at[TM];
+#pragma unroll
+                for (int i = 0; i < TM; ++i) at[i] = xs[i] + (live ? 8 * u : 0);
+                tile.template super_tile<true>(p, cur[u], at, chunk + (live ? 4 * u : 0), live);
+            }
         }
+#pragma unroll
+        for (int n = 0; n < NW; ++n) wp[n] += 32 * U;
+#pragma unroll
+        for (int i = 0; i < TM; ++i) xs[i] += 8 * U;
+        chunk += 4 * U;
 #pragma unroll
         for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -449,10 +485,7 @@ struct WCopy {
         for (int u = 0; u < U; ++u) {
             const bool in = kFull || u < left;
             const int from = in ? u : 0;
-            const int c = chunk + 4 * from;
-            const unsigned grp = gshift >= 0 ? c >> gshift : __ldg(gidx16 + c);
-            // one wide multiply-add (32-bit offset, 64-bit address): a signed index takes five
-            const uint2* pairs = reinterpret_cast<const uint2*>(reinterpret_cast<const char*>(sz) + grp * gbytes);
+            const uint2* pairs = group_pairs(sz, chunk + 4 * from, gshift, gidx16, gbytes);
 #pragma unroll
             for (int n = 0; n < NW; ++n) {
                 const unsigned off = (u * NW + n) * 32;
