@@ -218,11 +218,10 @@ struct Tile {
         return p.qw + ((size_t)(tile0 + n) * KS + k) * 32 + lane;
     }
 
-
     // The math of one super tile: weights w[n], their (scale, zero) pairs zs[n], x fragments xv
-    // (xv[i][h]: token 8i + g, k 16t + 8h .. +8). Past the range (the last step of an uneven split)
-    // the caller passes the last super tile with live = false: a zero scale zeroes its weights, so
-    // no branch and the compiler can issue the next loads before these MMAs.
+    // (xv[i][h]: token 8i + g, k 16t + 8h .. +8). kMask (only a block's partial last step in the
+    // register kernel): past the range the caller passes an in-range super tile's x and pairs with
+    // live = false, and a zero scale zeroes its weights, so the step needs no branch per super tile.
     template <bool kMask = true>
     __device__ __forceinline__ void math(const uint4 (&w)[NW], const uint2 (&zs)[NW], const uint4 (&xv)[TM][2],
                                          bool live) {
