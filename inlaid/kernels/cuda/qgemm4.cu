@@ -462,7 +462,7 @@ struct XRows {
 // chunk 4 k + t: a shift for equal power-of-two groups, else a table lookup.
 template <int TM, int NW, int U>
 struct WCopy {
-    static constexpr int kW = kWarps * U * NW * 32;  // Stage::kW
+    static constexpr int kW = Stage<TM, NW, U>::kW;  // the pairs follow the weights in a stage
     const uint4* w[NW];  // column tile n's codes at the next step's first super tile
     const uint2* sz;     // the lane's pairs of column tile 0 in group 0
     const int* gidx16;
