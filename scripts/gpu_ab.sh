@@ -28,7 +28,7 @@ for round in $(seq 1 "${AB_ROUNDS:-2}"); do
         env $envs PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}" python3 scripts/gpu_engine.py --decode-only \
             --batches "${AB_BATCHES:-1,8,32,128}" --out "/tmp/ab-out/$label-$round" > /tmp/ab-run.log 2>&1 \
             || { status=1; echo "$label failed:"; tail -5 /tmp/ab-run.log; }
-        grep -E '^\[graphs\] decode|^prefill' /tmp/ab-run.log
+        grep -E '^\[graphs\] decode|^\[matched\]|^prefill' /tmp/ab-run.log
     done
 done
 exit $status

@@ -18,7 +18,8 @@
 #             loop tile, warps and pipeline stages
 #   lora      scripts/bench_lora.py --sweep, then its table: shrink/expand block configs at batch 32
 #   ab        scripts/gpu_ab.sh ${AB_VARIANTS:-new:}: decode step times of variants side by side
-#   profile   scripts/gpu_engine.py --profile 32 (where a batch-32 decode step's time goes)
+#   profile   scripts/gpu_engine.py --profile 32 ${PROFILE_ARGS} (where a batch-32 decode step's time
+#             goes; PROFILE_ARGS="--profile-adapters 8": over 8 adapters, the HF + PEFT workload)
 #   batch     shape 3: prefill / decode / end-to-end latency, distinct / uniform / identical, batch 8-64,
 #             vs the fp16 base (batch 1 is the same for every pattern: see batch-hf)
 #   batch-hf  shape 3 at batch 1 and 8, distinct, vs HF + PEFT mixed and fp16 (HF + PEFT needs seconds a
@@ -100,7 +101,7 @@ for what in "$@"; do
         attention) part attention python3 scripts/bench_attention.py ${ATTENTION_ARGS:-} ;;
         lora) part lora bash -c "python3 scripts/bench_lora.py --sweep && python3 scripts/bench_lora.py" ;;
         ab) read -ra variants <<< "${AB_VARIANTS:-new:}"; part ab bash scripts/gpu_ab.sh "${variants[@]}" ;;
-        profile) part profile python3 scripts/gpu_engine.py --profile 32 --out "$OUT/results" ;;
+        profile) part profile python3 scripts/gpu_engine.py --profile 32 ${PROFILE_ARGS:-} --out "$OUT/results" ;;
         batch) part batch "${INLAID[@]}" bench sweep batch $M --patterns distinct,uniform,identical \
             --batch-sizes "${BATCH_SIZES:-8,32,64}" --input-len 128 --output-len 64 --baseline fp16 \
             --out "$OUT/results/batch" ;;

@@ -12,11 +12,16 @@
    on all 7 projections, each request its own adapter (distinct), prompt 128, 64 new tokens.
    Roofline = bytes one decode step must read (packed base weights + lm_head, the step's distinct
    adapters, the KV cache of the batch) / 2.99 TB/s (measured H100 HBM, docs/results/kernels.md).
-3. Prefill tokens/s (8 prompts of 512 tokens).
+3. Prefill tokens/s (8 prompts of 512 tokens), then the HF + PEFT baseline's own workload
+   (``matched_workload``: batch 32 over 8 adapters, prompt 128, 32 new tokens), decode alone and
+   end to end.
 4. Baselines in the same run: HF transformers fp16 generate without adapters, and HF + PEFT with 8
-   adapters mixed in one batch (``adapter_names``), batch 32, prompt 128, 32 new tokens.
+   adapters mixed in one batch (``adapter_names``), batch 32, prompt 128, 32 new tokens: end to
+   end and decode alone. The ratios: like for like (step 3's workload against HF + PEFT), and
+   step 2's batch 32 (32 distinct adapters: 4x the adapter bytes a step) against the same.
 ``--decode-only`` runs step 2 with CUDA graphs (and 3) only: the A/B runs of scripts/gpu_ab.sh.
-5. ``--profile B`` (instead of 1-4): where a batch-B decode step's time goes. Kernel GPU time per
+5. ``--profile B [--profile-adapters A]`` (instead of 1-4): where a batch-B decode step's time goes
+   (request r on adapter r mod A, default 100). Kernel GPU time per
    step by kernel (torch.profiler over eager steps; graph replays run the same kernels) against the
    step's wall time with and without CUDA graphs, so host overhead and launch gaps show up too.
 """
@@ -115,29 +120,12 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     rows = []
     for batch in batches:
-        _add_requests(engine, batch, 32 if eager else 64, gen)
-        times, contexts = [], []
-        while engine.has_unfinished_requests():
-            running = list(engine.scheduler.running)
-            all_decode = len(running) == batch and all(q.num_computed_tokens == q.num_tokens - 1
-                                                       for q in running)
-            ctx = sum(q.num_tokens for q in running)
-            # no device sync around the call: a step returns once it has read its tokens back, and
-            # under asynchronous scheduling the next step is already queued on the GPU by then (a
-            # sync would drain it): in steady state a call's wall time is the cadence of steps
-            t0 = time.perf_counter()
-            engine.step(finished_only=True)  # the offline path (LLM.generate, inlaid bench)
-            if all_decode:
-                times.append(time.perf_counter() - t0)
-                contexts.append(ctx)
-        steady = times[3:] or times
-        step = statistics.median(steady)
+        step, context = _time_decode(engine, batch, 32 if eager else 64, gen, adapters=100)
         distinct = min(batch, 100)
-        bytes_step = base_bytes + distinct * adapter_bytes + statistics.fmean(contexts) * kv_token_bytes
+        bytes_step = base_bytes + distinct * adapter_bytes + context * kv_token_bytes
         roof = bytes_step / HBM_BYTES_PER_S
         rows.append({"mode": mode, "batch": batch, "step_ms": step * 1e3, "tok_s": batch / step,
-                     "roofline_ms": roof * 1e3, "roofline_frac": roof / step,
-                     "bytes_gb": bytes_step / 1e9, "steps_timed": len(steady)})
+                     "roofline_ms": roof * 1e3, "roofline_frac": roof / step, "bytes_gb": bytes_step / 1e9})
         log(f"[{mode}] decode batch {batch:4d}: {step * 1e3:7.2f} ms/step, {batch / step:8.0f} tok/s, "
             f"roofline {roof * 1e3:.2f} ms ({roof / step:.1%})")  # .1: 49.5% must not print as 50%
     out.setdefault("decode", []).extend(rows)
@@ -162,27 +150,76 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
         raise RuntimeError(f"the timed prefill found {cached} cached tokens: it would not time a prefill")
     out["prefill"] = {"tokens": 8 * 512, "seconds": took, "tok_s": 8 * 512 / took}
     log(f"prefill 8x512 with 8 adapters: {took * 1e3:.1f} ms, {8 * 512 / took:.0f} tok/s")
+    matched_workload(out, llm, gen, base_bytes + 8 * adapter_bytes, kv_token_bytes)
     del llm, engine
     gc.collect()  # runner <-> graphs reference each other: free the cache before the next engine
     torch.cuda.empty_cache()
 
 
-def _add_requests(engine, batch: int, max_tokens: int, gen: torch.Generator) -> None:
-    """``batch`` random 128-token prompts, request r on adapter dummy-(r mod 100)."""
+def _time_decode(engine, batch: int, max_tokens: int, gen: torch.Generator, adapters: int) -> tuple[float, float]:
+    """(median wall time of a decode step, mean tokens in the batch's KV cache over the timed steps)
+    for ``batch`` fresh requests (``_add_requests``), run to completion."""
+    _add_requests(engine, batch, max_tokens, gen, adapters)
+    times, contexts = [], []
+    while engine.has_unfinished_requests():
+        running = list(engine.scheduler.running)
+        all_decode = len(running) == batch and all(q.num_computed_tokens == q.num_tokens - 1 for q in running)
+        ctx = sum(q.num_tokens for q in running)
+        # no device sync around the call: a step returns once it has read its tokens back, and
+        # under asynchronous scheduling the next step is already queued on the GPU by then (a
+        # sync would drain it): in steady state a call's wall time is the cadence of steps
+        t0 = time.perf_counter()
+        engine.step(finished_only=True)  # the offline path (LLM.generate, inlaid bench)
+        if all_decode:
+            times.append(time.perf_counter() - t0)
+            contexts.append(ctx)
+    steady = times[3:] or times
+    return statistics.median(steady), statistics.fmean(contexts)
+
+
+def _add_requests(engine, batch: int, max_tokens: int, gen: torch.Generator, adapters: int = 100) -> None:
+    """``batch`` random 128-token prompts, request r on adapter dummy-(r mod ``adapters``)."""
     for r in range(batch):
         prompt = torch.randint(3, 32000, (128,), generator=gen).tolist()
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                           f"dummy-{r % 100}")
+                           f"dummy-{r % adapters}")
 
 
-def _add_decode_batch(engine, batch: int, max_tokens: int, gen: torch.Generator) -> None:
-    _add_requests(engine, batch, max_tokens, gen)
+def matched_workload(out: dict, llm, gen: torch.Generator, weight_bytes: int, kv_token_bytes: int,
+                     batch: int = 32, new_tokens: int = 32, adapters: int = 8) -> None:
+    """The HF + PEFT baseline's own workload (hf_baselines): ``batch`` 128-token prompts over
+    ``adapters`` adapters, ``new_tokens`` new tokens each. Timed both ways the baseline is:
+    decode alone (median step), and end to end (``LLM.generate`` wall time, prefill included, as
+    HF's ``generate``). The decode table above runs each request on its own adapter, which reads
+    ``batch / adapters`` times more adapter weights a step than this workload does."""
+    step, context = _time_decode(llm.engine, batch, new_tokens, gen, adapters)
+    roof = (weight_bytes + context * kv_token_bytes) / HBM_BYTES_PER_S
+    walls = []
+    for _ in range(3):  # fresh prompts each time: nothing in the prefix cache
+        prompts = [torch.randint(3, 32000, (128,), generator=gen).tolist() for _ in range(batch)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+                     [f"dummy-{r % adapters}" for r in range(batch)])
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
+    out["matched"] = {"batch": batch, "adapters": adapters, "new_tokens": new_tokens, "step_ms": step * 1e3,
+                      "decode_tok_s": batch / step, "roofline_ms": roof * 1e3, "roofline_frac": roof / step,
+                      "e2e_s": walls, "e2e_tok_s": batch * new_tokens / wall}
+    log(f"[matched] batch {batch}, {adapters} adapters, {new_tokens} new tokens: decode {step * 1e3:.2f} ms/step, "
+        f"{batch / step:.0f} tok/s, roofline {roof * 1e3:.2f} ms ({roof / step:.1%}); end to end "
+        f"{' / '.join(f'{w * 1e3:.0f}' for w in walls)} ms, {batch * new_tokens / wall:.0f} tok/s")
+
+
+def _add_decode_batch(engine, batch: int, max_tokens: int, gen: torch.Generator, adapters: int = 100) -> None:
+    _add_requests(engine, batch, max_tokens, gen, adapters)
     while any(q.num_computed_tokens < q.num_tokens - 1 for q in engine.scheduler.running) \
             or len(engine.scheduler.running) < batch:
         engine.step()  # prefill until every sequence decodes
 
 
-def profile(out: dict, batch: int, steps: int = 8) -> None:
+def profile(out: dict, batch: int, adapters: int = 100, steps: int = 8) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -192,7 +229,7 @@ def profile(out: dict, batch: int, steps: int = 8) -> None:
         llm = LLM("dummy:llama-2-7b", dummy_adapters=100, dummy_rank=16, max_loras=128, max_lora_rank=16,
                   max_num_seqs=batch, max_num_batched_tokens=8192, device="cuda", enforce_eager=eager)
         engine = llm.engine
-        _add_decode_batch(engine, batch, 8 * steps + 8, gen)
+        _add_decode_batch(engine, batch, 8 * steps + 8, gen, adapters)
         for _ in range(3):
             engine.step()
         torch.cuda.synchronize()
@@ -300,37 +337,57 @@ def _profile_prefill(out: dict, engine, prompts: int, gen: torch.Generator, mode
 
 
 def hf_baselines(out: dict, batch: int = 32, new_tokens: int = 32) -> None:
+    """HF's ``generate`` on the batch, end to end (tokens / wall time, prefill included) and decode
+    alone: (new_tokens - 1) steps over the wall time of ``new_tokens`` new tokens less that of one
+    (the prefill and the first token)."""
     from peft import LoraConfig, get_peft_model
 
     from inlaid.model.dummy import dummy_model
 
     model = dummy_model("llama-2-7b").cuda()
     ids = torch.randint(3, 32000, (batch, 128), generator=torch.Generator().manual_seed(2)).cuda()
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        model.generate(**{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(**kwargs)
-        torch.cuda.synchronize()
-    hf = batch * new_tokens / (time.perf_counter() - t0)
-    log(f"HF fp16 generate, no adapter, batch {batch}: {hf:.0f} tok/s")
+
+    def rates(generate, **extra) -> tuple[float, float]:
+        took = {}
+        for n in (2, 1, new_tokens):  # 2: the warm-up
+            kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                          min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
+            with torch.no_grad():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                generate(**kwargs)
+                torch.cuda.synchronize()
+            took[n] = time.perf_counter() - t0
+        return batch * new_tokens / took[new_tokens], batch * (new_tokens - 1) / (took[new_tokens] - took[1])
+
+    hf, hf_decode = rates(model.generate)
+    log(f"HF fp16 generate, no adapter, batch {batch}: {hf:.0f} tok/s end to end, {hf_decode:.0f} decode")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets), adapter_name="a0")
     for i in range(1, 8):
         peft.add_adapter(f"a{i}", LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     peft.half().eval()
-    names = [f"a{i % 8}" for i in range(batch)]
-    with torch.no_grad():
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        peft.generate(**kwargs, adapter_names=names)
-        torch.cuda.synchronize()
-    mixed = batch * new_tokens / (time.perf_counter() - t0)
-    log(f"HF + PEFT, 8 adapters mixed, batch {batch}: {mixed:.0f} tok/s")
+    mixed, mixed_decode = rates(peft.generate, adapter_names=[f"a{i % 8}" for i in range(batch)])
+    log(f"HF + PEFT, 8 adapters mixed, batch {batch}: {mixed:.0f} tok/s end to end, {mixed_decode:.0f} decode")
     out["hf"] = {"batch": batch, "new_tokens": new_tokens, "hf_fp16_no_lora_tok_s": hf,
-                 "hf_peft_mixed8_tok_s": mixed}
+                 "hf_fp16_no_lora_decode_tok_s": hf_decode, "hf_peft_mixed8_tok_s": mixed,
+                 "hf_peft_mixed8_decode_tok_s": mixed_decode}
+
+
+def ratios(results: dict) -> None:
+    """Our batch-32 rates over HF's. Like for like: the matched workload (8 adapters, as HF's)
+    against HF + PEFT, decode against decode and end to end against end to end; and the decode table's batch 32
+    (32 distinct adapters, the ratio quoted up to stop 22) against the same baselines."""
+    hf = results["hf"]
+    m = results.get("matched")
+    if m:
+        log(f"matched workload (batch 32, 8 adapters): decode {m['decode_tok_s'] / hf['hf_peft_mixed8_decode_tok_s']:.1f}x "
+            f"HF+PEFT decode, end to end {m['e2e_tok_s'] / hf['hf_peft_mixed8_tok_s']:.1f}x HF+PEFT end to end")
+    b32 = next((r for r in results["decode"] if r["batch"] == 32 and r["mode"] == "graphs"), None)
+    if b32:
+        log(f"batch 32 decode, 32 distinct adapters: {b32['tok_s'] / hf['hf_peft_mixed8_tok_s']:.1f}x HF+PEFT "
+            f"mixed, {b32['tok_s'] / hf['hf_fp16_no_lora_tok_s']:.2f}x HF fp16 no-LoRA (end to end); "
+            f"{b32['tok_s'] / hf['hf_fp16_no_lora_decode_tok_s']:.2f}x HF fp16 decode")
 
 
 def main() -> None:
@@ -341,13 +398,15 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true",
                         help="only decode (and prefill) speed with CUDA graphs: no correctness, eager, HF")
     parser.add_argument("--profile", type=int, default=0, metavar="B", help="only profile a batch-B decode step")
+    parser.add_argument("--profile-adapters", type=int, default=100, metavar="A",
+                        help="--profile: request r runs on adapter r mod A (8: the HF + PEFT baseline's workload)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        profile(results, args.profile)
+        profile(results, args.profile, args.profile_adapters)
         (args.out / "gpu_profile.json").write_text(json.dumps(results, indent=2))
         return
     batches = [int(b) for b in args.batches.split(",")]
@@ -359,10 +418,7 @@ def main() -> None:
     if not (args.skip_hf or args.decode_only):
         hf_baselines(results)
     if "hf" in results:
-        b32 = next((r for r in results["decode"] if r["batch"] == 32 and r["mode"] == "graphs"), None)
-        if b32:
-            log(f"batch 32 decode: {b32['tok_s'] / results['hf']['hf_peft_mixed8_tok_s']:.1f}x HF+PEFT "
-                f"mixed, {b32['tok_s'] / results['hf']['hf_fp16_no_lora_tok_s']:.2f}x HF fp16 no-LoRA")
+        ratios(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_engine.json").write_text(json.dumps(results, indent=2))
 
