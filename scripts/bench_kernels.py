@@ -190,15 +190,16 @@ def table(rows, bw) -> str:
 CUDA_CONFIGS = ([(nw, u, split, 0) for nw in (1, 2) for u in (2, 4) for split in (1, 2, 4, 8, 16)]
                 + [(nw, u, split, 4) for nw, u in ((1, 1), (1, 2), (2, 1), (2, 2), (4, 1))
                    for split in (1, 2, 4, 8, 16)])
-WGMMA_CONFIGS = [(nw, u, split, 90) for nw, u in ((1, 2), (2, 1), (2, 2), (4, 1))
-                 for split in (1, 2, 4, 8, 16)]
+WGMMA_CONFIGS = ([(nw, u, split, 90) for nw, u in ((1, 2), (2, 1), (2, 2), (4, 1))
+                  for split in (1, 2, 4, 8, 16)]
+                 + [(nw, u, split, 91) for nw, u in ((1, 1), (1, 2), (2, 1)) for split in (1, 2, 4, 8, 16)])
 
 
 def sweep_cuda(ms, json_out=None, kernels=None) -> None:
     """Launch configs of the CUDA GEMM (``CUDA_CONFIGS``, and ``WGMMA_CONFIGS`` where built) of the
     given kernels (all by default) on the decode shapes: the default's time and the best few per
     shape and M (every config's time as JSON lines to ``json_out``)."""
-    from inlaid.kernels.cuda_gemm import default_config, has_wgmma, quant_matmul_cuda
+    from inlaid.kernels.cuda_gemm import default_config, has_wgmma, quant_matmul_cuda, warps
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     configs = [c for c in CUDA_CONFIGS + (WGMMA_CONFIGS if has_wgmma(0) else [])
@@ -210,7 +211,7 @@ def sweep_cuda(ms, json_out=None, kernels=None) -> None:
             default = default_config(m, n, k, sms, has_wgmma(0))
             found = []
             for cfg in sorted(set(configs) | {default}):
-                if k // 64 < cfg[2] or n % (64 * cfg[0]) or (cfg[0] == 4 and m > 32):
+                if k // 64 < cfg[2] or n % (16 * warps(cfg[3]) * cfg[0]) or (cfg[0] == 4 and m > 32):
                     continue
                 found.append((timed(lambda i: quant_matmul_cuda(x, layers[i], config=cfg), copies, reps=10),
                               cfg))

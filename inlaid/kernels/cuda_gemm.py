@@ -36,7 +36,7 @@ from inlaid.quant.primitives import unpack_rows
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "cuda" / "qgemm4.cu"
 MAX_M = 64
-WARPS = 4  # warps per block (kWarps in the kernel): a block covers 64 * nw output columns
+WARPS = 4  # warps per block (kWarps in the kernel) but for WGMMA8's 8: a block covers 16 * warps * nw columns
 # Split-K partial sums and arrival counters. Not the Triton kernel's: every block overwrites its
 # whole workspace slice, so the workspace holds garbage between calls, which the Triton kernel's
 # (zero between calls) must not.
@@ -220,14 +220,24 @@ _SMS: dict[int, int] = {}
 # Kernels: REGISTERS (nw 1 or 2, unroll 2 or 4); PIPELINED, a 4-deep cp.async ring in shared memory
 # feeding mma.sync (nw 1, 2 or 4 (not above M = 32), unroll 1 or 2); WGMMA, the same ring feeding
 # Hopper's warpgroup MMA, sm_90 only (nw 1 with unroll 2, nw 2 with unroll 1 or 2, nw 4 with unroll
-# 1 up to M = 32). The kernel's launch_config lists them.
+# 1 up to M = 32); WGMMA8, the wgmma kernel with two warpgroups (8 warps) a block sharing one x
+# stage across 128 nw columns (nw 1 with unroll 1 or 2, nw 2 with unroll 1). The kernel's
+# launch_config lists them.
 Config = tuple[int, int, int, int]
-REGISTERS, PIPELINED, WGMMA = 0, 4, 90
+REGISTERS, PIPELINED, WGMMA, WGMMA8 = 0, 4, 90, 91
+
+
+NARROW_N = 4096  # widest output that takes WGMMA8 at M 17-32 (default_config)
+
+
+def warps(kernel: int) -> int:
+    """Warps a block of ``kernel`` runs."""
+    return 8 if kernel == WGMMA8 else WARPS
 
 
 @functools.lru_cache(maxsize=None)
 def has_wgmma(device_index: int = 0) -> bool:
-    """Whether the library built for this GPU holds the WGMMA kernel (its build flags say so: sm_90)."""
+    """Whether the library built for this GPU holds the WGMMA kernels (its build flags say so: sm_90)."""
     major, minor = torch.cuda.get_device_capability(device_index)
     return "-DINLAID_WGMMA" in _arch_flags(f"sm_{major}{minor}")
 
@@ -259,7 +269,14 @@ def default_config(m: int, n: int, k: int, sms: int, wgmma: bool = False) -> Con
       side in the engine's decode step (docs/results/gpu_ab_wgmma_*.log), that took 3.4% off at
       batch 32 and 1.4% at batch 8; the M > 16 configs are the GEMM sweep's best per shape
       (docs/results/bench_kernels_cuda_sweep_wgmma_*.log), and with the pipelined kernel's
-      configs the batch-32 step was 0.8% slower than before.
+      configs the batch-32 step was 0.8% slower than before. Outputs up to NARROW_N wide (o and
+      down of Llama-2-7B) take WGMMA8 at M 17-32 instead (two warpgroups a block sharing one x
+      stage; the same split rule over its 128-column blocks): on an H100 the M = 32 sweep put o
+      at 10.2 instead of 11.7 µs and down at 20.0 instead of 25.6 (both the sweep's best), and
+      side by side in the engine the batch-32 step over 8 adapters took 5.22-5.24 ms instead of
+      5.29-5.31 (over 32 distinct adapters: a tie, 5.59-5.62 vs 5.61-5.62).
+      (docs/results/gpu_ab_w8_a4042af.log). The wide shapes (q/k/v, gate/up) were slower with
+      it in the sweep, and so was the whole step at M 9-16 (batch 16 +7%): those keep WGMMA.
 
     From two launch-config sweeps on two H100s (`bench_kernels.py --sweep-cuda 1 8 16 32`, 45
     configs; `bench_kernels.py --rank` on their JSON ranks the rules; docs/results/kernels.md): at
@@ -288,6 +305,8 @@ def default_config(m: int, n: int, k: int, sms: int, wgmma: bool = False) -> Con
     if m <= 16:
         return nw, 2, _split(n // (16 * WARPS * nw), k, 1.5 * sms), kernel
     if wgmma:
+        if n <= NARROW_N and n % (16 * warps(WGMMA8)) == 0:
+            return 1, 2, _split(n // (16 * warps(WGMMA8)), k, 2.0 * sms, min_tiles=16), WGMMA8
         return 1, 2, _split(n // (16 * WARPS), k, 2.0 * sms, min_tiles=16), kernel
     return nw, 2, _split(n // (16 * WARPS * nw), k, 1.0 * sms, min_tiles=16), kernel
 
@@ -326,7 +345,7 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     if not y.is_contiguous() or y.shape != (m, n) or y.dtype != torch.float16 or y.device != x.device:
         raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor on {x.device}")
     tm = -(-m // 8) if m <= 32 else 8  # 8-token MMA tiles the kernel computes (its TM)
-    ws, counts = (_SPLIT_K.get(x.device, split * n * 8 * tm, n // (16 * WARPS * nw)) if split > 1
+    ws, counts = (_SPLIT_K.get(x.device, split * n * 8 * tm, n // (16 * warps(kernel) * nw)) if split > 1
                   else (y, cq.gidx16))
     with torch.cuda.device(x.device):  # the launch goes to the current device's context
         err = _library(dev)(x.data_ptr(), cq.qw.data_ptr(), cq.sz.data_ptr(), cq.gidx16.data_ptr(),

@@ -189,11 +189,14 @@ def test_default_config_rule(m, n, k, config):
 
 
 # M 17-32 with wgmma: one tile per warp, ~2 blocks per SM, >= 16 super tiles a block: the best
-# config of each Llama-2-7B shape in the M = 32 sweep (docs/results/kernels.md)
-@pytest.mark.parametrize("n,k,split", [(4096, 4096, 4), (12288, 4096, 2), (22016, 4096, 1), (4096, 11008, 8)])
-def test_default_config_rule_with_wgmma_above_m16(n, k, split):
-    assert cuda_gemm.default_config(32, n, k, 132, wgmma=True) == (1, 2, split, cuda_gemm.WGMMA)
-    assert cuda_gemm.default_config(17, n, k, 132, wgmma=True) == (1, 2, split, cuda_gemm.WGMMA)
+# config of each Llama-2-7B shape in the M = 32 sweep (docs/results/kernels.md); outputs up to
+# 4096 wide on the 8-warp kernel (128-column blocks), wider ones on the 4-warp one
+@pytest.mark.parametrize("n,k,split,kernel", [(4096, 4096, 4, 91), (12288, 4096, 2, 90), (22016, 4096, 1, 90),
+                                              (4096, 11008, 8, 91), (4160, 4096, 4, 90)])
+def test_default_config_rule_with_wgmma_above_m16(n, k, split, kernel):
+    assert cuda_gemm.default_config(32, n, k, 132, wgmma=True) == (1, 2, split, kernel)
+    assert cuda_gemm.default_config(17, n, k, 132, wgmma=True) == (1, 2, split, kernel)
+    assert cuda_gemm.default_config(16, n, k, 132, wgmma=True)[3] == cuda_gemm.WGMMA
 
 
 def test_group_shift_only_for_equal_power_of_two_groups():

@@ -32,14 +32,15 @@ def _enabled(monkeypatch):
 # (nw, unroll, split, kernel): every kernel, tile count and unroll, odd and even splits
 CONFIGS = [None, (1, 2, 1, 0), (2, 4, 1, 0), (1, 4, 3, 0), (2, 2, 8, 0),
            (1, 1, 1, 4), (1, 2, 3, 4), (2, 1, 8, 4), (2, 2, 1, 4), (4, 1, 3, 4),
-           (1, 2, 1, 90), (2, 1, 3, 90), (2, 2, 8, 90), (4, 1, 2, 90)]
+           (1, 2, 1, 90), (2, 1, 3, 90), (2, 2, 8, 90), (4, 1, 2, 90),
+           (1, 1, 1, 91), (1, 2, 3, 91), (2, 1, 2, 91)]
 
 
 def _skip_unbuilt(config):
     from inlaid.kernels import cuda_gemm
 
-    if config is not None and config[3] == cuda_gemm.WGMMA and not cuda_gemm.has_wgmma(0):
-        pytest.skip("the wgmma kernel is built for sm_90 only")
+    if config is not None and config[3] in (cuda_gemm.WGMMA, cuda_gemm.WGMMA8) and not cuda_gemm.has_wgmma(0):
+        pytest.skip("the wgmma kernels are built for sm_90 only")
 
 
 @pytest.mark.parametrize("group_size,act_order,sym", LAYOUTS)
@@ -73,7 +74,7 @@ def test_uneven_and_empty_split_ranges(k, split):
     ref_p = prepare(packed, "cuda", torch.float32)
     from inlaid.kernels.cuda_gemm import has_wgmma
 
-    kernels = ((2, 0), (4, 0), (1, 4), (2, 4)) + (((2, 90),) if has_wgmma(0) else ())
+    kernels = ((2, 0), (4, 0), (1, 4), (2, 4)) + (((2, 90), (1, 91), (2, 91)) if has_wgmma(0) else ())
     for unroll, kernel in kernels:
         x = torch.randn(19, k, device="cuda", dtype=torch.float16)
         out = torch.full((19, 384), float("nan"), device="cuda", dtype=torch.float16)

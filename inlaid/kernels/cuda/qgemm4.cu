@@ -21,8 +21,8 @@
 // fp32 reference's value rounded once to fp16, as in the Triton kernel.
 //
 // Work split: a warp owns NW tiles of 16 output columns over a range of super tiles; the 4 warps of a
-// block own neighbouring columns over the same k range (their x loads hit L1), and the grid's y
-// dimension splits K.
+// block (8 in the wgmma kernel's two-warpgroup form) own neighbouring columns over the same k
+// range (their x loads hit L1, or share one x stage), and the grid's y dimension splits K.
 //
 // Two kernels share that math (Tile). The register kernel double-buffers weights in registers: U
 // super tiles are loaded while the previous U are multiplied; x and the scales come straight from
@@ -180,8 +180,9 @@ struct Params {
     int gshift;  // >= 0: every group is 2^gshift 16-k chunks, in order (no table lookup)
 };
 
-// One warp's share of the product: its column tiles and K range, its x rows, its accumulators.
-template <int TM, int NW>
+// One warp's share of the product: its column tiles and K range, its x rows, its accumulators. W
+// warps a block.
+template <int TM, int NW, int W = kWarps>
 struct Tile {
     int lane, g, t, KS, NT, ks0, ks1, tile0;
     // x row of token 8i + g at this thread's k offset, in 16-byte units. Rows past M read row M - 1:
@@ -200,7 +201,7 @@ struct Tile {
         const int ks_per = (KS + gridDim.y - 1) / gridDim.y;
         ks0 = blockIdx.y * ks_per;
         ks1 = min(KS, ks0 + ks_per);
-        tile0 = (blockIdx.x * kWarps + warp) * NW;  // first 16-column tile of this warp
+        tile0 = (blockIdx.x * W + warp) * NW;  // first 16-column tile of this warp
 #pragma unroll
         for (int n = 0; n < NW; ++n)
 #pragma unroll
@@ -275,8 +276,7 @@ struct Tile {
             // slice (blockIdx.y, blockIdx.x); within it, fragment f = n * TM + i of thread tid
             // at f * 128 + tid: each store and load is 16 bytes per thread, 512 per warp, in order
             auto slot = [&](int s, int f) {
-                return p.ws + ((size_t)(s * gridDim.x + blockIdx.x) * (NW * TM) + f) * (kWarps * 32) +
-                       threadIdx.x;
+                return p.ws + ((size_t)(s * gridDim.x + blockIdx.x) * (NW * TM) + f) * (W * 32) + threadIdx.x;
             };
             // a thread's four sums are tokens 8i + 2t and 8i + 2t + 1: none is stored where both
             // are past M (at M = 1, three lanes in four), and the last block skips them alike
@@ -405,9 +405,9 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_kernel(const Params p) {
 // below) takes the same bytes.
 constexpr int kRow = 72;
 
-template <int TM, int NW, int U>
+template <int TM, int NW, int U, int W>
 struct Stage {
-    static constexpr int kW = kWarps * U * NW * 32;   // uint4 of weights
+    static constexpr int kW = W * U * NW * 32;        // uint4 of weights
     static constexpr int kZS = kW / 2;                // uint4 holding the uint2 (scale, zero) pairs
     static constexpr int kX = U * TM * 8 * kRow / 8;  // uint4 of x
     static constexpr int kSize = kW + kZS + kX;       // uint4 per stage
@@ -423,9 +423,9 @@ struct Stage {
 
 // x for the mma.sync kernel: 16-byte chunks of token rows into padded rows, each thread a fixed
 // share (kPer chunks).
-template <int TM, int U>
+template <int TM, int U, int W>
 struct XRows {
-    static constexpr int kChunks = U * TM * 8 * 8, kPer = (kChunks + kWarps * 32 - 1) / (kWarps * 32);
+    static constexpr int kChunks = U * TM * 8 * 8, kPer = (kChunks + W * 32 - 1) / (W * 32);
     const half* src[kPer];
     unsigned dst[kPer];
     int u[kPer];
@@ -433,7 +433,7 @@ struct XRows {
     __device__ __forceinline__ XRows(const Params& p, int ks0) {
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
-            const int idx = min(c * kWarps * 32 + (int)threadIdx.x, kChunks - 1);  // spare threads: a duplicate
+            const int idx = min(c * W * 32 + (int)threadIdx.x, kChunks - 1);  // spare threads: a duplicate
             const int r = (idx / 8) % (TM * 8), part = idx % 8;
             u[c] = idx / (TM * 64);
             src[c] = p.x + (size_t)min(r, p.M - 1) * p.K + (size_t)(ks0 + u[c]) * 64 + 8 * part;
@@ -460,9 +460,9 @@ struct XRows {
 // One warp's weights and (scale, zero) pairs. Each lane copies its own uint4 of codes per super
 // tile and column tile, and the pairs of its rows' group, whose index comes from the lane's 16-k
 // chunk 4 k + t: a shift for equal power-of-two groups, else a table lookup.
-template <int TM, int NW, int U>
+template <int TM, int NW, int U, int W>
 struct WCopy {
-    static constexpr int kW = Stage<TM, NW, U>::kW;  // the pairs follow the weights in a stage
+    static constexpr int kW = Stage<TM, NW, U, W>::kW;  // the pairs follow the weights in a stage
     const uint4* w[NW];  // column tile n's codes at the next step's first super tile
     const uint2* sz;     // the lane's pairs of column tile 0 in group 0
     const int* gidx16;
@@ -471,7 +471,7 @@ struct WCopy {
     unsigned gbytes;      // bytes per group of pairs
     unsigned own;        // the lane's weight slots, bytes into a stage (its pairs: own / 2 into theirs)
 
-    __device__ __forceinline__ WCopy(const Params& p, const Tile<TM, NW>& tile, int ks0, unsigned own_)
+    __device__ __forceinline__ WCopy(const Params& p, const Tile<TM, NW, W>& tile, int ks0, unsigned own_)
         : sz(tile.szrow), gidx16(p.gidx16), chunk(4 * ks0 + tile.t), gshift(p.gshift), gbytes(64 * tile.NT),
           own(own_) {
 #pragma unroll
@@ -511,6 +511,11 @@ struct WCopy {
 // instruction replaces TM mma.syncs per warp. The accumulator's layout per warp is the m16n8 C
 // layout for each 8-token chunk, so Tile::finish is unchanged. The MMAs run asynchronously while
 // the warp dequantizes the next super tile.
+//
+// With W = 8 (kWgmma8) a block is two warpgroups over 128 NW columns, each issuing its own MMAs
+// with the same B: the x stage, and x's reads from L2, are shared by twice the columns. Measured
+// on an H100 (docs/results/kernels.md) it is faster for narrow outputs at M 17-32 (o and down of
+// Llama-2-7B, where the K split is 4-8 ways) and slower for the wide ones.
 //
 // B from shared memory follows the K-major "core matrix" layout: 8 tokens x 8 k (16 bytes a
 // token) contiguous, neighbours along K LBO bytes apart and along the tokens SBO bytes apart. The
@@ -565,11 +570,11 @@ INLAID_WGMMA_SHAPE(8, 64, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %1
 #undef INLAID_WGMMA_SHAPE
 
 // x for the wgmma kernel: 4-byte words into core matrices. Copy c of a thread is token row
-// r = 4c + warp of the stage (u = c / 2TM, token 4 (c % 2TM) + warp); its lane's word and slot are
+// r = W c' + warp of the stage (u = c / kRows, c' = c % kRows); its lane's word and slot are
 // fixed, so it keeps one source per token row.
-template <int TM, int U>
+template <int TM, int U, int W>
 struct XCores {
-    static constexpr int kRows = 2 * TM;  // distinct token rows per thread
+    static constexpr int kRows = 8 * TM / W;  // distinct token rows per thread
     static constexpr int kPer = U * kRows;
     const half* src[kRows];  // this lane's word of each token row at the next step's first super tile
     unsigned dst;            // byte offset of this lane's slot in its warp's first row
@@ -578,7 +583,7 @@ struct XCores {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
         for (int c = 0; c < kRows; ++c)  // rows past M read row M - 1
-            src[c] = p.x + (size_t)min(4 * c + warp, p.M - 1) * p.K + (size_t)ks0 * 64 + 2 * lane;
+            src[c] = p.x + (size_t)min(W * c + warp, p.M - 1) * p.K + (size_t)ks0 * 64 + 2 * lane;
         dst = (lane % 8) * kCore + (lane / 8) * 4 + warp * 16;
     }
 
@@ -586,9 +591,10 @@ struct XCores {
     __device__ __forceinline__ void copy(unsigned x, int left) const {
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
-            const int u = c / kRows, cr = c % kRows;  // token 4 cr + warp: group cr / 2, row 4 (cr % 2) + warp
+            // token W cr + warp: 8-token group W cr / 8, row W cr % 8 + warp in it (W is 4 or 8)
+            const int u = c / kRows, cr = c % kRows;
             const bool in = kFull || u < left;
-            const unsigned at = x + dst + (u * TM + cr / 2) * kGroup + (cr % 2) * 64;
+            const unsigned at = x + dst + (u * TM + W * cr / 8) * kGroup + (W * cr % 8) * 16;
             cp_async4(at, src[cr] + (in ? u * 64 : 0), in ? 4 : 0);
         }
     }
@@ -609,22 +615,22 @@ struct XCores {
 // add exactly 0, so the math needs no mask. The copies' sources advance by a constant per step
 // (the weights of a column tile and x's rows are contiguous along k; WCopy, XRows, XCores).
 // kWg: the math is wgmma (XCores), else mma.sync (XRows).
-template <int TM, int NW, int U, int S, bool kWg>
-__global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params p) {
-    using St = Stage<TM, NW, U>;
+template <int TM, int NW, int U, int S, bool kWg, int W>
+__global__ void __launch_bounds__(W * 32) qgemm4_async_kernel(const Params p) {
+    using St = Stage<TM, NW, U, W>;
     extern __shared__ uint4 smem[];
-    Tile<TM, NW> tile(p);
+    Tile<TM, NW, W> tile(p);
     const int ks0 = tile.ks0, ks1 = tile.ks1;
     const int steps = ks1 > ks0 ? (ks1 - ks0 + U - 1) / U : 0;
     const unsigned base = smem_addr(smem);
     const unsigned own = ((threadIdx.x >> 5) * U * NW * 32 + tile.lane) * 16;  // bytes into a stage
 #ifdef INLAID_WGMMA
-    using X = std::conditional_t<kWg, XCores<TM, U>, XRows<TM, U>>;
+    using X = std::conditional_t<kWg, XCores<TM, U, W>, XRows<TM, U, W>>;
 #else
-    using X = XRows<TM, U>;
+    using X = XRows<TM, U, W>;
 #endif
     X xcopy(p, ks0);
-    WCopy<TM, NW, U> wcopy(p, tile, ks0, own);
+    WCopy<TM, NW, U, W> wcopy(p, tile, ks0, own);
     auto slot = [&](int st) { return base + (unsigned)(st % S) * St::kSize * 16; };
     constexpr unsigned kXAt = (St::kW + St::kZS) * 16;  // the x region, bytes into a stage
     // step st's copies (steps are copied in order, each once); only the last can be partial
@@ -716,7 +722,8 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm4_async_kernel(const Params 
 // Where and how a launch goes.
 struct Launch {
     dim3 grid;
-    bool pdl;  // programmatic dependent launch
+    int warps;  // a block's
+    bool pdl;   // programmatic dependent launch
     cudaStream_t stream;
 };
 
@@ -727,7 +734,7 @@ int launch(Kernel kernel, int smem_bytes, const Params& p, const Launch& l) {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = l.grid;
-    cfg.blockDim = dim3(kWarps * 32);
+    cfg.blockDim = dim3(l.warps * 32);
     cfg.dynamicSmemBytes = smem_bytes;
     cfg.stream = l.stream;
     cfg.attrs = attr;
@@ -740,25 +747,28 @@ int launch_registers(const Params& p, const Launch& l) {
     return launch(qgemm4_kernel<TM, NW, U>, 0, p, l);
 }
 
-template <int TM, int NW, int U, int S, bool kWg>
+template <int TM, int NW, int U, int S, bool kWg, int W = kWarps>
 int launch_async(const Params& p, const Launch& l) {
-    constexpr int bytes = Stage<TM, NW, U>::kSize * 16 * S;
+    constexpr int bytes = Stage<TM, NW, U, W>::kSize * 16 * S;
     // 48 KB of shared memory per block, static and dynamic together, unless the kernel opts in to
     // more: done once per device for every size (the 48 KB stage of 64 tokens plus the kernel's
     // static flag is already over)
     static bool opted_in[64] = {};
     int dev = 0;
     if (cudaGetDevice(&dev) == cudaSuccess && dev < 64 && !opted_in[dev]) {
-        const cudaError_t err = cudaFuncSetAttribute(qgemm4_async_kernel<TM, NW, U, S, kWg>,
+        const cudaError_t err = cudaFuncSetAttribute(qgemm4_async_kernel<TM, NW, U, S, kWg, W>,
                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
         if (err != cudaSuccess) return static_cast<int>(err);
         opted_in[dev] = true;
     }
-    return launch(qgemm4_async_kernel<TM, NW, U, S, kWg>, bytes, p, l);
+    return launch(qgemm4_async_kernel<TM, NW, U, S, kWg, W>, bytes, p, l);
 }
 
-// Which kernel (the config's last field; cuda_gemm.py names them).
-constexpr int kRegisters = 0, kPipelined = 4, kWgmma = 90;
+// Which kernel (the config's last field; cuda_gemm.py names them). kWgmma8: the wgmma kernel with
+// two warpgroups a block (8 warps), which share one x stage across 128 nw columns.
+constexpr int kRegisters = 0, kPipelined = 4, kWgmma = 90, kWgmma8 = 91;
+
+constexpr int warps_of(int kernel) { return kernel == kWgmma8 ? 8 : kWarps; }
 
 // The instantiated configs (each costs compile time): the register kernel with one or two tiles
 // per warp, unroll 2 or 4; the pipelined kernels 4 stages deep with one, two or four tiles per
@@ -786,6 +796,12 @@ int launch_config(const Params& p, const Launch& l, int nw, int unroll, int kern
         if constexpr (TM < 8)
             if (nw == 4 && unroll == 1) return launch_async<TM, 4, 1, 4, true>(p, l);
 #endif
+    } else if (kernel == kWgmma8) {
+#ifdef INLAID_WGMMA
+        if (nw == 1 && unroll == 1) return launch_async<TM, 1, 1, 4, true, 8>(p, l);
+        if (nw == 1 && unroll == 2) return launch_async<TM, 1, 2, 4, true, 8>(p, l);
+        if (nw == 2 && unroll == 1) return launch_async<TM, 2, 1, 4, true, 8>(p, l);
+#endif
     }
     return -1;
 }
@@ -796,18 +812,19 @@ int launch_config(const Params& p, const Launch& l, int nw, int unroll, int kern
 // Preconditions (checked in Python): contiguous tensors on the current device, 16-byte aligned x
 // and ws; with split > 1, ws holds split * N * 8 * TM floats and counts gridDim.x zeros.
 // Config (launch_config lists the instantiated ones): nw column tiles per warp, unroll super tiles
-// per step, split K ways, kernel 0 (the register kernel), 4 (the pipelined mma.sync kernel) or 90 (the
-// pipelined wgmma kernel, sm_90a builds only).
+// per step, split K ways, kernel 0 (the register kernel), 4 (the pipelined mma.sync kernel), 90 (the
+// pipelined wgmma kernel, sm_90a builds only) or 91 (the same with 8 warps a block).
 // pdl != 0: programmatic dependent launch (sm_90+ only).
 extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, const int* gidx16,
                              const void* bias, void* y, void* ws, int* counts, int M, int N, int K,
                              int nw, int unroll, int split, int kernel, int gshift, int pdl, void* stream) {
     if (nw != 1 && nw != 2 && nw != 4) return -1;
-    if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * kWarps * nw)) return -1;
+    const int warps = warps_of(kernel);
+    if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * warps * nw)) return -1;
     const Params p{static_cast<const half*>(x), static_cast<const uint4*>(qw),
                    static_cast<const uint2*>(sz), gidx16, static_cast<const half*>(bias),
                    static_cast<half*>(y), static_cast<float4*>(ws), counts, M, N, K, gshift};
-    const Launch l{dim3(N / (16 * nw * kWarps), split), pdl != 0, static_cast<cudaStream_t>(stream)};
+    const Launch l{dim3(N / (16 * nw * warps), split), warps, pdl != 0, static_cast<cudaStream_t>(stream)};
     switch (M <= 32 ? (M + 7) / 8 : 8) {
         case 1: return launch_config<1>(p, l, nw, unroll, kernel);
         case 2: return launch_config<2>(p, l, nw, unroll, kernel);
