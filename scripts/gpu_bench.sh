@@ -30,7 +30,8 @@
 #   rates-plain  shape 2 for `inlaid` without the SLO targets (--no-slo-aware), same workloads
 #   rates-decode-graphs  shape 2 for `inlaid` with CUDA graphs for decode steps only (--cuda-graphs
 #             decode): next to `rates`, what the prefill graphs buy at the serving level
-#   engine    scripts/gpu_engine.py (correctness, decode speed per batch, HF baselines)
+#   engine    scripts/gpu_engine.py (correctness, decode speed per batch, the HF + PEFT workload on the
+#             engine, HF baselines, the ratios)
 #   profile-nocuda, engine-nocuda   the same two with the CUDA small-M GEMM off (INLAID_CUDA_GEMM=0),
 #             results under results/nocuda/: run next to profile / engine for a side-by-side comparison
 #
