@@ -274,8 +274,8 @@ def default_config(m: int, n: int, k: int, sms: int, wgmma: bool = False) -> Con
       stage; the same split rule over its 128-column blocks): on an H100 the M = 32 sweep put o
       at 10.2 instead of 11.7 µs and down at 20.0 instead of 25.6 (both the sweep's best), and
       side by side in the engine the batch-32 step over 8 adapters took 5.22-5.24 ms instead of
-      5.29-5.31 (over 32 distinct adapters: a tie, 5.59-5.62 vs 5.61-5.62).
-      (docs/results/gpu_ab_w8_a4042af.log). The wide shapes (q/k/v, gate/up) were slower with
+      5.29-5.31 (over 32 distinct adapters: a tie, 5.59-5.62 vs 5.61-5.62;
+      docs/results/gpu_ab_w8_a4042af.log). The wide shapes (q/k/v, gate/up) were slower with
       it in the sweep, and so was the whole step at M 9-16 (batch 16 +7%): those keep WGMMA.
 
     From two launch-config sweeps on two H100s (`bench_kernels.py --sweep-cuda 1 8 16 32`, 45
