@@ -2,6 +2,7 @@
 
     python scripts/bench_lora.py [--rank 16] [--dtype float16]
     python scripts/bench_lora.py --sweep   # block configs of shrink and expand at batch 32, distinct
+    python scripts/bench_lora.py --sweep --sweep-batch 1024 --sweep-workload uniform   # prefill sizes
 
 Per row: shrink + expand for all 7 projections (fused q/k/v as 3 slices, o, fused gate/up as 2
 slices, down), captured once in a CUDA graph and replayed; median of CUDA-event timings from
@@ -100,21 +101,22 @@ def bench_row(batch: int, workload: str, rank_set: tuple[int, ...], max_rank: in
             f"{floor_us:.1f} | {floor_us / us:.2f} |")
 
 
-def sweep(rank: int, dtype: torch.dtype, batch: int = 32) -> None:
+def sweep(rank: int, dtype: torch.dtype, batch: int = 32, workload: str = "distinct") -> None:
     """Time the layer with each candidate config of one kernel (the other at its default) for a
-    decode batch of distinct adapters; prints the default and the five fastest per kernel."""
+    batch of ``batch`` tokens (``workload_slots``); prints the default and the five fastest per
+    kernel."""
     import itertools
 
     from inlaid.kernels.triton import lora_expand, lora_shrink
 
-    slots = workload_slots("distinct", batch)
+    slots = workload_slots(workload, batch)
     ranks = torch.full((max(batch, 32),), rank, dtype=torch.int32, device="cuda")
     layer = build_layer(ranks.shape[0], rank, dtype)
     floor_us = roofline_bytes(slots, ranks, torch.finfo(dtype).bits // 8) / HBM_BYTES_PER_S * 1e6
     spaces = {
         "shrink": (lora_shrink, "shrink_config", [
             dict(BLOCK_N=16, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw, num_stages=st)
-            for bk, sk, nw, st in itertools.product((64, 128, 256), (4, 8, 16, 32), (2, 4), (2, 3))]),
+            for bk, sk, nw, st in itertools.product((64, 128, 256), (1, 2, 4, 8, 16, 32), (2, 4), (2, 3))]),
         "expand": (lora_expand, "expand_config", [
             dict(BLOCK_N=bn, BLOCK_K=16, num_warps=nw, num_stages=st)
             for bn, nw, st in itertools.product((128, 256, 512, 1024), (2, 4, 8), (1, 2))]),
@@ -130,7 +132,7 @@ def sweep(rank: int, dtype: torch.dtype, batch: int = 32) -> None:
             setattr(module, attr, default)
         base = time_layer(layer, slots, ranks, dtype)
         times.sort(key=lambda item: item[0])
-        print(f"sweep {name}, batch {batch} distinct rank {rank}: default {base:.1f} µs "
+        print(f"sweep {name}, batch {batch} {workload} rank {rank}: default {base:.1f} µs "
               f"({floor_us / base:.0%} of the layer's floor {floor_us:.1f} µs); best: "
               + "; ".join(f"{us:.1f} µs {cfg}" for us, cfg in times[:5]), flush=True)
 
@@ -141,13 +143,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--batches", default="1,8,32,128")
     parser.add_argument("--sweep", action="store_true", help="sweep the kernels' block configs")
+    parser.add_argument("--sweep-batch", type=int, default=32, help="--sweep: tokens in the batch")
+    parser.add_argument("--sweep-workload", default="distinct", choices=["distinct", "uniform", "identical"],
+                        help="--sweep: how the tokens spread over adapters")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA, skipping")
         return
     dtype = getattr(torch, args.dtype)
     if args.sweep:
-        sweep(args.rank, dtype)
+        sweep(args.rank, dtype, args.sweep_batch, args.sweep_workload)
         return
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
