@@ -150,7 +150,7 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
         raise RuntimeError(f"the timed prefill found {cached} cached tokens: it would not time a prefill")
     out["prefill"] = {"tokens": 8 * 512, "seconds": took, "tok_s": 8 * 512 / took}
     log(f"prefill 8x512 with 8 adapters: {took * 1e3:.1f} ms, {8 * 512 / took:.0f} tok/s")
-    matched_workload(out, llm, gen, base_bytes + 8 * adapter_bytes, kv_token_bytes)
+    matched_workload(out, llm, gen, base_bytes, adapter_bytes, kv_token_bytes)
     del llm, engine
     gc.collect()  # runner <-> graphs reference each other: free the cache before the next engine
     torch.cuda.empty_cache()
@@ -185,15 +185,15 @@ def _add_requests(engine, batch: int, max_tokens: int, gen: torch.Generator, ada
                            f"dummy-{r % adapters}")
 
 
-def matched_workload(out: dict, llm, gen: torch.Generator, weight_bytes: int, kv_token_bytes: int,
-                     batch: int = 32, new_tokens: int = 32, adapters: int = 8) -> None:
+def matched_workload(out: dict, llm, gen: torch.Generator, base_bytes: int, adapter_bytes: int,
+                     kv_token_bytes: int, batch: int = 32, new_tokens: int = 32, adapters: int = 8) -> None:
     """The HF + PEFT baseline's own workload (hf_baselines): ``batch`` 128-token prompts over
     ``adapters`` adapters, ``new_tokens`` new tokens each. Timed both ways the baseline is:
     decode alone (median step), and end to end (``LLM.generate`` wall time, prefill included, as
     HF's ``generate``). The decode table above runs each request on its own adapter, which reads
     ``batch / adapters`` times more adapter weights a step than this workload does."""
     step, context = _time_decode(llm.engine, batch, new_tokens, gen, adapters)
-    roof = (weight_bytes + context * kv_token_bytes) / HBM_BYTES_PER_S
+    roof = (base_bytes + adapters * adapter_bytes + context * kv_token_bytes) / HBM_BYTES_PER_S
     walls = []
     for _ in range(3):  # fresh prompts each time: nothing in the prefix cache
         prompts = [torch.randint(3, 32000, (128,), generator=gen).tolist() for _ in range(batch)]
@@ -381,7 +381,8 @@ def ratios(results: dict) -> None:
     hf = results["hf"]
     m = results.get("matched")
     if m:
-        log(f"matched workload (batch 32, 8 adapters): decode {m['decode_tok_s'] / hf['hf_peft_mixed8_decode_tok_s']:.1f}x "
+        log(f"matched workload (batch {m['batch']}, {m['adapters']} adapters): decode "
+            f"{m['decode_tok_s'] / hf['hf_peft_mixed8_decode_tok_s']:.1f}x "
             f"HF+PEFT decode, end to end {m['e2e_tok_s'] / hf['hf_peft_mixed8_tok_s']:.1f}x HF+PEFT end to end")
     b32 = next((r for r in results["decode"] if r["batch"] == 32 and r["mode"] == "graphs"), None)
     if b32:

@@ -721,20 +721,22 @@ __global__ void __launch_bounds__(W * 32) qgemm4_async_kernel(const Params p) {
 
 // Where and how a launch goes.
 struct Launch {
-    dim3 grid;
-    int warps;  // a block's
+    int split;  // the grid's y
     bool pdl;   // programmatic dependent launch
     cudaStream_t stream;
 };
 
-template <typename Kernel>
+// A block of W warps, NW column tiles each, covers 16 NW W output columns; -1 where N is not a
+// multiple of that.
+template <int W, int NW, typename Kernel>
 int launch(Kernel kernel, int smem_bytes, const Params& p, const Launch& l) {
+    if (p.N % (16 * NW * W)) return -1;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = l.grid;
-    cfg.blockDim = dim3(l.warps * 32);
+    cfg.gridDim = dim3(p.N / (16 * NW * W), l.split);
+    cfg.blockDim = dim3(W * 32);
     cfg.dynamicSmemBytes = smem_bytes;
     cfg.stream = l.stream;
     cfg.attrs = attr;
@@ -744,7 +746,7 @@ int launch(Kernel kernel, int smem_bytes, const Params& p, const Launch& l) {
 
 template <int TM, int NW, int U>
 int launch_registers(const Params& p, const Launch& l) {
-    return launch(qgemm4_kernel<TM, NW, U>, 0, p, l);
+    return launch<kWarps, NW>(qgemm4_kernel<TM, NW, U>, 0, p, l);
 }
 
 template <int TM, int NW, int U, int S, bool kWg, int W = kWarps>
@@ -761,14 +763,12 @@ int launch_async(const Params& p, const Launch& l) {
         if (err != cudaSuccess) return static_cast<int>(err);
         opted_in[dev] = true;
     }
-    return launch(qgemm4_async_kernel<TM, NW, U, S, kWg, W>, bytes, p, l);
+    return launch<W, NW>(qgemm4_async_kernel<TM, NW, U, S, kWg, W>, bytes, p, l);
 }
 
 // Which kernel (the config's last field; cuda_gemm.py names them). kWgmma8: the wgmma kernel with
 // two warpgroups a block (8 warps), which share one x stage across 128 nw columns.
 constexpr int kRegisters = 0, kPipelined = 4, kWgmma = 90, kWgmma8 = 91;
-
-constexpr int warps_of(int kernel) { return kernel == kWgmma8 ? 8 : kWarps; }
 
 // The instantiated configs (each costs compile time): the register kernel with one or two tiles
 // per warp, unroll 2 or 4; the pipelined kernels 4 stages deep with one, two or four tiles per
@@ -819,12 +819,11 @@ extern "C" int inlaid_qgemm4(const void* x, const void* qw, const void* sz, cons
                              const void* bias, void* y, void* ws, int* counts, int M, int N, int K,
                              int nw, int unroll, int split, int kernel, int gshift, int pdl, void* stream) {
     if (nw != 1 && nw != 2 && nw != 4) return -1;
-    const int warps = warps_of(kernel);
-    if (M < 1 || M > 64 || K % 64 || split < 1 || N % (16 * warps * nw)) return -1;
+    if (M < 1 || M > 64 || K % 64 || split < 1) return -1;
     const Params p{static_cast<const half*>(x), static_cast<const uint4*>(qw),
                    static_cast<const uint2*>(sz), gidx16, static_cast<const half*>(bias),
                    static_cast<half*>(y), static_cast<float4*>(ws), counts, M, N, K, gshift};
-    const Launch l{dim3(N / (16 * nw * warps), split), warps, pdl != 0, static_cast<cudaStream_t>(stream)};
+    const Launch l{split, pdl != 0, static_cast<cudaStream_t>(stream)};
     switch (M <= 32 ? (M + 7) / 8 : 8) {
         case 1: return launch_config<1>(p, l, nw, unroll, kernel);
         case 2: return launch_config<2>(p, l, nw, unroll, kernel);
