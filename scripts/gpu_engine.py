@@ -178,11 +178,12 @@ def _time_decode(engine, batch: int, max_tokens: int, gen: torch.Generator, adap
 
 
 def _add_requests(engine, batch: int, max_tokens: int, gen: torch.Generator, adapters: int = 100) -> None:
-    """``batch`` random 128-token prompts, request r on adapter dummy-(r mod ``adapters``)."""
+    """``batch`` random 128-token prompts, request r on adapter dummy-(r mod ``adapters``); the base
+    alone for ``adapters`` 0."""
     for r in range(batch):
         prompt = torch.randint(3, 32000, (128,), generator=gen).tolist()
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                           f"dummy-{r % adapters}")
+                           f"dummy-{r % adapters}" if adapters else None)
 
 
 def matched_workload(out: dict, llm, gen: torch.Generator, base_bytes: int, adapter_bytes: int,
@@ -191,8 +192,10 @@ def matched_workload(out: dict, llm, gen: torch.Generator, base_bytes: int, adap
     ``adapters`` adapters, ``new_tokens`` new tokens each. Timed both ways the baseline is:
     decode alone (median step), and end to end (``LLM.generate`` wall time, prefill included, as
     HF's ``generate``). The decode table above runs each request on its own adapter, which reads
-    ``batch / adapters`` times more adapter weights a step than this workload does."""
+    ``batch / adapters`` times more adapter weights a step than this workload does. The same decode
+    without any adapter is timed too: the difference is what the LoRA path costs a step."""
     step, context = _time_decode(llm.engine, batch, new_tokens, gen, adapters)
+    base_step, _ = _time_decode(llm.engine, batch, new_tokens, gen, adapters=0)
     roof = (base_bytes + adapters * adapter_bytes + context * kv_token_bytes) / HBM_BYTES_PER_S
     walls = []
     for _ in range(3):  # fresh prompts each time: nothing in the prefix cache
@@ -205,11 +208,13 @@ def matched_workload(out: dict, llm, gen: torch.Generator, base_bytes: int, adap
         walls.append(time.perf_counter() - t0)
     wall = statistics.median(walls)
     out["matched"] = {"batch": batch, "adapters": adapters, "new_tokens": new_tokens, "step_ms": step * 1e3,
-                      "decode_tok_s": batch / step, "roofline_ms": roof * 1e3, "roofline_frac": roof / step,
+                      "decode_tok_s": batch / step, "base_step_ms": base_step * 1e3, "roofline_ms": roof * 1e3,
+                      "roofline_frac": roof / step,
                       "e2e_s": walls, "e2e_tok_s": batch * new_tokens / wall}
     log(f"[matched] batch {batch}, {adapters} adapters, {new_tokens} new tokens: decode {step * 1e3:.2f} ms/step, "
         f"{batch / step:.0f} tok/s, roofline {roof * 1e3:.2f} ms ({roof / step:.1%}); end to end "
-        f"{' / '.join(f'{w * 1e3:.0f}' for w in walls)} ms, {batch * new_tokens / wall:.0f} tok/s")
+        f"{' / '.join(f'{w * 1e3:.0f}' for w in walls)} ms, {batch * new_tokens / wall:.0f} tok/s; "
+        f"no adapter: decode {base_step * 1e3:.2f} ms/step")
 
 
 def _add_decode_batch(engine, batch: int, max_tokens: int, gen: torch.Generator, adapters: int = 100) -> None:
