@@ -85,3 +85,41 @@ def test_captured_chain_replays_fresh_inputs_like_eager_without_pdl(monkeypatch)
         expected = _chain(h, delta, weight, gate_up, down)
         for a, b in zip(outs, expected):
             assert torch.equal(a, b)
+
+
+def _triton_chain(h, delta, wide_weight, weight):
+    """Triton kernels back to back, each letting the next launch before its own wait: K3 reads what
+    K1 wrote and K4 what K2 wrote, two launches back, while K2 and K3 may still be waiting."""
+    from inlaid.kernels.triton.norm_rope import add_rms_norm_triton, silu_mul_triton
+
+    x, h2 = add_rms_norm_triton(h, delta, wide_weight, 1e-5)  # K1: [M, 2 HIDDEN]
+    act = silu_mul_triton(x)  # K2
+    act2 = silu_mul_triton(h2)  # K3: K1's residual
+    return add_rms_norm_triton(act, act2, weight, 1e-5)  # K4: K2's output and K3's
+
+
+def test_triton_chain_reading_two_launches_back_matches_without_pdl(monkeypatch):
+    g = torch.Generator(device="cuda").manual_seed(7)
+    wide_weight = torch.rand(2 * HIDDEN, device="cuda", dtype=torch.float16, generator=g) + 0.5
+    weight = torch.rand(HIDDEN, device="cuda", dtype=torch.float16, generator=g) + 0.5
+
+    def inputs():
+        return [torch.randn(M, 2 * HIDDEN, device="cuda", dtype=torch.float16, generator=g) for _ in range(2)]
+
+    h, delta = inputs()
+    _triton_chain(h, delta, wide_weight, weight)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _triton_chain(h, delta, wide_weight, weight)
+    for _ in range(4):
+        fresh = inputs()
+        h.copy_(fresh[0])
+        delta.copy_(fresh[1])
+        eager = _triton_chain(h, delta, wide_weight, weight)
+        graph.replay()
+        monkeypatch.setenv("INLAID_BACKEND_PDL", "off")
+        expected = _triton_chain(h, delta, wide_weight, weight)
+        monkeypatch.delenv("INLAID_BACKEND_PDL")
+        for a, b, c in zip(eager, captured, expected):
+            assert torch.isfinite(c).all()
+            assert torch.equal(a, c) and torch.equal(b, c)
