@@ -21,9 +21,9 @@
    step 2's batch 32 (32 distinct adapters: 4x the adapter bytes a step) against the same.
 ``--decode-only`` runs step 2 with CUDA graphs (and 3) only: the A/B runs of scripts/gpu_ab.sh.
 5. ``--profile B [--profile-adapters A]`` (instead of 1-4): where a batch-B decode step's time goes
-   (request r on adapter r mod A, default 100). Kernel GPU time per
-   step by kernel (torch.profiler over eager steps; graph replays run the same kernels) against the
-   step's wall time with and without CUDA graphs, so host overhead and launch gaps show up too.
+   (request r on adapter r mod A, default 100). Kernel GPU time per step by kernel (torch.profiler
+   over eager steps; graph replays run the same kernels) against the step's wall time with and
+   without CUDA graphs, so host overhead and launch gaps show up too.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
-                            [f"dummy-{i}" for i in range(8)])
+                            _adapter_names(8, 8))
         torch.cuda.synchronize()
         took = time.perf_counter() - t0
     cached = sum(o.num_cached_tokens for o in outs)
@@ -177,13 +177,16 @@ def _time_decode(engine, batch: int, max_tokens: int, gen: torch.Generator, adap
     return statistics.median(steady), statistics.fmean(contexts)
 
 
+def _adapter_names(batch: int, adapters: int) -> list[str | None]:
+    """Request r's adapter: dummy-(r mod ``adapters``); the base alone (None) for ``adapters`` 0."""
+    return [f"dummy-{r % adapters}" if adapters else None for r in range(batch)]
+
+
 def _add_requests(engine, batch: int, max_tokens: int, gen: torch.Generator, adapters: int = 100) -> None:
-    """``batch`` random 128-token prompts, request r on adapter dummy-(r mod ``adapters``); the base
-    alone for ``adapters`` 0."""
-    for r in range(batch):
+    """``batch`` random 128-token prompts on ``_adapter_names(batch, adapters)``."""
+    for name in _adapter_names(batch, adapters):
         prompt = torch.randint(3, 32000, (128,), generator=gen).tolist()
-        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                           f"dummy-{r % adapters}" if adapters else None)
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), name)
 
 
 def matched_workload(out: dict, llm, gen: torch.Generator, base_bytes: int, adapter_bytes: int,
@@ -203,7 +206,7 @@ def matched_workload(out: dict, llm, gen: torch.Generator, base_bytes: int, adap
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
-                     [f"dummy-{r % adapters}" for r in range(batch)])
+                     _adapter_names(batch, adapters))
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t0)
     wall = statistics.median(walls)
@@ -381,8 +384,9 @@ def hf_baselines(out: dict, batch: int = 32, new_tokens: int = 32) -> None:
 
 def ratios(results: dict) -> None:
     """Our batch-32 rates over HF's. Like for like: the matched workload (8 adapters, as HF's)
-    against HF + PEFT, decode against decode and end to end against end to end; and the decode table's batch 32
-    (32 distinct adapters, the ratio quoted up to stop 22) against the same baselines."""
+    against HF + PEFT, decode against decode and end to end against end to end; and the decode
+    table's batch 32 (32 distinct adapters, the ratio quoted up to stop 22) against the same
+    baselines."""
     hf = results["hf"]
     m = results.get("matched")
     if m:

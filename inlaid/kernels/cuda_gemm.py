@@ -36,7 +36,7 @@ from inlaid.quant.primitives import unpack_rows
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "cuda" / "qgemm4.cu"
 MAX_M = 64
-WARPS = 4  # warps per block (kWarps in the kernel) but for WGMMA8's 8: a block covers 16 * warps * nw columns
+WARPS = 4  # warps per block of every kernel but WGMMA8 (warps()); a block covers 16 * warps * nw columns
 # Split-K partial sums and arrival counters. Not the Triton kernel's: every block overwrites its
 # whole workspace slice, so the workspace holds garbage between calls, which the Triton kernel's
 # (zero between calls) must not.
