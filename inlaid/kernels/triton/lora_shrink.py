@@ -20,6 +20,7 @@ import triton.language as tl
 
 from inlaid.kernels import pdl
 from inlaid.kernels.lora import MAX_SLICES, LoraBatchMeta, check_step
+from inlaid.kernels.lora_blocks import shrink_config
 from inlaid.kernels.triton.pdl import start as pdl_start
 
 
@@ -84,22 +85,6 @@ def _lora_shrink_kernel(
         tl.store(out, acc, mask=mask)
     else:
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
-
-
-def shrink_config(num_tokens: int, max_rank: int, k: int) -> dict:
-    """Block sizes from host-known shapes only (a captured graph keeps its config; BLOCK_M is the
-    metadata's tile height).
-
-    Decode (few tokens per slot) is latency-bound: the A read is split over up to 16 programs per
-    (tile, rank tile, slice), about two K steps each, so many loads are in flight at once; split K
-    fades out as T grows and tiles alone fill the GPU. Picked by a sweep on an H100 over
-    scripts/bench_lora.py shapes."""
-    if num_tokens <= 64:
-        split_k = max(1, min(16, triton.cdiv(k, 128) // 2))
-        return dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=3)
-    block_n = min(64, max(16, triton.next_power_of_2(max_rank)))
-    split_k = 4 if num_tokens <= 512 else 1
-    return dict(BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=3)
 
 
 def _check(x: torch.Tensor, lora_a: Sequence[torch.Tensor], out: torch.Tensor | None) -> None:
