@@ -89,7 +89,7 @@ def load_adapter(path: Path, name: str) -> LoraAdapter:
         config = json.loads((path / ADAPTER_CONFIG).read_text())
     except FileNotFoundError:
         raise AdapterError(f"adapter {name!r}: {path / ADAPTER_CONFIG} not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"adapter {name!r}: cannot read {ADAPTER_CONFIG}: {exc}") from exc
     _check_supported(name, config)
     try:
@@ -115,20 +115,40 @@ def load_adapter(path: Path, name: str) -> LoraAdapter:
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"adapter {name!r}: layer {layer} {proj} lacks lora_A or lora_B")
         a, b = ab["A"], ab["B"]
+        where = f"adapter {name!r}: layer {layer} {proj}"
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] == 0 or b.shape[1] != a.shape[0]:
+            raise AdapterError(f"{where}: bad LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)}")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(f"{where}: LoRA weights must be floating point, got {a.dtype} / {b.dtype}")
+        # one NaN or Inf would poison every token routed to the adapter, and a sampled request
+        # on it fails inside the batch it shares with others: refuse it at load
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"{where}: LoRA weights hold NaN or Inf")
         rank = a.shape[0]
-        if rank == 0 or a.dim() != 2 or b.dim() != 2 or b.shape[1] != rank:
-            raise AdapterError(f"adapter {name!r}: layer {layer} {proj}: bad LoRA shapes "
-                               f"A{tuple(a.shape)} B{tuple(b.shape)}")
         key = f"layers.{layer}.{proj}"
         alpha = _pattern_value(config.get("alpha_pattern"), key, config.get("lora_alpha", rank))
+        if not _is_number(alpha):
+            raise AdapterError(f"adapter {name!r}: lora_alpha for {key} must be a number, got {alpha!r}")
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        if not math.isfinite(scale):
+            raise AdapterError(f"adapter {name!r}: lora_alpha {alpha!r} gives a non-finite scaling")
         adapter.weights[(layer, proj)] = LoraWeights(a=a, b=b, scaling=float(scale))
     return adapter
 
 
-def _check_supported(name: str, config: dict) -> None:
-    if config.get("peft_type", "LORA").upper() != "LORA":
-        raise AdapterError(f"adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_supported(name: str, config) -> None:
+    """The config's fields that inlaid reads, checked for type as well as value: a hand-edited or
+    foreign config must give a clear error, never a TypeError from deep inside."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {name!r}: {ADAPTER_CONFIG} must hold a JSON object, got "
+                           f"{type(config).__name__}")
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise AdapterError(f"adapter {name!r}: peft_type {peft_type!r} is not LORA")
     if config.get("use_dora"):
         raise AdapterError(f"adapter {name!r}: DoRA adapters are not supported")
     if config.get("bias", "none") != "none":
@@ -138,8 +158,22 @@ def _check_supported(name: str, config: dict) -> None:
     if config.get("fan_in_fan_out"):
         raise AdapterError(f"adapter {name!r}: fan_in_fan_out is not supported for Llama models")
     r = config.get("r")
-    if r is not None and int(r) <= 0:
-        raise AdapterError(f"adapter {name!r}: rank r={r} must be positive")
+    if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0):
+        raise AdapterError(f"adapter {name!r}: rank r={r!r} must be a positive integer")
+    for field_name in ("alpha_pattern", "rank_pattern"):
+        pattern = config.get(field_name)
+        if pattern is not None and not (isinstance(pattern, dict)
+                                        and all(_is_number(v) for v in pattern.values())):
+            raise AdapterError(f"adapter {name!r}: {field_name} must map module names to numbers")
+        for key in pattern or {}:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise AdapterError(f"adapter {name!r}: {field_name} key {key!r} is not a valid "
+                                   f"pattern: {exc}") from None
+    alpha = config.get("lora_alpha")
+    if alpha is not None and not _is_number(alpha):
+        raise AdapterError(f"adapter {name!r}: lora_alpha must be a number, got {alpha!r}")
 
 
 def validate_adapter(adapter: LoraAdapter, model_config) -> None:

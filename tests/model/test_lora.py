@@ -78,3 +78,48 @@ def test_adapter_errors(tmp_path, tiny_model):
     (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="cannot read"):
         load_adapter(corrupt, "c")
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda cfg: [cfg], "JSON object"),
+    (lambda cfg: {**cfg, "r": "abc"}, "positive integer"),
+    (lambda cfg: {**cfg, "r": True}, "positive integer"),
+    (lambda cfg: {**cfg, "peft_type": None}, "not LORA"),
+    (lambda cfg: {**cfg, "peft_type": 3}, "not LORA"),
+    (lambda cfg: {**cfg, "lora_alpha": "x"}, "lora_alpha"),
+    (lambda cfg: {**cfg, "alpha_pattern": []}, "alpha_pattern"),
+    (lambda cfg: {**cfg, "alpha_pattern": {"q_proj": "x"}}, "alpha_pattern"),
+    (lambda cfg: {**cfg, "rank_pattern": {"(": 4}}, "not a valid pattern"),
+    (lambda cfg: {**cfg, "lora_alpha": 1e308, "use_rslora": False, "r": 2}, None),  # finite: loads
+])
+def test_malformed_adapter_configs_fail_with_adapter_errors(tmp_path, tiny_model, change, match):
+    """A hand-edited or foreign adapter_config.json gives an AdapterError naming the field (the
+    server turns it into a 400), never a TypeError or AttributeError from deep inside."""
+    good = save_adapter(tiny_model, tmp_path / "good", seed=1, rank=2)
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    (good / "adapter_config.json").write_text(json.dumps(change(cfg)))
+    if match is None:
+        load_adapter(good, "g")
+        return
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(good, "g")
+
+
+@pytest.mark.parametrize("poison,match", [
+    (lambda a: a.fill_(float("nan")), "NaN or Inf"),
+    (lambda a: a.fill_(float("inf")), "NaN or Inf"),
+    (lambda a: a.to(torch.int32), "floating point"),
+    (lambda a: a[0, 0].clone(), "bad LoRA shapes"),  # a 0-d tensor
+])
+def test_adapter_tensors_that_would_poison_serving_are_refused(tmp_path, tiny_model, poison, match):
+    from safetensors.torch import load_file, save_file
+
+    good = save_adapter(tiny_model, tmp_path / "good", seed=1, rank=2)
+    weights = good / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in sorted(tensors) if "lora_A" in k)
+    changed = poison(tensors[key].clone())
+    tensors[key] = changed if changed is not None else tensors[key]
+    save_file(tensors, str(weights))
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(good, "g")

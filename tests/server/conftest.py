@@ -4,6 +4,7 @@ the load tests), engines sized for tests, and an in-process uvicorn server for r
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import threading
@@ -29,7 +30,8 @@ PROMPTS = ["hello world", "the quick brown fox", "select sum from where", "z"]
 @pytest.fixture(scope="session")
 def served(tmp_path_factory, tiny_model) -> SimpleNamespace:
     """base: the model dir; root: the --adapter-root; adapters: served at start-up; spare: under the
-    root, not loaded; corrupt / mismatched / too_big: adapters that must fail to load."""
+    root, not loaded; corrupt / mismatched / too_big / bad_config / nan: adapters that must fail to
+    load."""
     root = tmp_path_factory.mktemp("adapter-root")
     adapters = {"sql": save_adapter(tiny_model, root / "sql", seed=11, rank=4),
                 "math": save_adapter(tiny_model, root / "math", seed=12, rank=8,
@@ -42,8 +44,15 @@ def served(tmp_path_factory, tiny_model) -> SimpleNamespace:
     shutil.copytree(adapters["sql"], mismatched)
     _shrink_one_tensor(mismatched / "adapter_model.safetensors")
     too_big = save_adapter(tiny_model, root / "too-big", seed=14, rank=16, targets=("q_proj",))
+    bad_config = root / "bad-config"
+    shutil.copytree(adapters["sql"], bad_config)
+    config = json.loads((bad_config / "adapter_config.json").read_text())
+    (bad_config / "adapter_config.json").write_text(json.dumps({**config, "r": "abc"}))
+    nan = root / "nan"
+    shutil.copytree(adapters["sql"], nan)
+    _poison_one_tensor(nan / "adapter_model.safetensors")
     return SimpleNamespace(base=tiny_model, root=root, adapters=adapters, spare=spare, corrupt=corrupt,
-                           mismatched=mismatched, too_big=too_big)
+                           mismatched=mismatched, too_big=too_big, bad_config=bad_config, nan=nan)
 
 
 def _shrink_one_tensor(path: Path) -> None:
@@ -52,6 +61,15 @@ def _shrink_one_tensor(path: Path) -> None:
     tensors = load_file(str(path))
     key = next(k for k in sorted(tensors) if "lora_A" in k)
     tensors[key] = tensors[key][:, :-8].contiguous()  # in_features no longer match the base
+    save_file(tensors, str(path))
+
+
+def _poison_one_tensor(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
     save_file(tensors, str(path))
 
 

@@ -228,6 +228,8 @@ def test_load_adapter_refusals_leave_the_server_serving(server, served, outside_
         ({"lora_name": "x", "lora_path": str(served.corrupt)}, 400, "cannot read"),
         ({"lora_name": "x", "lora_path": "mismatched"}, 400, "another base"),
         ({"lora_name": "x", "lora_path": "too-big"}, 400, "max_lora_rank"),
+        ({"lora_name": "x", "lora_path": "bad-config"}, 400, "positive integer"),
+        ({"lora_name": "x", "lora_path": "nan"}, 400, "NaN"),
         ({"lora_name": "sql", "lora_path": "spare"}, 400, "already loaded"),
         ({"lora_name": server.base, "lora_path": "spare"}, 400, "base model"),
         ({"lora_name": "", "lora_path": "spare"}, 400, "lora_name"),
