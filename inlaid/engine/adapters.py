@@ -70,15 +70,20 @@ class AdapterManager:
         adapter.weights = {}  # the host copy is what serves; keep only the metadata
         return adapter
 
+    def check(self, name: str, adapter: LoraAdapter) -> None:
+        """Raise AdapterError unless ``adapter`` can serve on this engine: what registering checks,
+        without registering (reads only what never changes after start-up)."""
+        if self.max_loras < 1:
+            raise AdapterError(f"adapter {name!r}: the engine was started with max_loras=0")
+        validate_adapter(adapter, self.model.config)
+        if adapter.max_rank > self.max_lora_rank:
+            raise AdapterError(f"adapter {name!r}: rank {adapter.max_rank} exceeds max_lora_rank "
+                               f"{self.max_lora_rank} (raise --max-lora-rank)")
+
     def register_weights(self, names: list[str], adapter: LoraAdapter) -> None:
         """Register an adapter already in memory under one or more names. The names share one host
         copy (the dummy models' many adapters); each still gets its own device slot when used."""
-        if self.max_loras < 1:
-            raise AdapterError(f"adapter {names[0]!r}: the engine was started with max_loras=0")
-        validate_adapter(adapter, self.model.config)
-        if adapter.max_rank > self.max_lora_rank:
-            raise AdapterError(f"adapter {names[0]!r}: rank {adapter.max_rank} exceeds max_lora_rank "
-                               f"{self.max_lora_rank} (raise --max-lora-rank)")
+        self.check(names[0], adapter)
         host = self._host_weights(adapter)
         for name in names:
             self._host[name], self._info[name] = host, adapter

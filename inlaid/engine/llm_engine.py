@@ -28,6 +28,7 @@ from inlaid.engine.sampler import TokenLogprobs
 from inlaid.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, check_slo_target
 from inlaid.engine.sequence import SamplingParams, Sequence
 from inlaid.errors import AdapterError, ConfigError, ModelLoadError, RequestError
+from inlaid.model.lora import load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,11 @@ class LLMEngine:
             raise AdapterError(f"adapter {name!r} has requests in flight; replace it when they finish")
         self.adapters.register(name, path)
         self.block_manager.invalidate_prefix_cache()  # cached KV under this name is stale
+
+    def check_adapter(self, name: str, path: str | Path) -> None:
+        """Raise AdapterError unless the adapter at ``path`` could be registered (read and checked,
+        not registered; safe off the engine thread: it reads only start-up settings)."""
+        self.adapters.check(name, load_adapter(Path(path), name))
 
     def swap_layer(self, layer: int, weights) -> None:
         """Live task addition: put re-quantized layer ``layer`` in place (between two steps)."""

@@ -7,15 +7,20 @@ model through ``run_on_engine`` (the server's engine thread runs it between two 
 adapter is registered and, on a GPU, the step graphs are re-captured. Serving never stops: requests
 in flight during the swap see some layers old and some new, which is the price of not pausing.
 
-A failure while re-quantizing leaves the old weights serving and the old checkpoint on disk
-(add_task only renames a complete checkpoint into place); the job reports the error. Jobs run one at
-a time, in submission order: each folds into the state the previous one wrote.
+A failure leaves the old weights serving and the old checkpoint on disk, and the job reports the
+error. An adapter the engine cannot take (shapes, rank over ``max_lora_rank``) is refused before any
+work. A failure while re-quantizing changes nothing (add_task only renames a complete checkpoint
+into place, and keeps the replaced one beside it until the job is done); one after that (swapping,
+registering) puts the previous weights back into the layers already swapped and the previous
+checkpoint back on disk. Jobs run one at a time, in submission order: each folds into the state the
+previous one wrote.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +61,7 @@ class TaskAdder:
         self.checkpoint = Path(engine.model_path)
         self.num_layers = engine.model.shape.num_layers
         self.run_on_engine = run_on_engine
+        self._check_adapter = engine.check_adapter
         self.device = device
         self.jobs: dict[str, TaskJob] = {}
         self._queue: list[tuple[TaskJob, TaskSpec]] = []
@@ -99,10 +105,15 @@ class TaskAdder:
         from inlaid.engine.model import load_weights
         from inlaid.quant import pipeline
 
+        previous = self.checkpoint.with_name(f".{self.checkpoint.name}.inlaid-previous")
+        committed = False
         try:
             job.status = "quantizing"
+            if spec.adapter is not None:  # an adapter the engine cannot take fails before any work
+                self._check_adapter(spec.name, spec.adapter)
             started = time.perf_counter()
-            pipeline.add_task(self.checkpoint, [spec], device=self.device)
+            pipeline.add_task(self.checkpoint, [spec], device=self.device, keep_previous=previous)
+            committed = True
             job.quantize_seconds = time.perf_counter() - started
             weights = load_weights(self.checkpoint, quantized=True)
             job.status = "swapping"
@@ -110,13 +121,44 @@ class TaskAdder:
                 self.run_on_engine(lambda engine, i=layer: engine.swap_layer(i, weights))
                 job.layers_swapped = layer + 1
             adapter_dir = self.checkpoint / "adapters" / spec.name
-            self.run_on_engine(lambda engine: (engine.finish_weight_swap(),
-                                               engine.register_adapter(spec.name, adapter_dir)))
+
+            def finish(engine):
+                engine.finish_weight_swap()
+                if spec.adapter is not None:
+                    engine.register_adapter(spec.name, adapter_dir)
+
+            self.run_on_engine(finish)
             job.status = "done"
-        except InlaidError as exc:
-            job.status, job.error = "failed", str(exc)
+            shutil.rmtree(previous, ignore_errors=True)
         except Exception as exc:  # report, never kill the worker: the server keeps serving
-            log.exception("task addition %s failed", job.id)
-            job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, InlaidError):
+                log.exception("task addition %s failed", job.id)
+            error = str(exc) if isinstance(exc, InlaidError) else f"{type(exc).__name__}: {exc}"
+            if committed:
+                error += self._roll_back(job, previous)
+            job.status, job.error = "failed", error  # only now: a client polling sees the end state
         finally:
             job.finished = time.time()
+
+    def _roll_back(self, job: TaskJob, previous: Path) -> str:
+        """After a failure past the checkpoint's swap on disk: put the previous weights back into
+        the layers already swapped and the previous checkpoint back on disk. Returns what to add
+        to the job's error."""
+        from inlaid.engine.model import load_weights
+
+        try:
+            if job.layers_swapped:
+                old = load_weights(previous, quantized=True)
+                for layer in range(job.layers_swapped):
+                    self.run_on_engine(lambda engine, i=layer: engine.swap_layer(i, old))
+                self.run_on_engine(lambda engine: engine.finish_weight_swap())
+            failed = self.checkpoint.with_name(f".{self.checkpoint.name}.inlaid-failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            self.checkpoint.rename(failed)
+            previous.rename(self.checkpoint)
+            shutil.rmtree(failed, ignore_errors=True)
+        except Exception as exc:
+            log.exception("rolling back task addition %s failed", job.id)
+            return f"; rolling back failed too ({type(exc).__name__}: {exc}): restart the server"
+        job.layers_swapped = 0
+        return "; rolled back: the previous weights and checkpoint serve"

@@ -43,9 +43,12 @@ FORMAT_VERSION = 1
 class CheckpointWriter:
     """Stage a checkpoint in a temp dir; ``commit`` swaps it into place, anything else removes it."""
 
-    def __init__(self, out_dir: Path, *, replace: bool):
+    def __init__(self, out_dir: Path, *, replace: bool, keep_previous: Path | None = None):
+        """``keep_previous``: on commit, the checkpoint being replaced is moved there (replacing
+        what was there) instead of deleted, for a caller that may still have to roll back."""
         self.out_dir = Path(out_dir)
         self.replace = replace
+        self.keep_previous = None if keep_previous is None else Path(keep_previous)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.inlaid-tmp-",
                                           dir=self.out_dir.parent))
@@ -69,11 +72,12 @@ class CheckpointWriter:
         if self.out_dir.exists():
             if not self.replace:
                 raise CheckpointError(f"{self.out_dir} already exists")
-            backup = self.out_dir.with_name(f".{self.out_dir.name}.inlaid-old")
+            backup = self.keep_previous or self.out_dir.with_name(f".{self.out_dir.name}.inlaid-old")
             shutil.rmtree(backup, ignore_errors=True)
             self.out_dir.rename(backup)
             self.path.rename(self.out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
+            if self.keep_previous is None:
+                shutil.rmtree(backup, ignore_errors=True)
         else:
             self.path.rename(self.out_dir)
         self.committed = True

@@ -177,8 +177,10 @@ def quantize(base_source: str, out_dir: Path, specs: list[TaskSpec], cfg: QuantC
 
 def add_task(out_dir: Path, specs: list[TaskSpec], *, base_source: str | None = None,
              overrides: dict | None = None, device: str | None = None,
-             reporter: Reporter | None = None) -> QuantizeReport:
-    """Fold new tasks into an existing checkpoint: forwards for the new tasks only, then re-solve."""
+             reporter: Reporter | None = None, keep_previous: Path | None = None) -> QuantizeReport:
+    """Fold new tasks into an existing checkpoint: forwards for the new tasks only, then re-solve.
+    ``keep_previous``: move the replaced checkpoint there instead of deleting it (live task
+    addition keeps it until the served model has taken the new one)."""
     started = time.perf_counter()
     ckpt = read_checkpoint(out_dir)
     cfg = ckpt.quant_config()
@@ -195,7 +197,7 @@ def add_task(out_dir: Path, specs: list[TaskSpec], *, base_source: str | None = 
                               "from (weights sha256 mismatch)")
     adapters, tasks = _prepare_tasks(specs, base, cfg)
     prior = None if cfg.method == "rtn" else (lambda i: ckpt.load_state(i, dev))
-    with CheckpointWriter(out_dir, replace=True) as writer:
+    with CheckpointWriter(out_dir, replace=True, keep_previous=keep_previous) as writer:
         result = _run(base, tasks, cfg, writer, dev, reporter, prior_states=prior)
         if (ckpt.path / ADAPTERS_DIR).is_dir():
             shutil.copytree(ckpt.path / ADAPTERS_DIR, writer.path / ADAPTERS_DIR)

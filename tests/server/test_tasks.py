@@ -122,3 +122,76 @@ def test_task_addition_needs_a_checkpoint(served):
         resp = client.post("/v1/tasks", json={"name": "t", "adapter_path": str(served.spare),
                                               "data_path": str(served.spare / "adapter_config.json")})
         assert resp.status_code == 400 and "checkpoint" in resp.json()["error"]["message"]
+
+
+def _tasks_on_disk(checkpoint):
+    import json
+
+    return [t["name"] for t in json.loads((checkpoint / "tasks.json").read_text())["tasks"]]
+
+
+def test_an_adapter_the_engine_cannot_take_fails_before_any_work(checkpoints, tiny_model, tmp_path):
+    """Rank over max_lora_rank: refused up front, so nothing is re-quantized or swapped, the old
+    weights and checkpoint stay, and the name stays free for a corrected adapter."""
+    from ..conftest import save_adapter, write_data
+
+    served, _ = checkpoints
+    work = tmp_path / "served"
+    shutil.copytree(served, work)
+    wide = save_adapter(tiny_model, tmp_path / "adapters" / "wide", seed=21, rank=16)
+    data = write_data(tmp_path / "adapters" / "wide.jsonl", seed=21, kind="text")
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(work), **{**ENGINE_OPTIONS, "max_lora_rank": 8})))
+    roots = (str(wide.parent),)
+    tasks = _tasks_on_disk(work)
+    with TestClient(create_app(engine, ServerSettings(adapter_roots=roots))) as client:
+        before = completion(client, "sql").json()["choices"][0]["text"]
+        resp = client.post("/v1/tasks", json={"name": "wide", "adapter_path": str(wide),
+                                              "data_path": str(data)})
+        job = wait_job(client, resp.json()["id"])
+        assert job["status"] == "failed" and "max_lora_rank" in job["error"], job
+        assert job["layers_swapped"] == 0 and job["quantize_seconds"] is None
+        assert completion(client, "sql").json()["choices"][0]["text"] == before
+        assert _tasks_on_disk(work) == tasks
+        assert not (work.parent / f".{work.name}.inlaid-previous").exists()
+
+
+def test_a_failure_after_the_swap_rolls_back_weights_and_checkpoint(checkpoints, tiny_tasks, tmp_path):
+    """A failure past the checkpoint's swap on disk (here: registering the adapter) puts the
+    previous weights back into the swapped layers and the previous checkpoint back on disk: the
+    base serves what it served before, and the name can be added again."""
+    served, _ = checkpoints
+    adapter, data = tiny_tasks["chat"]
+    work, offline = tmp_path / "served", tmp_path / "offline"
+    shutil.copytree(served, work)
+    shutil.copytree(served, offline)
+    pipeline.add_task(offline, [TaskSpec("chat", adapter, data)])
+    tasks = _tasks_on_disk(work)
+    inner = LLMEngine(EngineConfig(model=str(work), **ENGINE_OPTIONS))
+    register = inner.register_adapter
+    calls = []
+
+    def flaky_register(name, path):
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return register(name, path)
+
+    inner.register_adapter = flaky_register
+    engine = AsyncEngine(inner)
+    app = create_app(engine, ServerSettings(adapter_roots=(str(adapter.parent),), served_model_name="base"))
+    with TestClient(app) as client:
+        before = {m: completion(client, m).json()["choices"][0]["text"] for m in ("base", "sql")}
+        body = {"name": "chat", "adapter_path": str(adapter), "data_path": str(data)}
+        job = wait_job(client, client.post("/v1/tasks", json=body).json()["id"])
+        assert job["status"] == "failed" and "injected failure" in job["error"], job
+        assert "rolled back" in job["error"] and job["layers_swapped"] == 0
+        assert {m: completion(client, m).json()["choices"][0]["text"] for m in before} == before
+        assert _tasks_on_disk(work) == tasks and not (work / "adapters" / "chat").exists()
+        assert not (work.parent / f".{work.name}.inlaid-previous").exists()
+        # the same task again, now without the fault: done, and equal to an offline add-task
+        job = wait_job(client, client.post("/v1/tasks", json=body).json()["id"])
+        assert job["status"] == "done", job
+        reference = LLM(str(offline), **{**ENGINE_OPTIONS, "async_scheduling": False})
+        for model in ("base", "chat"):
+            want = reference.generate(PROMPT, greedy(6), None if model == "base" else model)[0].text
+            assert completion(client, model).json()["choices"][0]["text"] == want, model
