@@ -76,7 +76,18 @@ def serve_cmd(
     dtype: Annotated[Optional[str], typer.Option(
         help="float16, bfloat16 or float32 (default: float16 on cuda, float32 on cpu).")] = _E.dtype,
     num_kv_blocks: Annotated[Optional[int], typer.Option(
-        help="KV cache blocks (default: sized from free memory).")] = _E.num_kv_blocks,
+        help="KV cache blocks (default: what the memory budget leaves once the adapter slots are "
+             "taken out).")] = _E.num_kv_blocks,
+    gpu_memory_utilization: Annotated[float, typer.Option(
+        help="cuda: share of the card the weights, adapter slots and KV blocks may use.")]
+        = _E.gpu_memory_utilization,
+    kv_cache_gib: Annotated[float, typer.Option(
+        help="cpu: GiB for the adapter slots and KV blocks together.")] = _E.kv_cache_gib,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = _E.block_size,
+    max_num_batched_tokens: Annotated[int, typer.Option(
+        help="Tokens per step (prefill chunks and decodes together).")] = _E.max_num_batched_tokens,
+    max_tasks_per_step: Annotated[int, typer.Option(
+        help="--policy inlaid: most distinct adapters in one step (beta).")] = _E.max_tasks_per_step,
     scheduling: Annotated[str, typer.Option(
         help="async: launch each step before reading the last one's tokens back, so scheduling "
              "overlaps the GPU; sync: one step at a time; auto: async on cuda, sync on cpu.")] = "auto",
@@ -96,6 +107,9 @@ def serve_cmd(
     config = EngineConfig(model=model, adapters=parse_adapters(adapter or []), device=device, dtype=dtype,
                           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
                           max_model_len=max_model_len, policy=policy, num_kv_blocks=num_kv_blocks,
+                          gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib,
+                          block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
+                          max_tasks_per_step=max_tasks_per_step,
                           ttft_slo_s=ttft_slo, latency_slo_s=latency_slo,
                           async_scheduling=_SCHEDULING[scheduling], **cuda_graph_options(cuda_graphs))
     if (ttft_slo is not None or latency_slo is not None) and policy != "inlaid":

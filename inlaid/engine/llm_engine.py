@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from inlaid.engine.adapters import AdapterManager
-from inlaid.engine.block_manager import BlockManager, kv_block_bytes
+from inlaid.engine.block_manager import BlockManager, MemoryBudget, kv_block_bytes
 from inlaid.engine.detokenizer import IncrementalDetokenizer
 from inlaid.engine.model import CausalLM, load_weights
 from inlaid.engine.predictor import OutputLengthPredictor
@@ -47,7 +47,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from kv_cache_gib (cpu) / gpu_memory_utilization (cuda)
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: float = 1.0  # cpu: one budget for the KV blocks and the max_loras adapter slots
     gpu_memory_utilization: float = 0.85
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 64
@@ -75,6 +75,12 @@ class EngineConfig:
     def __post_init__(self) -> None:  # before the model loads, not after
         check_slo_target("ttft_slo_s", self.ttft_slo_s)
         check_slo_target("latency_slo_s", self.latency_slo_s)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization {self.gpu_memory_utilization!r}: must be in (0, 1]")
+        if not self.kv_cache_gib > 0:
+            raise ConfigError(f"kv_cache_gib {self.kv_cache_gib!r}: must be > 0")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size {self.block_size!r}: must be >= 1")
 
 
 @dataclass
@@ -242,20 +248,34 @@ class LLMEngine:
         return adapters
 
     def _auto_num_blocks(self) -> int:
+        """KV blocks from one byte budget shared with the adapter slots (S-LoRA's unified memory,
+        ``MemoryBudget``): on a GPU what is free once the weights are loaded, less (1 -
+        gpu_memory_utilization) of the card; on the CPU ``kv_cache_gib``. The ``max_loras`` slots
+        are taken out first (each costs ``blocks_per_adapter_slot`` blocks), KV gets the rest."""
         s, cfg = self.model.shape, self.config
         per_block = kv_block_bytes(s.num_layers, s.num_kv_heads, s.head_dim, cfg.block_size,
                                    self.model.dtype.itemsize)
+        slots_bytes = sum(t.numel() * t.element_size() for bank in self.model.lora_banks.values()
+                          for t in (*bank.lora_a, *bank.lora_b, bank.ranks, bank.scalings))
         if self.model.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.model.device)
-            # leave (1 - utilization) of the whole card for activations and the allocator
-            budget = free - (1 - cfg.gpu_memory_utilization) * total
+            # the slots are allocated already (with the model): count them back into the budget
+            budget = free + slots_bytes - (1 - cfg.gpu_memory_utilization) * total
         else:
             budget = cfg.kv_cache_gib * 2 ** 30
-        num_blocks = int(budget // per_block) - 1  # one sink block for CUDA-graph padding
-        if num_blocks < 1:
-            raise ConfigError(f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
-                              "lower max_loras / max_lora_rank or raise the memory setting")
-        return num_blocks
+        sink = 1  # one block for CUDA-graph padding rows
+        if budget < (sink + 1) * per_block + slots_bytes:
+            slots = f" and {cfg.max_loras} adapter slots ({slots_bytes / 2**30:.2f} GiB)" if slots_bytes else ""
+            raise ConfigError(f"no memory left for the KV cache{slots}: the budget is {budget / 2**30:.2f} "
+                              "GiB; lower max_loras / max_lora_rank or raise the memory setting")
+        if not slots_bytes:
+            return int(budget // per_block) - sink
+        plan = MemoryBudget(int(budget), per_block, slots_bytes // cfg.max_loras).split(
+            cfg.max_loras, min_blocks=sink + 1)
+        log.info("memory budget %.2f GiB: %d adapter slots (%.1f KV blocks each) + %d KV blocks",
+                 budget / 2**30, plan.num_adapter_slots, slots_bytes / cfg.max_loras / per_block,
+                 plan.num_blocks)
+        return plan.num_blocks - sink
 
     # --- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

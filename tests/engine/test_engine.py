@@ -416,3 +416,29 @@ def test_async_failed_step_fails_its_requests_and_the_engine_serves_on(llama):
     assert not engine.has_unfinished_requests() and engine._in_flight is None
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert llm.generate(PROMPTS[1], GREEDY, "a")[0].output_token_ids == expect
+
+
+def test_kv_blocks_and_adapter_slots_share_one_memory_budget(tiny_model):
+    """Without num_kv_blocks the KV cache is sized from one budget (kv_cache_gib on the CPU) that
+    the adapter slots come out of first: each slot costs its bytes in KV blocks, and slots that
+    leave no KV block are a clear ConfigError."""
+    from inlaid.engine.block_manager import kv_block_bytes
+    from inlaid.engine.llm_engine import EngineConfig, LLMEngine
+    from inlaid.errors import ConfigError
+
+    def engine(max_loras, gib=0.01):
+        return LLMEngine(EngineConfig(model=str(tiny_model), max_loras=max_loras, max_lora_rank=16,
+                                      kv_cache_gib=gib, block_size=4, max_num_seqs=4, enforce_eager=True))
+
+    plain = engine(0)
+    s = plain.model.shape
+    per_block = kv_block_bytes(s.num_layers, s.num_kv_heads, s.head_dim, 4, plain.model.dtype.itemsize)
+    budget = int(0.01 * 2**30)
+    assert plain.block_manager.num_blocks == budget // per_block - 1  # less the graph padding sink
+    four = engine(4)
+    slot = sum(t.numel() * t.element_size() for bank in four.model.lora_banks.values()
+               for t in (*bank.lora_a, *bank.lora_b, bank.ranks, bank.scalings)) // 4
+    assert slot > per_block  # the test means something: a slot costs whole blocks
+    assert four.block_manager.num_blocks == (budget - 4 * slot) // per_block - 1
+    with pytest.raises(ConfigError, match="adapter slots"):
+        engine(4, gib=3.5 * slot / 2**30)

@@ -39,7 +39,9 @@ def test_options_reach_the_library(monkeypatch, served):
                 "--served-model-name", "tiny", "--max-loras", "3", "--max-lora-rank", "16",
                 "--max-num-seqs", "7", "--max-model-len", "128", "--policy", "inlaid", "--device", "cpu",
                 "--dtype", "float32", "--num-kv-blocks", "99", "--max-queue", "5", "--drain-timeout", "2.5",
-                "--ttft-slo", "1.5", "--latency-slo", "8", "--scheduling", "async", "--cuda-graphs", "decode"])
+                "--ttft-slo", "1.5", "--latency-slo", "8", "--scheduling", "async", "--cuda-graphs", "decode",
+                "--gpu-memory-utilization", "0.5", "--kv-cache-gib", "0.25", "--block-size", "8",
+                "--max-num-batched-tokens", "512", "--max-tasks-per-step", "4"])
     assert code == 0
     c, s = seen["c"], seen["s"]
     assert c.model == str(served.base)
@@ -47,6 +49,8 @@ def test_options_reach_the_library(monkeypatch, served):
     assert (c.max_loras, c.max_lora_rank, c.max_num_seqs, c.max_model_len, c.policy, c.device, c.dtype,
             c.num_kv_blocks, c.ttft_slo_s, c.latency_slo_s, c.async_scheduling, c.enforce_eager,
             c.prefill_graphs) == (3, 16, 7, 128, "inlaid", "cpu", "float32", 99, 1.5, 8.0, True, False, False)
+    assert (c.gpu_memory_utilization, c.kv_cache_gib, c.block_size, c.max_num_batched_tokens,
+            c.max_tasks_per_step) == (0.5, 0.25, 8, 512, 4)
     assert (s.host, s.port, s.api_key, s.served_model_name, s.adapter_roots) == \
         ("0.0.0.0", 9001, "k", "tiny", (str(served.root),))
     assert (s.max_queue, s.drain_timeout) == (5, 2.5)
@@ -62,6 +66,9 @@ def test_options_reach_the_library(monkeypatch, served):
     (["--latency-slo", "5"], "need --policy inlaid"),
     (["--scheduling", "eager"], "--scheduling"),
     (["--cuda-graphs", "some"], "--cuda-graphs"),
+    (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
+    (["--kv-cache-gib", "0"], "kv_cache_gib"),
+    (["--block-size", "0"], "block_size"),
 ])
 def test_bad_options_exit_1_with_one_line(capsys, served, args, needle):
     assert run_cli(["serve", served.base, *args]) == 1
