@@ -47,6 +47,13 @@ class LLM:
         prompts = list(prompts)
         samplings = _per_prompt(sampling, len(prompts), "sampling params")
         names = _per_prompt(adapters, len(prompts), "adapters")
+        # vLLM's order (sampling, then adapters): name the mix-up instead of failing deep inside
+        if not all(p is None or isinstance(p, SamplingParams) for p in samplings):
+            raise RequestError("generate(prompts, sampling, adapters): sampling must be SamplingParams "
+                               "(one, or one per prompt); adapter names go in the third argument")
+        if not all(n is None or isinstance(n, str) for n in names):
+            raise RequestError("generate(prompts, sampling, adapters): adapters must be adapter names "
+                               "(one, or one per prompt; None = the base model)")
         engine = self.engine
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}

@@ -231,6 +231,11 @@ def test_bad_requests_raise_clear_errors(llama):
         llm.generate([[1, 10_000]], GREEDY)
     with pytest.raises(AdapterError, match="max_lora_rank"):
         llm.engine.register_adapter("big", save_adapter(base, base.parent / "big", seed=1, rank=8))
+    # generate(prompts, sampling, adapters) with the two swapped: the error names the order
+    with pytest.raises(RequestError, match="sampling must be SamplingParams"):
+        llm.generate(["hi"], "a")
+    with pytest.raises(RequestError, match="adapters must be adapter names"):
+        llm.generate(["hi"], None, GREEDY)
     assert not llm.engine.has_unfinished_requests()  # nothing half-queued after the errors
 
 
@@ -442,3 +447,4 @@ def test_kv_blocks_and_adapter_slots_share_one_memory_budget(tiny_model):
     assert four.block_manager.num_blocks == (budget - 4 * slot) // per_block - 1
     with pytest.raises(ConfigError, match="adapter slots"):
         engine(4, gib=3.5 * slot / 2**30)
+
