@@ -39,6 +39,14 @@ class _Stacked:
     ranks: torch.Tensor  # int32 [layers]: each layer's rank (largest of its slices)
 
 
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter read, checked and copied for the host side of the slots, not yet registered."""
+
+    adapter: LoraAdapter  # metadata only: its weights are dropped once ``host`` holds them
+    host: dict[str, _Stacked]
+
+
 class AdapterManager:
     def __init__(self, model: CausalLM, max_loras: int, max_lora_rank: int):
         self.model = model
@@ -63,12 +71,22 @@ class AdapterManager:
     def info(self, name: str) -> LoraAdapter:
         return self._info[name]
 
-    def register(self, name: str, path: Path | str) -> LoraAdapter:
-        """Read, validate and keep an adapter; replaces one of the same name (its slot is dropped)."""
-        adapter = load_adapter(Path(path), name)
-        self.register_weights([name], adapter)
-        adapter.weights = {}  # the host copy is what serves; keep only the metadata
-        return adapter
+    def register(self, name: str, source: Path | str | PreparedAdapter) -> LoraAdapter:
+        """Keep an adapter (read from ``source`` and checked, or already :meth:`prepare`-d); replaces
+        one of the same name (its slot is dropped)."""
+        prepared = source if isinstance(source, PreparedAdapter) else self.prepare(name, source)
+        self._install([name], prepared)
+        return prepared.adapter
+
+    def prepare(self, name: str, source: Path | str | LoraAdapter) -> PreparedAdapter:
+        """The slow part of registering: read ``source`` (a directory), check it against this
+        engine and build its host copy. Touches no registry state, only what never changes after
+        start-up, so the server runs it off the engine thread and requests keep being served."""
+        adapter = source if isinstance(source, LoraAdapter) else load_adapter(Path(source), name)
+        self.check(name, adapter)
+        prepared = PreparedAdapter(adapter, self._host_weights(adapter))
+        adapter.drop_weights()  # the host copy is what serves; keep only the metadata
+        return prepared
 
     def check(self, name: str, adapter: LoraAdapter) -> None:
         """Raise AdapterError unless ``adapter`` can serve on this engine: what registering checks,
@@ -83,10 +101,11 @@ class AdapterManager:
     def register_weights(self, names: list[str], adapter: LoraAdapter) -> None:
         """Register an adapter already in memory under one or more names. The names share one host
         copy (the dummy models' many adapters); each still gets its own device slot when used."""
-        self.check(names[0], adapter)
-        host = self._host_weights(adapter)
+        self._install(names, self.prepare(names[0], adapter))
+
+    def _install(self, names: list[str], prepared: PreparedAdapter) -> None:
         for name in names:
-            self._host[name], self._info[name] = host, adapter
+            self._host[name], self._info[name] = prepared.host, prepared.adapter
             self._drop_slot(name)
 
     def unregister(self, name: str) -> None:

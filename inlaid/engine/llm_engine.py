@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from inlaid.engine.adapters import AdapterManager
+from inlaid.engine.adapters import AdapterManager, PreparedAdapter
 from inlaid.engine.block_manager import BlockManager, MemoryBudget, kv_block_bytes
 from inlaid.engine.detokenizer import IncrementalDetokenizer
 from inlaid.engine.model import CausalLM, load_weights
@@ -320,10 +320,12 @@ class LLMEngine:
         return len(self._requests)
 
     # --- adapters -------------------------------------------------------------------------------
-    def register_adapter(self, name: str, path: str | Path) -> None:
+    def register_adapter(self, name: str, source: str | Path | PreparedAdapter) -> None:
+        """Register (or replace) adapter ``name`` from a directory, or from what
+        ``self.adapters.prepare`` made of one off the engine thread."""
         if any(r.seq.adapter == name for r in self._requests.values()):
             raise AdapterError(f"adapter {name!r} has requests in flight; replace it when they finish")
-        self.adapters.register(name, path)
+        self.adapters.register(name, source)
         self.block_manager.invalidate_prefix_cache()  # cached KV under this name is stale
 
     def check_adapter(self, name: str, path: str | Path) -> None:

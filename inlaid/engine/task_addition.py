@@ -62,6 +62,7 @@ class TaskAdder:
         self.num_layers = engine.model.shape.num_layers
         self.run_on_engine = run_on_engine
         self._check_adapter = engine.check_adapter
+        self._prepare_adapter = engine.adapters.prepare
         self.device = device
         self.jobs: dict[str, TaskJob] = {}
         self._queue: list[tuple[TaskJob, TaskSpec]] = []
@@ -120,12 +121,14 @@ class TaskAdder:
             for layer in range(self.num_layers):
                 self.run_on_engine(lambda engine, i=layer: engine.swap_layer(i, weights))
                 job.layers_swapped = layer + 1
-            adapter_dir = self.checkpoint / "adapters" / spec.name
+            # read and copied here, registered on the engine thread between two steps
+            prepared = None if spec.adapter is None else \
+                self._prepare_adapter(spec.name, self.checkpoint / "adapters" / spec.name)
 
             def finish(engine):
                 engine.finish_weight_swap()
-                if spec.adapter is not None:
-                    engine.register_adapter(spec.name, adapter_dir)
+                if prepared is not None:
+                    engine.register_adapter(spec.name, prepared)
 
             self.run_on_engine(finish)
             job.status = "done"

@@ -43,14 +43,23 @@ class LoraAdapter:
     path: Path
     config: dict
     weights: dict[tuple[int, str], LoraWeights] = field(default_factory=dict)
+    # what drop_weights keeps of the weights: the metadata the engine still reads
+    kept_targets: list[str] = field(default_factory=list)
+    kept_rank: int = 0
 
     @property
     def target_modules(self) -> list[str]:
-        return sorted({proj for _, proj in self.weights})
+        return sorted({proj for _, proj in self.weights}) or self.kept_targets
 
     @property
     def max_rank(self) -> int:
-        return max((w.rank for w in self.weights.values()), default=0)
+        return max((w.rank for w in self.weights.values()), default=self.kept_rank)
+
+    def drop_weights(self) -> None:
+        """Free the weights once a copy of them serves (the engine's host copy), keeping
+        ``target_modules`` and ``max_rank``."""
+        self.kept_targets, self.kept_rank = self.target_modules, self.max_rank
+        self.weights = {}
 
     def for_layer(self, layer: int) -> dict[str, LoraWeights]:
         return {proj: w for (i, proj), w in self.weights.items() if i == layer}

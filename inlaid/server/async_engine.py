@@ -166,13 +166,21 @@ class AsyncEngine:
 
     # --- adapters --------------------------------------------------------------------------------
     async def load_adapter(self, name: str, path: str | Path) -> None:
-        def load() -> None:
+        def refuse_loaded() -> None:
             if name in self.engine.adapters:
                 raise BadRequestError(f"adapter {name!r} is already loaded; unload it first",
                                       param="lora_name")
-            self.engine.register_adapter(name, path)
 
-        await asyncio.wrap_future(self._submit(load))
+        refuse_loaded()  # early, before reading anything; checked again where it counts
+        # reading, checking and copying the adapter happen on a worker thread, so the engine
+        # thread keeps stepping; only the registration itself waits for a gap between steps
+        prepared = await asyncio.to_thread(self.engine.adapters.prepare, name, path)
+
+        def install() -> None:
+            refuse_loaded()
+            self.engine.register_adapter(name, prepared)
+
+        await asyncio.wrap_future(self._submit(install))
 
     async def unload_adapter(self, name: str) -> None:
         def unload() -> None:

@@ -19,7 +19,7 @@ from inlaid.server.app import create_app
 from inlaid.server.async_engine import AsyncEngine
 from inlaid.server.settings import ServerSettings
 
-from .conftest import ENGINE_OPTIONS, PROMPTS, greedy, make_engine, slow_steps
+from .conftest import ENGINE_OPTIONS, PROMPTS, greedy, make_engine, slow_steps, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +294,34 @@ def test_api_key(server):
     assert client.get("/metrics").status_code == 401
     assert client.get("/health").status_code == 200  # open for load balancers
     assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_loading_an_adapter_does_not_pause_serving(server, monkeypatch):
+    """Reading, checking and copying an adapter happen off the engine thread: while a load is held
+    inside that part, requests on other adapters still complete; the load then lands."""
+    import threading
+
+    adapters = server.engine.engine.adapters
+    prepare, gate, threads = adapters.prepare, threading.Event(), []
+
+    def held_prepare(name, path):
+        threads.append(threading.current_thread().name)
+        assert gate.wait(10)
+        return prepare(name, path)
+
+    monkeypatch.setattr(adapters, "prepare", held_prepare)
+    result = {}
+    body = {"lora_name": "spare2", "lora_path": "spare"}
+    loader = threading.Thread(target=lambda: result.update(r=server.client.post("/v1/load_lora_adapter",
+                                                                                json=body)))
+    loader.start()
+    try:
+        assert wait_until(lambda: threads)
+        assert post(server, "/v1/completions", {"model": "sql", "prompt": "hi", **GREEDY_BODY})["choices"]
+        assert loader.is_alive()  # still held: the completion did not wait for it
+    finally:
+        gate.set()
+        loader.join(30)
+    assert result["r"].status_code == 200, result["r"].text
+    assert post(server, "/v1/completions", {"model": "spare2", "prompt": "hi", **GREEDY_BODY})["choices"]
+    post(server, "/v1/unload_lora_adapter", {"lora_name": "spare2"})
