@@ -74,7 +74,11 @@ def hf_greedy(base, adapters, prompts, names, max_tokens=10):
 
 
 FAMILIES = [("llama", {}), ("qwen2", {"tie_word_embeddings": False}),
-            ("mistral", {"sliding_window": 8})]  # window shorter than the prompts: the mask matters
+            ("mistral", {"sliding_window": 8}),  # window shorter than the prompts: the mask matters
+            # Llama 3's frequency-dependent RoPE scaling, with an original context the prompts pass
+            ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}})]
+FAMILY_IDS = ["llama", "qwen2", "mistral", "llama3-rope"]
 ENGINE_SETUPS = {
     "plain": dict(num_kv_blocks=256, block_size=4),
     # 16 blocks of 4 cannot hold six requests: preemption and recompute must keep outputs exact
@@ -88,7 +92,7 @@ ENGINE_SETUPS = {
 ASYNC = pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 
 
-@pytest.mark.parametrize("family", FAMILIES, indirect=True, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES, indirect=True, ids=FAMILY_IDS)
 def test_greedy_matches_hf_peft_mixed_batch(family):
     base, adapters = family
     names = ["a", None, "b", "c", "a", None]
@@ -131,7 +135,13 @@ def test_prompt_logprobs_match_hf_teacher_forcing(family, asynchronous):
         assert set(lp.top) == set(torch.topk(ref[pos - 1], 3).indices.tolist())
 
 
-def test_quantized_checkpoint_matches_dequantized_hf(tmp_path, tiny_model, tiny_tasks):
+@pytest.mark.parametrize("settings", [
+    dict(bits=4, group_size=32),
+    dict(bits=2, group_size=32),
+    dict(bits=3, group_size=32, desc_act=True),  # act-order: g_idx is not monotone
+    dict(bits=8, group_size=-1, sym=False),  # one group per column, asymmetric zeros
+], ids=["4bit", "2bit", "3bit-act-order", "8bit-asym-nogroups"])
+def test_quantized_checkpoint_matches_dequantized_hf(tmp_path, tiny_model, tiny_tasks, settings):
     from transformers import AutoTokenizer
 
     from inlaid.config import QuantConfig, TaskSpec
@@ -140,7 +150,7 @@ def test_quantized_checkpoint_matches_dequantized_hf(tmp_path, tiny_model, tiny_
 
     out = tmp_path / "q"
     pipeline.quantize(str(tiny_model), out, [TaskSpec(n, *tiny_tasks[n]) for n in ("sql", "math")],
-                      QuantConfig(bits=4, group_size=32, samples=4, seq_len=32))
+                      QuantConfig(samples=4, seq_len=32, **settings))
     names = ["sql", "math", None]
     prompts = PROMPTS[:3]
     peft = multi_adapter_peft(load_dense_model(out), {n: out / "adapters" / n for n in ("sql", "math")})
