@@ -57,11 +57,12 @@ def test_live_task_addition_serves_through_and_equals_offline(checkpoints, tiny_
     engine = AsyncEngine(LLMEngine(EngineConfig(model=str(served), **ENGINE_OPTIONS)))
     app = create_app(engine, ServerSettings(adapter_roots=(str(adapter.parent),), served_model_name="base"))
     with TestClient(app) as client:
-        statuses, stop = [], threading.Event()
+        statuses, finished_at, stop = [], [], threading.Event()
 
         def traffic():
             while not stop.is_set():
                 statuses.append(completion(client, "sql").status_code)
+                finished_at.append(time.time())
 
         worker = threading.Thread(target=traffic)
         worker.start()
@@ -76,6 +77,8 @@ def test_live_task_addition_serves_through_and_equals_offline(checkpoints, tiny_
         assert job["status"] == "done", job
         assert job["layers_swapped"] == job["num_layers"] == 2
         assert statuses and set(statuses) == {200}  # no request failed during the swap
+        # and requests did complete while the job ran, not only before and after it
+        assert any(job["submitted"] < t < job["finished"] for t in finished_at)
         reference = LLM(str(offline), **{**ENGINE_OPTIONS, "async_scheduling": False})
         for model in ("sql", "math"):
             want = reference.generate(PROMPT, greedy(6), model)[0].text
