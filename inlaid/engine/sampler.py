@@ -91,6 +91,16 @@ def token_logprobs(token_ids: list[int], parts: list[torch.Tensor], ns: list[int
             for r, (t, n) in enumerate(zip(token_ids, ns))]
 
 
+def _safe_probs(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``probs`` with NaN / Inf entries (a numerical blow-up in one request's logits) zeroed, and
+    a row left with no mass put on its largest logit that is not NaN: ``multinomial`` would otherwise fail
+    (on CUDA with a device-side assert), and with it every request of the step. No host sync."""
+    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    fallback = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf")).argmax()
+    return probs.index_put((fallback.unsqueeze(0),), (probs.sum() <= 0).to(probs.dtype).unsqueeze(0),
+                           accumulate=True)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> Sampled:
     """logits [S, V] fp32 -> the sampled tokens (``Sampled.fetch()`` reads them on the host)."""
@@ -104,7 +114,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             tokens[rows] = logits[rows].argmax(-1)
     for i, p in enumerate(params):
         if not p.is_greedy:
-            probs = _filter_logits(logits[i], p).softmax(-1)
+            probs = _safe_probs(_filter_logits(logits[i], p).softmax(-1), logits[i])
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return Sampled(tokens, params, logits, [i for i, p in enumerate(params) if p.logprobs is not None])
 
