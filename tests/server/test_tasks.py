@@ -198,3 +198,42 @@ def test_a_failure_after_the_swap_rolls_back_weights_and_checkpoint(checkpoints,
         for model in ("base", "chat"):
             want = reference.generate(PROMPT, greedy(6), None if model == "base" else model)[0].text
             assert completion(client, model).json()["choices"][0]["text"] == want, model
+
+
+def test_task_endpoints_through_the_openai_clients_low_level_calls(checkpoints, tiny_tasks, tmp_path):
+    """``/v1/tasks`` is not in the OpenAI SDK; its generic ``post`` / ``get`` reach it (a live uvicorn,
+    API key on), errors arrive as the client's exception types, and ``/health`` / ``/metrics`` (outside
+    ``/v1``) answer through the same client by absolute URL."""
+    import openai
+
+    from .conftest import live_server
+
+    served, _ = checkpoints
+    adapter, data = tiny_tasks["chat"]
+    work = tmp_path / "served"
+    shutil.copytree(served, work)
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(work), **ENGINE_OPTIONS)))
+    settings = ServerSettings(api_key="k", adapter_roots=(str(adapter.parent),), served_model_name="base")
+    with live_server(create_app(engine, settings)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=60)
+        body = {"name": "chat", "adapter_path": str(adapter), "data_path": str(data)}
+        job = client.post("/tasks", body=body, cast_to=object)
+        assert job["status"] in ("queued", "running") and job["name"] == "chat"
+        deadline = time.monotonic() + 300
+        while job["status"] not in ("done", "failed") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job = client.get(f"/tasks/{job['id']}", cast_to=object)
+        assert job["status"] == "done", job
+        assert [j["id"] for j in client.get("/tasks", cast_to=object)["data"]] == [job["id"]]
+        served_by_chat = client.completions.create(model="chat", prompt=PROMPT, max_tokens=4, temperature=0)
+        assert served_by_chat.usage.completion_tokens >= 1
+        with pytest.raises(openai.NotFoundError):
+            client.get("/tasks/task-999", cast_to=object)
+        with pytest.raises(openai.BadRequestError, match="already served"):
+            client.post("/tasks", body=body, cast_to=object)
+        with pytest.raises(openai.PermissionDeniedError):
+            client.post("/tasks", body={**body, "name": "other", "adapter_path": str(tmp_path)}, cast_to=object)
+        assert client.get(f"{url}/health", cast_to=object) == {"status": "ok"}
+        assert "inlaid_" in client.get(f"{url}/metrics", cast_to=str)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).get("/tasks", cast_to=object)
