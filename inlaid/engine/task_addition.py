@@ -131,17 +131,17 @@ class TaskAdder:
                     engine.register_adapter(spec.name, prepared)
 
             self.run_on_engine(finish)
-            job.status = "done"
             shutil.rmtree(previous, ignore_errors=True)
+            job.finished = time.time()  # before the status: a client that sees "done" sees the time
+            job.status = "done"
         except Exception as exc:  # report, never kill the worker: the server keeps serving
             if not isinstance(exc, InlaidError):
                 log.exception("task addition %s failed", job.id)
             error = str(exc) if isinstance(exc, InlaidError) else f"{type(exc).__name__}: {exc}"
             if committed:
                 error += self._roll_back(job, previous)
-            job.status, job.error = "failed", error  # only now: a client polling sees the end state
-        finally:
-            job.finished = time.time()
+            job.error, job.finished = error, time.time()
+            job.status = "failed"  # last: a client that sees the end state sees its error and time
 
     def _roll_back(self, job: TaskJob, previous: Path) -> str:
         """After a failure past the checkpoint's swap on disk: put the previous weights back into
