@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,14 @@ SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 AGGREGATIONS = ("mix", "mean", "max")
 PROPAGATIONS = ("fp", "quantized")
 METHODS = ("gptq", "rtn")
+# task names become directory names under adapters/, served model names and metric labels
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]{1,200}")
+
+
+def check_task_name(name: object) -> str:
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ConfigError(f"task name {name!r}: use 1-200 letters (A-Z, a-z), digits, '-' and '_'")
+    return name
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,9 @@ class TaskSpec:
     adapter: Path | None
     data: Path
 
+    def __post_init__(self) -> None:
+        check_task_name(self.name)
+
     @classmethod
     def parse(cls, text: str) -> "TaskSpec":
         """Parse ``name=ADAPTER:DATA`` (ADAPTER may be ``none`` for a base-only task)."""
@@ -29,8 +41,10 @@ class TaskSpec:
         adapter, sep2, data = rest.rpartition(":")
         if not sep or not sep2 or not name or not adapter or not data:
             raise ConfigError(f"--task {text!r}: expected NAME=ADAPTER_DIR:DATA_FILE")
-        if not name.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"--task {text!r}: task names use letters, digits, '-' and '_' only")
+        try:
+            check_task_name(name)
+        except ConfigError as exc:
+            raise ConfigError(f"--task {text!r}: {exc}") from None
         return cls(name, None if adapter.lower() == "none" else Path(adapter), Path(data))
 
 

@@ -27,4 +27,9 @@ class CheckpointError(InlaidError):
 
 class RequestError(ConfigError):
     """A request the engine rejects (bad sampling parameters, empty or too long prompt, duplicate
-    id): the server answers it with a 400, never a 500."""
+    id): the server answers it with a 400, never a 500, naming ``param`` (the request field at
+    fault, as the OpenAI API spells it) where there is one."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

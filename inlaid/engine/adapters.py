@@ -47,6 +47,18 @@ class PreparedAdapter:
     host: dict[str, _Stacked]
 
 
+MAX_ADAPTER_NAME = 256
+
+
+def check_adapter_name(name: object) -> None:
+    """An adapter's name is what clients send as ``model``: refuse names that cannot be typed back
+    reliably (edge whitespace, control characters) or are absurdly long."""
+    if not isinstance(name, str) or not name or len(name) > MAX_ADAPTER_NAME or name != name.strip() \
+            or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise AdapterError(f"adapter name {str(name)[:80]!r}: use 1-{MAX_ADAPTER_NAME} printable characters, "
+                           "without leading or trailing whitespace")
+
+
 class AdapterManager:
     def __init__(self, model: CausalLM, max_loras: int, max_lora_rank: int):
         self.model = model
@@ -82,6 +94,7 @@ class AdapterManager:
         """The slow part of registering: read ``source`` (a directory), check it against this
         engine and build its host copy. Touches no registry state, only what never changes after
         start-up, so the server runs it off the engine thread and requests keep being served."""
+        check_adapter_name(name)
         adapter = source if isinstance(source, LoraAdapter) else load_adapter(Path(source), name)
         self.check(name, adapter)
         prepared = PreparedAdapter(adapter, self._host_weights(adapter))
@@ -105,6 +118,7 @@ class AdapterManager:
 
     def _install(self, names: list[str], prepared: PreparedAdapter) -> None:
         for name in names:
+            check_adapter_name(name)
             self._host[name], self._info[name] = prepared.host, prepared.adapter
             self._drop_slot(name)
 

@@ -15,6 +15,7 @@ from inlaid.errors import RequestError
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 MAX_LOGPROBS = 20  # vLLM's default cap; more makes every step return a large top-k per token
+MAX_STOP_STRINGS = 64  # each output token is searched for every one (OpenAI allows 4)
 
 
 def _is_int(value: object) -> bool:
@@ -52,23 +53,26 @@ class SamplingParams:
     def _check_numbers(self) -> None:
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
-            raise RequestError(f"temperature {self.temperature!r}: must be a finite number >= 0")
+            raise RequestError(f"temperature {self.temperature!r}: must be a finite number >= 0", "temperature")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p {self.top_p!r}: must be in (0, 1]")
+            raise RequestError(f"top_p {self.top_p!r}: must be in (0, 1]", "top_p")
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise RequestError(f"top_k {self.top_k!r}: must be an integer >= 1, or 0/-1 to disable")
+            raise RequestError(f"top_k {self.top_k!r}: must be an integer >= 1, or 0/-1 to disable", "top_k")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens {self.max_tokens!r}: must be an integer >= 1")
+            raise RequestError(f"max_tokens {self.max_tokens!r}: must be an integer >= 1", "max_tokens")
 
     def _check_options(self) -> None:
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise RequestError(f"stop {self.stop!r}: stop sequences must be non-empty strings")
+            raise RequestError(f"stop {self.stop!r}: stop sequences must be non-empty strings", "stop")
+        if len(self.stop) > MAX_STOP_STRINGS:  # every output token is searched for each of them
+            raise RequestError(f"stop: {len(self.stop)} stop sequences; at most {MAX_STOP_STRINGS}", "stop")
         if self.seed is not None and (not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64):
-            raise RequestError(f"seed {self.seed!r}: must be an integer in [-2**63, 2**64) (torch's range) or None")
+            raise RequestError(f"seed {self.seed!r}: must be an integer in [-2**63, 2**64) (torch's range) or None",
+                               "seed")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
-                raise RequestError(f"{name} {value!r}: must be an integer in [0, {MAX_LOGPROBS}]")
+                raise RequestError(f"{name} {value!r}: must be an integer in [0, {MAX_LOGPROBS}]", name)
 
     @property
     def is_greedy(self) -> bool:

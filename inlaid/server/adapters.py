@@ -14,6 +14,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse
 
+from inlaid.engine.adapters import check_adapter_name
+from inlaid.errors import AdapterError
 from inlaid.server.errors import BadRequestError, PermissionDeniedError, model_not_found
 from inlaid.server.protocol import LoadLoraAdapterRequest, ModelCard, ModelList, UnloadLoraAdapterRequest
 from inlaid.server.serving import ServerState, get_state
@@ -87,6 +89,10 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request):
         if name == state.base_name:
             raise BadRequestError(f"{name!r} is the base model's name; pick another adapter name",
                                   param="lora_name")
+        try:
+            check_adapter_name(name)
+        except AdapterError as exc:
+            raise BadRequestError(str(exc), param="lora_name") from None
         path = resolve_adapter_path(body.lora_path, state.adapter_roots)
         await state.engine.load_adapter(name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")

@@ -107,6 +107,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     async def lifespan(_app: FastAPI):
         yield
         await engine.shutdown(settings.drain_timeout)
+        state.tokenize_pool.shutdown(wait=False)
 
     # strict_content_type (FastAPI's default) stays on: a body without Content-Type: application/json
     # is refused, so a web page cannot drive a local server with a preflight-free "simple" request.
@@ -116,7 +117,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     install_error_handlers(app)
     for module in (completions, chat, adapters, tasks):
         app.include_router(module.router)
-    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/health", _health, methods=["GET", "HEAD"])  # load balancers probe with either
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)

@@ -111,10 +111,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
     adapter = state.adapter_for(body.model)
-    ids = chat_prompt_ids(state, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    sampling = state.sampling_params(body, max_tokens, len(ids), logprobs, prompt_param="messages")
+
+    def encode_and_check():
+        ids = chat_prompt_ids(state, body)
+        return ids, state.sampling_params(body, max_tokens, len(ids), logprobs, prompt_param="messages")
+
+    ids, sampling = await state.off_loop(encode_and_check)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or state.base_name
     streams = await start_requests(state, [ids], [sampling], adapter, request_id)

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 
 from inlaid.engine.llm_engine import RequestOutput
 from inlaid.engine.sampler import TokenLogprobs
+from inlaid.engine.sequence import SamplingParams
 from inlaid.server.async_engine import RequestStream
 from inlaid.server.errors import BadRequestError
 from inlaid.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -40,9 +41,25 @@ def _check_options(body: CompletionRequest) -> None:
         raise BadRequestError("best_of > 1 is not supported", param="best_of")
 
 
+def _encode_and_check(state: ServerState, body: CompletionRequest,
+                      prompts: list[str | list[int]]) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Each prompt's token ids and SamplingParams, one prompt at a time: the first prompt that does
+    not fit refuses the request before the rest are tokenized."""
+    prompt_logprobs = body.logprobs if body.echo else None
+    ids, samplings = [], []
+    for prompt in prompts:
+        ids.append(state.encode(prompt) if isinstance(prompt, str) else state.check_token_ids(prompt))
+        samplings.append(state.sampling_params(body, body.max_tokens, len(ids[-1]), body.logprobs,
+                                               prompt_logprobs))
+    return ids, samplings
+
+
 def completion_logprobs(state: ServerState, token_ids: list[int], logprobs: list[TokenLogprobs | None],
                         text_offset: int = 0) -> CompletionLogprobs:
-    """One entry per token; the chosen token is always in its ``top_logprobs`` (vLLM's habit)."""
+    """One entry per token; the chosen token is always in its ``top_logprobs`` (vLLM's habit), with
+    its own logprob where another token decodes to the same text (bytes of a split character all
+    show as U+FFFD). ``text_offset`` counts the characters of the tokens' own texts from
+    ``text_offset``: a character split over several tokens advances it once per token."""
     out = CompletionLogprobs()
     for token_id, lp in zip(token_ids, logprobs):
         token = state.token_text(token_id)
@@ -54,7 +71,7 @@ def completion_logprobs(state: ServerState, token_ids: list[int], logprobs: list
             out.top_logprobs.append(None)
             continue
         top = {state.token_text(t): finite(v) for t, v in lp.top.items()}
-        top.setdefault(token, finite(lp.logprob))
+        top[token] = finite(lp.logprob)
         out.token_logprobs.append(finite(lp.logprob))
         out.top_logprobs.append(top)
     return out
@@ -66,7 +83,7 @@ class _Choice:
     def __init__(self, state: ServerState, body: CompletionRequest, prompt: str | list[int], ids: list[int]):
         self.state, self.body, self.prompt, self.ids = state, body, prompt, ids
         self.num_sent_tokens = 0  # streaming: output tokens already sent
-        self.num_sent_chars = 0
+        self.next_offset = 0  # streaming: the next output token's text_offset
 
     def prompt_part(self, out: RequestOutput) -> tuple[str, CompletionLogprobs | None]:
         if not self.body.echo:
@@ -93,14 +110,18 @@ class _Choice:
                                 finish_reason=out.finish_reason)
 
     def delta(self, index: int, out: RequestOutput) -> CompletionChoice | None:
+        """The chunk for what ``out`` adds; its text_offsets continue as :meth:`final`'s would."""
         first = self.num_sent_tokens == 0
         text, lps = self.prompt_part(out) if first else ("", None)
+        if first:
+            self.next_offset = len(text)
         text += out.delta_text
-        out_lps = self.output_part(out, self.num_sent_chars + len(text) - len(out.delta_text))
+        out_lps = self.output_part(out, self.next_offset)
         if out_lps is not None:
+            if out_lps.tokens:
+                self.next_offset = out_lps.text_offset[-1] + len(out_lps.tokens[-1])
             lps = _join(lps, out_lps)
         self.num_sent_tokens = len(out.output_token_ids)
-        self.num_sent_chars += len(text)
         if not text and not out.finished and not (lps and lps.tokens):
             return None
         return CompletionChoice(index=index, text=text, logprobs=lps,
@@ -142,10 +163,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     _check_options(body)
     adapter = state.adapter_for(body.model)
     prompts = _prompt_list(body.prompt)
-    ids = [state.encode(p) if isinstance(p, str) else state.check_token_ids(p) for p in prompts]
-    prompt_logprobs = body.logprobs if body.echo else None
-    samplings = [state.sampling_params(body, body.max_tokens, len(i), body.logprobs, prompt_logprobs)
-                 for i in ids]
+    ids, samplings = await state.off_loop(lambda: _encode_and_check(state, body, prompts))
     choices = [_Choice(state, body, p, i) for p, i in zip(prompts, ids)]
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     model = body.model or state.base_name

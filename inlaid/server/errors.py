@@ -103,7 +103,7 @@ def to_server_error(exc: BaseException) -> ServerError:
     if isinstance(exc, ServerError):
         return exc
     if isinstance(exc, InlaidError):
-        return BadRequestError(str(exc))
+        return BadRequestError(str(exc), param=getattr(exc, "param", None))
     return EngineFailedError(f"internal error: {type(exc).__name__}: {exc}")
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import Request
 from starlette.background import BackgroundTask
@@ -28,6 +30,7 @@ GREEDY_BELOW = 1e-5  # smaller temperatures overflow softmax; treated as greedy,
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM reports this floor too
 SSE_DONE = "data: [DONE]\n\n"
 MAX_CHARS_PER_TOKEN = 64  # a text longer than this times the context cannot fit (real text: ~4)
+T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request": nobody reads it
 
 
@@ -41,6 +44,8 @@ class ServerState:
     created: int  # unix time the server started (the models' ``created``)
     _token_text: dict[int, str] = field(default_factory=dict)
     task_adder: object | None = None  # inlaid.engine.task_addition.TaskAdder, made on first use
+    tokenize_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="inlaid-tokenize"))
 
     @property
     def llm(self) -> LLMEngine:
@@ -105,16 +110,22 @@ class ServerState:
         if room < 1:
             raise BadRequestError(f"the prompt has {num_prompt_tokens} tokens; this model's context length "
                                   f"is {limit}, which leaves no room to generate", param=prompt_param)
+        bm = self.llm.block_manager
+        capacity = bm.num_blocks * bm.block_size
+        kv_room = capacity + 1 - num_prompt_tokens  # the last sampled token needs no KV slot
         if max_tokens is None:  # all the context leaves, within what the KV cache can ever hold
-            bm = self.llm.block_manager
-            max_tokens = min(room, bm.num_blocks * bm.block_size + 1 - num_prompt_tokens)
+            max_tokens = min(room, kv_room)
             if max_tokens < 1:
                 raise BadRequestError(f"the prompt has {num_prompt_tokens} tokens, more than the KV cache "
-                                      f"holds ({bm.num_blocks * bm.block_size})", param=prompt_param)
+                                      f"holds ({capacity})", param=prompt_param)
         elif max_tokens > room:
             raise BadRequestError(f"this model's context length is {limit} tokens, but {num_prompt_tokens} "
                                   f"prompt tokens + max_tokens {max_tokens} were requested; shorten the "
                                   "prompt or lower max_tokens", param="max_tokens")
+        elif max_tokens > kv_room:
+            raise BadRequestError(f"{num_prompt_tokens} prompt tokens + max_tokens {max_tokens} need more KV "
+                                  f"cache than this server has ({capacity} token slots); lower max_tokens "
+                                  f"to at most {max(kv_room, 0)}", param="max_tokens")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         temperature = 0.0 if req.temperature < GREEDY_BELOW else req.temperature
         try:
@@ -122,7 +133,14 @@ class ServerState:
                                   max_tokens=max_tokens, stop=stop, seed=req.seed, logprobs=logprobs,
                                   prompt_logprobs=prompt_logprobs, ignore_eos=req.ignore_eos)
         except RequestError as exc:
-            raise BadRequestError(str(exc)) from None
+            raise BadRequestError(str(exc), param=exc.param) from None
+
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (tokenizing, templating and checking a request's prompts) on the server's one
+        tokenizer thread, not the event loop: a large body's seconds of tokenizing no longer stall
+        every other request, /health included, and the tokenizer's calls stay one at a time, as
+        they were on the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, work)
 
 
 def check_supported(req: GenerationRequest) -> None:

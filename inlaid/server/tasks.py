@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from inlaid.config import TaskSpec
+from inlaid.config import TASK_NAME, TaskSpec
 from inlaid.errors import ConfigError, InlaidError
 from inlaid.server.adapters import resolve_adapter_path
 from inlaid.server.errors import BadRequestError, NotFoundError, PermissionDeniedError
@@ -26,7 +26,7 @@ router = APIRouter(tags=["tasks"])
 
 class AddTaskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(pattern=f"^{TASK_NAME.pattern}$")
     adapter_path: str
     data_path: str
 

@@ -76,6 +76,8 @@ def test_bad_paths_and_tasks(tmp_path, tiny_model, tiny_tasks, capsys):
         [tiny_model, out, "-t", "broken-spec"],
         [tiny_model, out, "-t", f"x={tmp_path}/none:{tiny_tasks['sql'][1]}"],
         [tiny_model, out, "-t", f"x={tiny_tasks['sql'][0]}:{tmp_path}/none.jsonl"],
+        [tiny_model, out, "-t", "a.b=" + sql.partition("=")[2]],  # names become directory names
+        [tiny_model, out, "-t", "caf\u00e9=" + sql.partition("=")[2]],
     ]
     for args in cases:
         assert run_cli(["quantize", *args]) == 1, args

@@ -134,6 +134,24 @@ def test_streamed_completion_adds_up_to_the_non_streamed_one(server):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 12
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_equal_the_whole_responses_with_split_characters(server, echo):
+    """The base model's greedy output here holds tokens that are bytes of one character (each alone
+    decodes to U+FFFD): tokens, top_logprobs and text_offset still agree between the two paths,
+    and each token's own logprob is the one in its top_logprobs."""
+    body = {"prompt": PROMPTS[0], **GREEDY_BODY, "max_tokens": 12, "logprobs": 3, "echo": echo}
+    whole = post(server, "/v1/completions", body)["choices"][0]["logprobs"]
+    assert "\ufffd" in whole["tokens"], "the case needs a split character to test anything"
+    chunks = [c["choices"][0]["logprobs"] for c in stream(server, "/v1/completions", body)]
+    for key in ("tokens", "text_offset", "top_logprobs"):
+        assert [x for c in chunks if c for x in c[key]] == whole[key], key
+    offset = 0
+    for token, at, chosen, top in zip(whole["tokens"], whole["text_offset"], whole["token_logprobs"],
+                                      whole["top_logprobs"]):
+        assert at == offset and (top is None or top[token] == chosen)
+        offset += len(token)
+
+
 def test_streamed_multi_prompt_and_echo(server, offline):
     events = stream(server, "/v1/completions", {"prompt": PROMPTS[:2], "echo": True, **GREEDY_BODY})
     texts = ["", ""]
@@ -271,6 +289,7 @@ def test_unloading_an_adapter_in_use_conflicts(server):
 
 def test_health_metrics_and_no_leaked_blocks(server):
     assert server.client.get("/health").json() == {"status": "ok"}
+    assert server.client.head("/health").status_code == 200  # load balancers probe with HEAD too
     post(server, "/v1/completions", {"prompt": "hi", **GREEDY_BODY})
     text = server.client.get("/metrics").text
     for needle in ['inlaid_http_requests_total{method="POST",route="/v1/completions",status="200"}',

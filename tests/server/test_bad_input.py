@@ -5,6 +5,7 @@ failure mid-request (500 for that request only), the body size limit (413)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from types import SimpleNamespace
 
 import httpx
@@ -62,7 +63,8 @@ CASES = {
     "top-p-zero": (C, {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     "top-k-below-minus-one": (C, {"prompt": "hi", "top_k": -2}, 400, "top_k"),
     "seed-too-large": (C, {"prompt": "hi", "seed": 2 ** 70}, 400, "seed"),
-    "stop-empty-string": (C, {"prompt": "hi", "stop": [""]}, 400, None),
+    "stop-empty-string": (C, {"prompt": "hi", "stop": [""]}, 400, "stop"),
+    "stop-too-many": (C, {"prompt": "hi", "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
     "stop-wrong-type": (C, {"prompt": "hi", "stop": 5}, 400, "stop"),
     "logprobs-too-many": (C, {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     "n-two": (C, {"prompt": "hi", "n": 2}, 400, "n"),
@@ -97,6 +99,11 @@ CASES = {
     "unload-unknown-adapter": ("/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "lora_name"),
     "unload-base-model": ("/v1/unload_lora_adapter", {"lora_name": "tiny-llama"}, 400, "lora_name"),
     "load-missing-path": ("/v1/load_lora_adapter", {"lora_name": "x"}, 400, "lora_path"),
+    "load-name-edge-space": ("/v1/load_lora_adapter", {"lora_name": "x ", "lora_path": "spare"}, 400,
+                             "lora_name"),
+    "load-name-control-char": ("/v1/load_lora_adapter", {"lora_name": "a\nb", "lora_path": "spare"}, 400,
+                               "lora_name"),
+    "task-name-dots": ("/v1/tasks", {"name": "..", "adapter_path": "spare", "data_path": "x"}, 400, "name"),
     "unknown-route": ("/v1/nope", {}, 404, None),
 }
 
@@ -202,3 +209,47 @@ def test_body_over_the_size_limit_is_413(server):
     client = TestClient(create_app(server.engine, ServerSettings(max_body_bytes=1000)))
     response = client.post(C, json={"prompt": "x" * 5000})
     assert response.status_code == 413 and response.json()["error"]["message"]
+
+
+def test_prompts_are_tokenized_off_the_event_loop_and_the_first_that_does_not_fit_ends_it(server):
+    """Tokenizing a large multi-prompt body takes seconds: it runs on the tokenizer thread, so the
+    event loop keeps answering (here /health while the tokenizer is held), and the first prompt too
+    long for the context refuses the request before the other prompts are tokenized."""
+    state = server.app.state.inlaid
+    entered, release, calls = threading.Event(), threading.Event(), []
+    encode = state.encode
+
+    def held_encode(text, **kwargs):
+        calls.append(text)
+        entered.set()
+        assert release.wait(5), "the event loop waited for the tokenizer"
+        return encode(text, **kwargs)
+
+    result = {}
+    body = {"prompt": ["x" * (MAX_MODEL_LEN + 10)] + ["hi"] * 50}
+    worker = threading.Thread(target=lambda: result.update(r=server.client.post(C, json=body)))
+    state.encode = held_encode
+    try:
+        worker.start()
+        assert entered.wait(10)
+        assert server.client.get("/health").status_code == 200  # answered while the tokenizer works
+        release.set()
+        worker.join(30)
+    finally:
+        release.set()
+        del state.encode
+    response = result["r"]
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    assert len(calls) == 1
+
+
+def test_max_tokens_beyond_the_kv_cache_is_a_400_naming_it(served):
+    """A context longer than the KV cache: an explicit max_tokens that could never fit is refused
+    up front with the numbers (not the engine's internal request id)."""
+    engine = AsyncEngine(make_engine(served, max_model_len=MAX_MODEL_LEN, num_kv_blocks=4))  # 16 slots
+    with TestClient(create_app(engine, ServerSettings())) as client:
+        response = client.post(C, json={"prompt": "hi", "max_tokens": 30})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "max_tokens", error
+        assert "16 token slots" in error["message"] and "cmpl-" not in error["message"]
+        assert client.post(C, json={"prompt": "hi", "max_tokens": 4}).status_code == 200
