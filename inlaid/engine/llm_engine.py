@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from inlaid.device import pick_device
 from inlaid.engine.adapters import AdapterManager, PreparedAdapter
 from inlaid.engine.block_manager import BlockManager, MemoryBudget, kv_block_bytes
 from inlaid.engine.detokenizer import IncrementalDetokenizer
@@ -161,7 +162,7 @@ class LLMEngine:
         if overrides:
             config = EngineConfig(**{**config.__dict__, **overrides})
         self.config = cfg = config
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(cfg.device)
         dtype_name = cfg.dtype or ("float16" if device.type == "cuda" else "float32")
         if dtype_name not in DTYPES:
             raise ConfigError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from inlaid.errors import ModelLoadError
@@ -76,9 +76,12 @@ class LoadedWeights:
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():
+                    tensors[key] = fh.get_tensor(key)
+        except (SafetensorError, OSError) as exc:  # truncated or overwritten weights
+            raise ModelLoadError(f"{file}: not a readable safetensors file ({exc})") from None
     return tensors
 
 
@@ -93,10 +96,13 @@ def load_weights(path: Path, quantized: bool) -> LoadedWeights:
         bits = int(json.loads((Path(path) / "config.json").read_text())["quantization_config"]["bits"])
         for key in [k for k in tensors if k.endswith(".qweight")]:
             name = key[:-len(".qweight")]
-            packed[name] = PackedLinear(
-                qweight=tensors.pop(key), qzeros=tensors.pop(f"{name}.qzeros"),
-                scales=tensors.pop(f"{name}.scales"), g_idx=tensors.pop(f"{name}.g_idx"), bits=bits,
-                bias=tensors.pop(f"{name}.bias", None))
+            try:
+                packed[name] = PackedLinear(
+                    qweight=tensors.pop(key), qzeros=tensors.pop(f"{name}.qzeros"),
+                    scales=tensors.pop(f"{name}.scales"), g_idx=tensors.pop(f"{name}.g_idx"), bits=bits,
+                    bias=tensors.pop(f"{name}.bias", None))
+            except KeyError as exc:
+                raise ModelLoadError(f"{path}: {name} has a qweight but no {exc.args[0]}") from None
     return LoadedWeights(tensors, packed)
 
 

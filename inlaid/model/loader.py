@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from inlaid.errors import ModelLoadError
 
@@ -144,10 +145,13 @@ def load_base(source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     except OSError as exc:
         raise ModelLoadError(f"cannot load base model {source!r}: {exc}") from exc
     check_architecture(config)
+    if getattr(config, "quantization_config", None):
+        raise ModelLoadError(f"{source!r} is already a quantized checkpoint; quantize from the fp16/bf16 "
+                             "base model it was made from")
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(resolved)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a corrupt weights file
         raise ModelLoadError(f"cannot load base model {source!r}: {exc}") from exc
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source,

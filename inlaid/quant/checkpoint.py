@@ -18,13 +18,14 @@ interrupted or failed run leaves OUT as it was (absent, or the previous checkpoi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from inlaid.config import QuantConfig
@@ -46,13 +47,20 @@ class CheckpointWriter:
     def __init__(self, out_dir: Path, *, replace: bool, keep_previous: Path | None = None):
         """``keep_previous``: on commit, the checkpoint being replaced is moved there (replacing
         what was there) instead of deleted, for a caller that may still have to roll back."""
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir)  # as given, for messages
+        dest = self.out_dir.resolve()  # "." has no name to stage a sibling by
         self.replace = replace
         self.keep_previous = None if keep_previous is None else Path(keep_previous)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.inlaid-tmp-",
-                                          dir=self.out_dir.parent))
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.inlaid-tmp-", dir=dest.parent))
+        except OSError as exc:
+            raise CheckpointError(f"cannot write {self.out_dir}: {exc.strerror or exc}") from None
+        # mkdtemp makes it 0700; a checkpoint is read by other users and containers, as mkdir's
+        # usual 0755 allows
+        os.chmod(self.path, 0o755)
         (self.path / STATE_DIR).mkdir()
+        self._dest = dest
         self.committed = False
 
     def __enter__(self) -> "CheckpointWriter":
@@ -69,17 +77,18 @@ class CheckpointWriter:
         save_file(tensors, str(self.path / STATE_DIR / f"layer_{layer:03d}.safetensors"))
 
     def commit(self) -> None:
-        if self.out_dir.exists():
+        dest = self._dest
+        if dest.exists():
             if not self.replace:
                 raise CheckpointError(f"{self.out_dir} already exists")
-            backup = self.keep_previous or self.out_dir.with_name(f".{self.out_dir.name}.inlaid-old")
+            backup = self.keep_previous or dest.with_name(f".{dest.name}.inlaid-old")
             shutil.rmtree(backup, ignore_errors=True)
-            self.out_dir.rename(backup)
-            self.path.rename(self.out_dir)
+            dest.rename(backup)
+            self.path.rename(dest)
             if self.keep_previous is None:
                 shutil.rmtree(backup, ignore_errors=True)
         else:
-            self.path.rename(self.out_dir)
+            self.path.rename(dest)
         self.committed = True
 
 
@@ -168,7 +177,10 @@ class Checkpoint:
         file = self.path / STATE_DIR / f"layer_{layer:03d}.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{self.path}: incremental state for layer {layer} is missing")
-        tensors = load_file(str(file))
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: incremental state unreadable ({exc})") from None
         rule = self.inlaid["settings"]["aggregation"]
         groups = {k.split(".")[0] for k in tensors}
         return {g: AggregationState.from_tensors(rule, tensors, g, device) for g in groups}
@@ -185,8 +197,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointError(f"{path} is not an inlaid checkpoint (config.json / tasks.json missing "
                               "or unreadable)") from None
-    qconfig = config.get("quantization_config") or {}
-    if qconfig.get("quant_method") != "gptq" or "inlaid" not in qconfig:
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                              for t in tasks):
+        raise CheckpointError(f"{path}/{TASKS}: 'tasks' must be a list of objects with a 'name'")
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != "gptq" \
+            or not isinstance(qconfig.get("inlaid"), dict):
         raise CheckpointError(f"{path} is not an inlaid checkpoint (no inlaid quantization_config)")
     if qconfig["inlaid"].get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported inlaid format version "

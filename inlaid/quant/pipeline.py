@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from inlaid.config import SUPPORTED_GROUP_SIZES, QuantConfig, TaskSpec
+from inlaid.device import pick_device
 from inlaid.errors import CheckpointError, ConfigError
 from inlaid.model.arch import PROJECTIONS, get_projection, module_path, projection_shapes
 from inlaid.model.loader import LoadedModel, fingerprint, load_base
@@ -37,12 +38,30 @@ class QuantizeReport:
     state_bytes: int = 0
 
 
-def pick_device(requested: str | None) -> torch.device:
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available on this machine")
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def check_out_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work, an OUT_DIR whose replacement would lose something: a file, a
+    directory that holds an input (the base, an adapter, a data file) or the working directory, and
+    with --overwrite a non-empty directory that is not an inlaid checkpoint."""
+    out = out_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out_dir} is a file, not a directory")
+    for path in [*(p for p in inputs if p.exists()), Path.cwd()]:
+        if path.resolve().is_relative_to(out):
+            what = "the working directory" if path == Path.cwd() else f"the input {path}"
+            raise ConfigError(f"{out_dir} holds {what}; replacing it would delete that: pick another OUT_DIR")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
+        try:
+            read_checkpoint(out)
+        except CheckpointError:
+            raise ConfigError(f"{out_dir} is not an inlaid checkpoint: --overwrite only replaces "
+                              "checkpoints; remove it yourself or pick another OUT_DIR") from None
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{out_dir}: {parent} is a file, not a directory")
+            break
 
 
 def check_task_specs(specs: list[TaskSpec], existing: tuple[str, ...] = ()) -> None:
@@ -159,8 +178,8 @@ def quantize(base_source: str, out_dir: Path, specs: list[TaskSpec], cfg: QuantC
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_task_specs(specs)
-    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
+    inputs = [Path(base_source)] + [p for s in specs for p in (s.adapter, s.data) if p is not None]
+    check_out_dir(out_dir, inputs, overwrite)
     dev = pick_device(device)
     base = load_base(base_source, dtype=compute_dtype(dev))
     check_shapes(base.config, cfg)
@@ -191,7 +210,10 @@ def add_task(out_dir: Path, specs: list[TaskSpec], *, base_source: str | None = 
     check_task_specs(specs, existing=tuple(t["name"] for t in ckpt.tasks))
     base_info = ckpt.inlaid["base_model"]
     dev = pick_device(device)
-    base = load_base(base_source or base_info["source"], dtype=compute_dtype(dev))
+    if base_source is None:  # the recorded absolute path works from any directory; a hub id has none
+        recorded = base_info.get("path")
+        base_source = recorded if recorded and Path(recorded).exists() else base_info["source"]
+    base = load_base(base_source, dtype=compute_dtype(dev))
     if base_info.get("sha256") and fingerprint(base.path) != base_info["sha256"]:
         raise CheckpointError(f"base model {base.source!r} differs from the one {out_dir} was made "
                               "from (weights sha256 mismatch)")

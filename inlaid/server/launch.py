@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import threading
 
 import uvicorn
 
 from inlaid.engine.llm_engine import EngineConfig, LLMEngine
+from inlaid.errors import ConfigError
 from inlaid.server.app import create_app
 from inlaid.server.async_engine import AsyncEngine
 from inlaid.server.settings import ServerSettings
@@ -36,9 +38,32 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads: a port in use or a bad host is a
+    one-line error at once, not after a minute of loading (and not uvicorn's exit status 3)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"--host {host!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def serve(engine_config: EngineConfig, settings: ServerSettings) -> None:
     """Blocks until the server stops (SIGINT / SIGTERM)."""
-    engine = AsyncEngine(LLMEngine(engine_config), max_queue=settings.max_queue)
+    sock = bind(settings.host, settings.port)
+    try:
+        engine = AsyncEngine(LLMEngine(engine_config), max_queue=settings.max_queue)
+    except BaseException:
+        sock.close()
+        raise
     try:
         app = create_app(engine, settings)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
@@ -49,6 +74,7 @@ def serve(engine_config: EngineConfig, settings: ServerSettings) -> None:
             "serving %r with adapters [%s]; run-time adapter loading %s; API key %s", state.base_name,
             ", ".join(engine.engine.adapters.names), f"under {roots}" if roots else "off",
             "required" if settings.api_key else "off")
-        _Server(config).run()
+        _Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         engine.close()

@@ -168,3 +168,84 @@ def test_interrupt_leaves_previous_checkpoint(tmp_path, tiny_model, tiny_tasks, 
     assert (out / "model.safetensors").read_bytes() == before
     assert [t["name"] for t in read_checkpoint(out).tasks] == ["sql"]
     assert not list(tmp_path.glob(".q.inlaid-*"))
+
+
+def test_out_dirs_whose_replacement_would_lose_data_are_refused_before_any_work(tmp_path, tiny_model,
+                                                                                tiny_tasks, monkeypatch):
+    import shutil
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before OUT_DIR was checked")
+
+    monkeypatch.setattr(pipeline, "load_base", no_work)
+    adapter, data = tiny_tasks["sql"]
+    workspace = tmp_path / "ws"  # a directory holding every input
+    shutil.copytree(tiny_model, workspace / "base")
+    shutil.copytree(adapter, workspace / "adapter")
+    shutil.copy(data, workspace / "data.jsonl")
+    inside = [TaskSpec("sql", workspace / "adapter", workspace / "data.jsonl")]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep me")
+    monkeypatch.chdir(workspace)
+    cases = [
+        (workspace / "base", "holds the input"),  # the base itself
+        (workspace, "holds the input"),  # a directory that holds the inputs
+        (workspace.parent, "holds"),
+        (".", "holds"),  # the working directory
+        (a_file, "is a file"),
+        (a_file / "out", "is a file"),
+        (other, "not an inlaid checkpoint"),  # non-empty, not a checkpoint: --overwrite won't delete it
+    ]
+    for out, needle in cases:
+        with pytest.raises(ConfigError, match=needle):
+            pipeline.quantize(str(workspace / "base"), out, inside, QuantConfig(**CFG), overwrite=True)
+    assert a_file.read_text() == "keep me" and (other / "keep.txt").read_text() == "keep me"
+    assert sorted(p.name for p in workspace.iterdir()) == ["adapter", "base", "data.jsonl"]
+    assert not list(tmp_path.glob(".*inlaid-*"))
+
+
+def test_checkpoint_files_that_are_corrupt_or_not_ours_are_one_line_errors(tmp_path, tiny_model, tiny_tasks):
+    """A quantized checkpoint given as the base, corrupt weights or state, a malformed tasks.json:
+    InlaidErrors naming the file, never a library traceback."""
+    import shutil
+
+    from inlaid.engine.model import load_weights
+    from inlaid.errors import ModelLoadError
+
+    out = tmp_path / "q"
+    pipeline.quantize(str(tiny_model), out, specs(tiny_tasks, ["sql"]), QuantConfig(**CFG))
+    assert oct((out).stat().st_mode & 0o777) == oct(0o755)  # readable by other users, as mkdir makes it
+    with pytest.raises(ModelLoadError, match="already a quantized checkpoint"):
+        pipeline.quantize(str(out), tmp_path / "q2", specs(tiny_tasks, ["math"]), QuantConfig(**CFG))
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "state" / "layer_000.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="layer_000.safetensors"):
+        pipeline.add_task(broken, specs(tiny_tasks, ["math"]))
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        load_weights(broken, quantized=True)
+    (broken / "tasks.json").write_text(json.dumps({"tasks": [1, 2]}))
+    with pytest.raises(CheckpointError, match="tasks.json"):
+        read_checkpoint(broken)
+    base = tmp_path / "corrupt-base"
+    shutil.copytree(tiny_model, base)
+    next(base.glob("*.safetensors")).write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="cannot load base model"):
+        pipeline.quantize(str(base), tmp_path / "q3", specs(tiny_tasks, ["math"]), QuantConfig(**CFG))
+
+
+def test_add_task_finds_a_relative_base_from_any_directory(tmp_path, tiny_model, tiny_tasks, monkeypatch):
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    pipeline.quantize("base", tmp_path / "q", specs(tiny_tasks, ["sql"]), QuantConfig(**CFG))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    pipeline.add_task(tmp_path / "q", specs(tiny_tasks, ["math"]))
+    assert [t["name"] for t in read_checkpoint(tmp_path / "q").tasks] == ["sql", "math"]

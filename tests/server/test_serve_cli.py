@@ -13,6 +13,7 @@ import threading
 import urllib.request
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from inlaid.cli.main import app
@@ -80,6 +81,30 @@ def test_missing_model_exits_1_with_one_line(capsys, tmp_path):
     assert run_cli(["serve", tmp_path / "no-model"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not found" in err[0]
+
+
+def test_port_in_use_or_bad_host_is_one_line_before_the_model_loads(capsys, served, monkeypatch):
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the model loaded before the port was checked")
+
+    monkeypatch.setattr("inlaid.server.launch.LLMEngine", no_engine)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run_cli(["serve", served.base, "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0], err
+    assert run_cli(["serve", served.base, "--host", "999.1.1.1", "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "999.1.1.1" in err[0], err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:banana"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_bad_device_is_one_line(capsys, served, device):
+    assert run_cli(["serve", served.base, "--device", device, "--port", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device"), err
 
 
 def _free_port() -> int:
