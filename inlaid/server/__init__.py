@@ -2,6 +2,6 @@
 
 Layout: ``async_engine`` (the engine on its own thread), ``protocol`` (request/response bodies),
 ``serving`` (shared handler logic), ``completions``, ``chat``, ``adapters`` (models and LoRA
-loading), ``tasks`` (task addition: not built yet), ``metrics``, ``errors``, ``settings``, ``app``,
+loading), ``tasks`` (live task addition: submit and status), ``metrics``, ``errors``, ``settings``, ``app``,
 ``launch`` (uvicorn, used by ``inlaid serve``).
 """
