@@ -66,6 +66,11 @@ class BenchConfig:
         is_dummy = self.engine.model.startswith("dummy:")
         if self.url is None and not is_dummy and self.fp16_model is None and "fp16" in self.baselines:
             raise ConfigError("--baseline fp16 on a real model needs --fp16-model (the unquantized base)")
+        hf = [b for b in self.baselines if b in ("hf-peft", "hf-peft-mixed")]
+        # PEFT loads only the --adapter dirs, never a checkpoint's own adapters; without any, the
+        # baseline would fail after the main run had taken all its time
+        if self.url is None and not is_dummy and hf and not self.engine.adapters:
+            raise ConfigError(f"--baseline {hf[0]} on a real model needs its adapters (--adapter NAME=DIR)")
         if self.hf_max_requests is not None and self.hf_max_requests < 1:
             raise ConfigError("--hf-max-requests must be at least 1")
         check_slo_target("--ttft-slo", self.ttft_slo_s)

@@ -18,13 +18,13 @@ import typer
 
 from inlaid.bench import plots, report, sweep
 from inlaid.bench.requests import workload_from_spec, workload_from_trace
-from inlaid.bench.results import RunResult, load_results, write_results
+from inlaid.bench.results import RunResult, check_writable_dir, load_results, write_results
 from inlaid.bench.roofline import HBM_BYTES_PER_S
 from inlaid.bench.runner import BASELINES, BenchConfig, run_all
 from inlaid.bench.workload import SAMPLE_TASKS, LengthProfile, LengthRange, WorkloadSpec
 from inlaid.cli.serve import CUDA_GRAPHS_HELP, cuda_graph_options, parse_adapters
 from inlaid.engine.llm_engine import EngineConfig
-from inlaid.errors import ConfigError
+from inlaid.errors import ConfigError, InlaidError
 
 app = typer.Typer(help="Serving benchmarks under multi-adapter workloads.", no_args_is_help=True)
 sweep_app = typer.Typer(help="The three result shapes: adapters, rates, batch.", no_args_is_help=True)
@@ -140,11 +140,21 @@ def make_spec(requests: int, pattern: str, adapters: int | None, alpha: float, b
     if tasks not in (None, "sample"):
         raise ConfigError(f"--tasks {tasks!r}: the only built-in profile set is 'sample'")
     if adapters is None and tasks is None and pattern in ("powerlaw", "skewed"):
-        raise ConfigError(f"--pattern {pattern} needs --adapters N")
+        # the pattern may be the default, so name it: the user may never have typed --pattern
+        default = " (the default)" if pattern == _W.pattern else ""
+        raise ConfigError(f"--adapters N is needed: --pattern {pattern}{default} spreads the requests over N "
+                          "adapters (or give --tasks sample, or another --pattern)")
     lengths = LengthProfile(parse_range(input_len, "--input-len"), parse_range(output_len, "--output-len"))
     return WorkloadSpec(requests, pattern=pattern, num_adapters=None if tasks else adapters, alpha=alpha,
                         batch_size=batch_size, arrival=arrival, rate=rate, cv=cv, lengths=lengths,
                         task_lengths=SAMPLE_TASKS if tasks else None, seed=seed)
+
+
+def _check_before_running(config: BenchConfig, out: Path, reference: str | None) -> None:
+    """What would otherwise fail only after every run is done (and lose them): --out and --reference."""
+    check_writable_dir(out)
+    if reference is not None and reference not in config.variants:
+        raise ConfigError(f"--reference {reference!r} is not one of the runs: {', '.join(config.variants)}")
 
 
 def _run_with_progress(work, out: Path):
@@ -193,6 +203,18 @@ def finish(results: list[RunResult], out: Path, title: str, columns=report.SERVE
     if draw:
         paths += plots.make_plots(results, out)
     console.print(f"wrote {len(paths) + 1} files to {out}")
+    _fail_on_empty_runs(results, out)
+
+
+def _fail_on_empty_runs(results: list[RunResult], out: Path) -> None:
+    """A run whose every request failed measured nothing: its zeros must not pass for a result."""
+    empty = [r for r in results if r.requests and not r.summary.get("num_completed")]
+    if not empty:
+        return
+    first = next((row.get("error") for row in empty[0].requests if row.get("error")), None)
+    why = f" (first error: {first})" if first else ""
+    raise InlaidError(f"every request of {', '.join(repr(r.label) for r in empty)} failed{why}; "
+                      f"the per-request errors are in {out}/*.requests.csv")
 
 
 # --- target flags, declared once ---------------------------------------------------------------------
@@ -251,6 +273,7 @@ def serve_cmd(
     """One workload on the engine or a server, plus baselines: table, JSON, CSV and plots."""
     target = _Target(**{k: v for k, v in locals().items() if k in _TARGET_FIELDS})
     config = target.config()
+    _check_before_running(config, out, reference)
     if trace is not None:
         workload = workload_from_trace(trace)
     else:
@@ -283,6 +306,7 @@ def sweep_adapters_cmd(
     """Result 1: throughput vs the number of adapters (e.g. vs --baseline hf-peft --baseline fp16)."""
     target = _Target(**{k: v for k, v in locals().items() if k in _TARGET_FIELDS})
     config = target.config()
+    _check_before_running(config, out, reference)
     numbers = parse_list(counts, "--counts")
     if not numbers:
         raise ConfigError("--counts needs at least one number of adapters")
@@ -315,6 +339,7 @@ def sweep_rates_cmd(
     """Result 2: SLO attainment and JCT vs arrival rate (e.g. --policy inlaid --baseline fcfs)."""
     target = _Target(**{k: v for k, v in locals().items() if k in _TARGET_FIELDS})
     config = target.config()
+    _check_before_running(config, out, reference)
     spec = make_spec(requests, pattern, adapters, alpha, 1, arrival, 1.0, cv, input_len, output_len, tasks, seed)
     values = parse_list(rates, "--rates", float)
     results = _run_with_progress(lambda tick, keep: sweep.sweep_rates(config, spec, values, tick, keep), out)
@@ -345,6 +370,7 @@ def sweep_batch_cmd(
     config = target.config()
     if config.url is not None:
         raise ConfigError("sweep batch times engine steps: it runs in process (--model), not against --url")
+    _check_before_running(config, out, reference)
     names = [p.strip() for p in patterns.split(",") if p.strip()]
     sizes = parse_list(batch_sizes, "--batch-sizes")
     results = _run_with_progress(
@@ -362,8 +388,13 @@ def compare_cmd(
     columns: Annotated[Optional[str], typer.Option(help="Metrics to show, comma-separated.")] = None,
 ) -> None:
     """Overlay several result files: one table with ratios, and the plots together."""
+    if out is not None:
+        check_writable_dir(out)
     results = load_results(files)
     _disambiguate(results, files)
+    names = list(dict.fromkeys(r.name for r in results))
+    if reference is not None and reference not in names:
+        raise ConfigError(f"--reference {reference!r} is not one of the runs: {', '.join(names)}")
     shown = tuple(c.strip() for c in columns.split(",")) if columns else report.SERVE_COLUMNS
     report.check_columns(shown)
     from inlaid.cli.progress import console

@@ -15,7 +15,8 @@ import typer
 
 from inlaid.cli.progress import console
 from inlaid.errors import ConfigError
-from inlaid.eval.runner import BACKENDS, DEFAULT_ADAPTERS, DEFAULT_DATA, EvalReporter, unique_variants
+from inlaid.eval.runner import (BACKENDS, DEFAULT_ADAPTERS, DEFAULT_DATA, EvalReporter, example_dir,
+                                unique_variants)
 
 
 PPL, LM = "Perplexity", "lm-evaluation-harness"
@@ -24,8 +25,12 @@ Models = Annotated[Optional[list[str]], typer.Argument(
     show_default=False)]
 Tasks = Annotated[str, typer.Option("--tasks", "-t", help="'all' or comma-separated task names.")]
 Limit = Annotated[Optional[int], typer.Option(help="First N test rows per task.")]
-AdaptersDir = Annotated[Path, typer.Option("--adapters", help="Adapter root: <DIR>/<task> is a task's PEFT adapter.")]
-DataDir = Annotated[Path, typer.Option(help="Task data root: <DIR>/<task>/test.jsonl (generated if absent).")]
+AdaptersDir = Annotated[Optional[Path], typer.Option(
+    "--adapters", help=f"Adapter root: <DIR>/<task> is a task's PEFT adapter (default: {DEFAULT_ADAPTERS}, here "
+                       "or in the source checkout).", show_default=False)]
+DataDir = Annotated[Optional[Path], typer.Option(
+    help=f"Task data root: <DIR>/<task>/test.jsonl, generated if absent (default: {DEFAULT_DATA}, here or in "
+         "the source checkout).", show_default=False)]
 Out = Annotated[Path, typer.Option(help="Output directory (JSON, markdown, PNG).")]
 Reference = Annotated[Optional[str], typer.Option(help="Variant the drops are relative to (default: the first).")]
 Device = Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")]
@@ -114,8 +119,9 @@ def _perplexity(variants, file: Path, with_adapter, adapters: Path, device, wind
 
     from rich.table import Table
 
-    from inlaid.eval.perplexity import run_perplexity
+    from inlaid.eval.perplexity import check_window, run_perplexity
 
+    check_window(window, stride)
     with RichEvalReporter() as reporter:
         results = run_perplexity(variants, file, with_adapter, adapters, device, window, stride, options,
                                  progress=reporter.bar_progress)
@@ -137,8 +143,8 @@ def eval_cmd(
     models: Models = None,
     tasks: Tasks = "all",
     limit: Limit = None,
-    adapters: AdaptersDir = DEFAULT_ADAPTERS,
-    data: DataDir = DEFAULT_DATA,
+    adapters: AdaptersDir = None,
+    data: DataDir = None,
     out: Out = Path("results"),
     reference: Reference = None,
     device: Device = None,
@@ -156,8 +162,17 @@ def eval_cmd(
     lm_eval_adapter: LmEvalAdapter = "task",
 ) -> None:
     """Per-task accuracy of model variants (fp16 vs quantized), each task with its own LoRA adapter."""
+    from inlaid.bench.results import check_writable_dir
+
     variants = unique_variants(models or [])
     options = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
+    adapters = example_dir(DEFAULT_ADAPTERS) if adapters is None else adapters
+    data = example_dir(DEFAULT_DATA) if data is None else data
+    # a bad output path found after the models ran would lose every score
+    if export_lm_eval is not None:
+        check_writable_dir(export_lm_eval, "--export-lm-eval")
+    if export_lm_eval is None or lm_eval_tasks is not None:
+        check_writable_dir(out, "--out")
     if export_lm_eval is not None:
         from inlaid.eval.lm_eval_export import export_lm_eval as export
 

@@ -104,6 +104,16 @@ class PerplexityResult:
                 "nll_per_token": self.nll / self.num_tokens, "perplexity": self.perplexity}
 
 
+def check_window(window: int | None, stride: int | None) -> None:
+    """--window / --stride as given (None: the default); 0 is an error, not the default."""
+    if window is not None and window < 2:
+        raise ConfigError(f"--window {window}: must be at least 2 tokens")
+    if stride is not None and stride < 1:
+        raise ConfigError(f"--stride {stride}: must be at least 1 (positions scored per window)")
+    if window is not None and stride is not None and stride >= window:
+        raise ConfigError(f"--stride {stride}: must be less than --window {window}")
+
+
 def read_text(path: Path) -> str:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -120,25 +130,27 @@ def perplexity(llm, text: str, variant: str = "", adapter: str | None = None, wi
     tokens = llm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if not tokens:
         raise DataError("the text has no tokens")
-    window = window or min(llm.engine.max_model_len - 1, DEFAULT_MAX_WINDOW)
+    window = min(llm.engine.max_model_len - 1, DEFAULT_MAX_WINDOW) if window is None else window
     if window > llm.engine.max_model_len - 1:
         raise ConfigError(f"--window {window}: the model's context allows at most {llm.engine.max_model_len - 1}")
-    stride = stride or window - 1
+    stride = window - 1 if stride is None else stride
+    check_window(window, stride)
     (logprob,) = rolling_logprob(llm, [tokens], window, stride, adapter, progress)
     return PerplexityResult(variant, adapter, len(tokens), -logprob, window, stride)
 
 
-def run_perplexity(variants, path: Path, adapter: str | None = None, adapters_dir: Path = Path("examples/adapters"),
+def run_perplexity(variants, path: Path, adapter: str | None = None, adapters_dir: Path | None = None,
                    device: str | None = None, window: int | None = None, stride: int | None = None,
                    engine_options: dict | None = None, progress=None) -> list[PerplexityResult]:
     """Perplexity of the text file ``path`` under every variant (each loaded once, in turn).
     ``progress``: optional callable(variant, done, total)."""
-    from inlaid.eval.runner import EngineBackend, check_model_source
+    from inlaid.eval.runner import DEFAULT_ADAPTERS, EngineBackend, check_model_source, example_dir
 
+    check_window(window, stride)
     text = read_text(path)
     adapters = {}
     if adapter is not None:
-        adapter_dir = Path(adapters_dir) / adapter
+        adapter_dir = Path(adapters_dir or example_dir(DEFAULT_ADAPTERS)) / adapter
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ConfigError(f"--with-adapter {adapter}: no adapter at {adapter_dir}")
         adapters[adapter] = adapter_dir

@@ -30,6 +30,7 @@ from inlaid.eval.tasks import Example, Task, read_examples
 BACKENDS = ("engine", "hf")
 DEFAULT_ADAPTERS = Path("examples/adapters")
 DEFAULT_DATA = Path("examples/tasks")
+_CHECKOUT = Path(__file__).resolve().parents[2]  # the source checkout, when inlaid runs from one
 GENERATED_ROWS = 64  # test rows generated per task when no data file exists and no --limit is given
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+")
 
@@ -60,12 +61,20 @@ def unique_variants(texts: list[str]) -> list[Variant]:
     return out
 
 
+def example_dir(default: Path) -> Path:
+    """``default`` (relative) under the working directory, else under the source checkout: examples/
+    is not packaged, and a run outside the repository root should still find the demo adapters."""
+    if default.exists() or not (_CHECKOUT / default).is_dir():
+        return default
+    return _CHECKOUT / default
+
+
 @dataclass
 class EvalConfig:
     variants: list[Variant]
     tasks: list[Task]
-    adapters_dir: Path = DEFAULT_ADAPTERS
-    data_dir: Path = DEFAULT_DATA
+    adapters_dir: Path = field(default_factory=lambda: example_dir(DEFAULT_ADAPTERS))
+    data_dir: Path = field(default_factory=lambda: example_dir(DEFAULT_DATA))
     limit: int | None = None  # first N test rows per task
     seed: int = 0  # only for tasks whose rows are generated
     reference: str | None = None  # variant name; default the first
@@ -144,8 +153,10 @@ def find_adapters(tasks: list[Task], adapters_dir: Path) -> tuple[dict[str, Path
         path = Path(adapters_dir) / task.name
         if (path / "adapter_config.json").is_file():
             found[task.name] = path
+        elif path.is_dir():
+            skipped[task.name] = f"no adapter at {path} (the directory has no adapter_config.json)"
         else:
-            skipped[task.name] = (f"no adapter at {path} (train the demo adapters with "
+            skipped[task.name] = (f"no adapter at {path} (no such directory; train the demo adapters with "
                                   "scripts/train_adapters.py, or pass --adapters DIR)")
     return found, skipped
 
@@ -280,7 +291,8 @@ def prepare(config: EvalConfig, reporter: EvalReporter):
     for name, reason in skipped.items():
         reporter.skip(name, reason)
     if not adapters:
-        raise ConfigError(f"nothing to evaluate: no task adapter found under {config.adapters_dir}")
+        missing = "" if config.adapters_dir.is_dir() else " (no such directory: pass --adapters DIR)"
+        raise ConfigError(f"nothing to evaluate: no task adapter found under {config.adapters_dir}{missing}")
     rows = {t.name: load_examples(t, config.data_dir, config.limit, config.seed)
             for t in config.tasks if t.name in adapters}
     return adapters, rows, skipped

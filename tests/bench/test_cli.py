@@ -113,8 +113,10 @@ def test_sweeps_run_on_dummy_tiny(tmp_path):
 def test_bad_input_is_one_line(capsys, tmp_path):
     assert run_cli(["bench", "serve", "--adapters", "2"]) == 1
     assert "give either --model" in capsys.readouterr().err
-    assert run_cli(["bench", "serve", *TINY, "--pattern", "powerlaw"]) == 1
-    assert "needs --adapters" in capsys.readouterr().err
+    assert run_cli(["bench", "serve", *TINY]) == 1  # no --pattern given: the message names the default
+    assert "--adapters N is needed: --pattern powerlaw (the default) spreads" in capsys.readouterr().err
+    assert run_cli(["bench", "serve", *TINY, "--pattern", "skewed"]) == 1
+    assert "--adapters N is needed: --pattern skewed spreads" in capsys.readouterr().err
     assert run_cli(["bench", "serve", *TINY, "--adapters", "2", "--input-len", "5:x"]) == 1
     assert "--input-len '5:x'" in capsys.readouterr().err
     assert run_cli(["bench", "sweep", "rates", *TINY]) == 1
@@ -169,3 +171,80 @@ def test_sweep_adapters_gives_each_point_enough_slots(monkeypatch):
                         lengths=LengthProfile(LengthRange.fixed(4), LengthRange.fixed(2)))
     sweep_mod.sweep_adapters(config, spec, [1, 10, 1000])
     assert seen == [(8, 10), (10, 10), (64, 64)]
+
+
+def test_bad_out_reference_and_baseline_fail_before_running(tmp_path, tiny_model, monkeypatch, capsys):
+    """Flags that used to fail (or be ignored) only after the runs: checked before any engine starts."""
+    import inlaid.cli.bench as cli
+    from inlaid.bench import sweep as sweep_mod
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ran despite bad flags")
+
+    monkeypatch.setattr(cli, "run_all", must_not_run)
+    monkeypatch.setattr(sweep_mod, "run_all", must_not_run)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    serve = ["bench", "serve", *TINY, "--adapters", "2", "--requests", "2"]
+    for args, message in (
+            ([*serve, "--out", blocker], f"--out {blocker}: {blocker} is a file"),
+            ([*serve, "--out", blocker / "x"], f"--out {blocker / 'x'}: {blocker} is a file"),
+            (["bench", "sweep", "batch", *TINY, "--out", blocker], f"--out {blocker}: {blocker} is a file"),
+            ([*serve, "--out", tmp_path / "out", "--reference", "nope"],
+             "--reference 'nope' is not one of the runs: inlaid"),
+            (["bench", "sweep", "adapters", *TINY, "--baseline", "fcfs", "--reference", "fp16"],
+             "--reference 'fp16' is not one of the runs: inlaid, fcfs"),
+            (["bench", "serve", "--model", tiny_model, "--adapters", "2", "--baseline", "hf-peft",
+              "--out", tmp_path / "out"], "--baseline hf-peft on a real model needs its adapters")):
+        assert run_cli(args) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_peft_baseline_on_a_real_model_needs_adapters(tiny_model, tmp_path):
+    from inlaid.bench.runner import BenchConfig
+    from inlaid.engine.llm_engine import EngineConfig
+    from inlaid.errors import ConfigError
+
+    for name in ("hf-peft", "hf-peft-mixed"):
+        with pytest.raises(ConfigError, match=f"--baseline {name} on a real model needs its adapters"):
+            BenchConfig(engine=EngineConfig(model=str(tiny_model)), baselines=(name,))
+    BenchConfig(engine=EngineConfig(model=str(tiny_model), adapters={"sql": str(tmp_path)}), baselines=("hf-peft",))
+    BenchConfig(engine=EngineConfig(model="dummy:tiny"), baselines=("hf-peft",))  # dummy adapters are built
+
+
+def test_compare_checks_out_and_reference_first(serve_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert run_cli(["bench", "compare", serve_dir / "results.json", "--out", blocker]) == 1
+    assert f"--out {blocker}: {blocker} is a file" in capsys.readouterr().err
+    assert run_cli(["bench", "compare", serve_dir / "results.json", "--reference", "nope"]) == 1
+    assert "--reference 'nope' is not one of the runs: inlaid, fcfs" in capsys.readouterr().err
+
+
+def test_all_requests_failed_is_an_error_after_the_results_are_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_cli(["bench", "serve", *TINY, "--adapters", "2", "--requests", "2", "--arrival", "all-at-once",
+                    "--input-len", "100000", "--output-len", "2", "--no-plots", "--out", out])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: every request of 'inlaid' failed (first error: ") and "context length" in err
+    rows = json.loads((out / "results.json").read_text())
+    assert rows[0]["summary"]["num_failed"] == 2 and (out / "summary.md").is_file()
+
+
+def test_docs_name_an_extra_that_has_the_plot_and_http_deps():
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[2]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    doc = (root / "docs" / "bench.md").read_text()
+    sentence = doc[doc.index("Results need `matplotlib`"):].split("\n\n")[0]
+    named = re.findall(r"the `(\w+)` extra has both", sentence)
+    assert named, sentence
+    for extra in named:
+        deps = " ".join(extras[extra])
+        assert "matplotlib" in deps and "httpx" in deps

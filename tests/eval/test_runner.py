@@ -216,3 +216,79 @@ def test_accuracy_study_tiny_mode_keeps_finished_rows(tmp_path, tiny_model, suit
     md = (tmp_path / "res" / "accuracy.md").read_text()
     assert "| mlgptq-mean | 0 |" in md and "## 4-bit, per task" in md and "group size 64" in md
     assert not (tmp_path / "work" / "w4-rtn-s0").exists()  # checkpoints removed after scoring
+
+
+# --- failing early on bad flags --------------------------------------------------------------------
+def test_cli_bad_output_paths_fail_before_any_work(tmp_path, tiny_model, monkeypatch, capsys):
+    """A file in the way of --out / --export-lm-eval: one line and exit 1 before any model loads,
+    not a traceback after the run."""
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ran despite a bad output path")
+
+    monkeypatch.setattr("inlaid.eval.runner.run_eval", must_not_run)
+    monkeypatch.setattr("inlaid.eval.perplexity.run_perplexity", must_not_run)
+    monkeypatch.setattr("inlaid.eval.lm_eval_export.export_lm_eval", must_not_run)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    text = tmp_path / "text.txt"
+    text.write_text("some text to score")
+    for args, flag in (([tiny_model, "--tasks", "arithmetic", "--out", blocker], "--out"),
+                       ([tiny_model, "--tasks", "arithmetic", "--out", blocker / "x"], "--out"),
+                       (["--perplexity", text, tiny_model, "--out", blocker / "x" / "y"], "--out"),
+                       (["--export-lm-eval", blocker / "x", "--tasks", "arithmetic"], "--export-lm-eval")):
+        assert run_cli(["eval", *args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag} ") and f"{blocker} is a file" in err, err
+        assert len(err.splitlines()) == 1
+
+
+def test_stride_zero_is_an_error_not_the_default(tmp_path, tiny_model, capsys):
+    from inlaid.eval.perplexity import check_window
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.")
+    for flags, message in ((["--stride", "0"], "--stride 0"), (["--stride", "-3"], "--stride -3"),
+                           (["--window", "0"], "--window 0"), (["--window", "8", "--stride", "8"], "--stride 8")):
+        assert run_cli(["eval", "--perplexity", text, tiny_model, *flags, "--out", tmp_path / "out"]) == 1
+        assert capsys.readouterr().err.strip().startswith(f"error: {message}:")
+    assert not (tmp_path / "out").exists()
+    check_window(None, None)
+    check_window(8, 7)
+
+
+def test_missing_adapter_reasons_name_the_path_and_what_is_missing(tmp_path):
+    from inlaid.eval.runner import find_adapters
+
+    (tmp_path / "echo").mkdir()  # a directory, but not a PEFT adapter
+    _, skipped = find_adapters([ECHO, Task("other", "", ("exact_match",), 4, make=ECHO.make)], tmp_path)
+    assert skipped["echo"] == f"no adapter at {tmp_path / 'echo'} (the directory has no adapter_config.json)"
+    assert skipped["other"].startswith(f"no adapter at {tmp_path / 'other'} (no such directory;")
+
+
+def test_default_dirs_fall_back_to_the_source_checkout(tmp_path, monkeypatch):
+    """Outside the repository root the demo adapters and task data are still found (examples/ is not
+    packaged); a working directory that has its own examples/ wins, and explicit paths stay as given."""
+    from inlaid.eval import runner as eval_runner
+
+    checkout = Path(eval_runner.__file__).resolve().parents[2]
+    if not (checkout / "examples" / "adapters").is_dir():
+        pytest.skip("not a source checkout with examples/")
+    monkeypatch.chdir(tmp_path)
+    config = EvalConfig([Variant("a", "x")], [ECHO])
+    assert config.adapters_dir == checkout / "examples" / "adapters"
+    assert config.data_dir == checkout / "examples" / "tasks"
+    assert EvalConfig([Variant("a", "x")], [ECHO], adapters_dir=Path("mine")).adapters_dir == Path("mine")
+    (tmp_path / "examples" / "adapters").mkdir(parents=True)
+    assert EvalConfig([Variant("a", "x")], [ECHO]).adapters_dir == Path("examples/adapters")
+
+    seen = {}
+
+    def fake_run_eval(config, reporter=None):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr("inlaid.eval.runner.run_eval", fake_run_eval)
+    result = CliRunner().invoke(app, ["eval", "default", "--tasks", "arithmetic"])
+    assert result.exit_code == 0, result.output
+    assert (seen["config"].adapters_dir, seen["config"].data_dir) == \
+        (Path("examples/adapters"), checkout / "examples" / "tasks")
