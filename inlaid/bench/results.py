@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from inlaid.bench.metrics import RequestTimeline
-from inlaid.errors import ConfigError, DataError
+from inlaid.errors import DataError
+from inlaid.paths import check_writable_dir
 
 SCHEMA = "inlaid-bench/1"
 
@@ -118,20 +118,6 @@ def metric(result: RunResult, name: str) -> float | None:
 
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "run"
-
-
-def check_writable_dir(path: str | Path, flag: str = "--out") -> None:
-    """Fail before any work on an output directory that cannot be one, so that a long run's results
-    are not lost at the end to a file in the way."""
-    path = Path(path)
-    for part in (path, *path.parents):
-        if not part.exists():
-            continue
-        if not part.is_dir():
-            raise ConfigError(f"{flag} {path}: {part} is a file, not a directory to write into")
-        if not os.access(part, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag} {path}: {part} is not writable")
-        return
 
 
 def write_results(results: Sequence[RunResult], out_dir: str | Path) -> list[Path]:

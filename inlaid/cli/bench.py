@@ -18,7 +18,8 @@ import typer
 
 from inlaid.bench import plots, report, sweep
 from inlaid.bench.requests import workload_from_spec, workload_from_trace
-from inlaid.bench.results import RunResult, check_writable_dir, load_results, write_results
+from inlaid.bench.results import RunResult, load_results, write_results
+from inlaid.paths import check_writable_dir
 from inlaid.bench.roofline import HBM_BYTES_PER_S
 from inlaid.bench.runner import BASELINES, BenchConfig, run_all
 from inlaid.bench.workload import SAMPLE_TASKS, LengthProfile, LengthRange, WorkloadSpec

@@ -15,6 +15,7 @@ import typer
 
 from inlaid.cli.progress import console
 from inlaid.errors import ConfigError
+from inlaid.paths import check_writable_dir
 from inlaid.eval.runner import (BACKENDS, DEFAULT_ADAPTERS, DEFAULT_DATA, EvalReporter, example_dir,
                                 unique_variants)
 
@@ -162,8 +163,6 @@ def eval_cmd(
     lm_eval_adapter: LmEvalAdapter = "task",
 ) -> None:
     """Per-task accuracy of model variants (fp16 vs quantized), each task with its own LoRA adapter."""
-    from inlaid.bench.results import check_writable_dir
-
     variants = unique_variants(models or [])
     options = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
     adapters = example_dir(DEFAULT_ADAPTERS) if adapters is None else adapters

@@ -19,6 +19,7 @@ from inlaid.device import pick_device
 from inlaid.errors import CheckpointError, ConfigError
 from inlaid.model.arch import PROJECTIONS, get_projection, module_path, projection_shapes
 from inlaid.model.loader import LoadedModel, fingerprint, load_base
+from inlaid.paths import check_writable_dir
 from inlaid.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, load_adapter, sha256_file, \
     validate_adapter
 from inlaid.quant.calib_data import load_calibration
@@ -42,9 +43,8 @@ def check_out_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse, before any work, an OUT_DIR whose replacement would lose something: a file, a
     directory that holds an input (the base, an adapter, a data file) or the working directory, and
     with --overwrite a non-empty directory that is not an inlaid checkpoint."""
+    check_writable_dir(out_dir, "OUT_DIR")
     out = out_dir.resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out_dir} is a file, not a directory")
     for path in [*(p for p in inputs if p.exists()), Path.cwd()]:
         if path.resolve().is_relative_to(out):
             what = "the working directory" if path == Path.cwd() else f"the input {path}"
@@ -57,11 +57,6 @@ def check_out_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
         except CheckpointError:
             raise ConfigError(f"{out_dir} is not an inlaid checkpoint: --overwrite only replaces "
                               "checkpoints; remove it yourself or pick another OUT_DIR") from None
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{out_dir}: {parent} is a file, not a directory")
-            break
 
 
 def check_task_specs(specs: list[TaskSpec], existing: tuple[str, ...] = ()) -> None:
