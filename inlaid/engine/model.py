@@ -191,6 +191,26 @@ class Ops:
         write_kv(kv[0], kv[1], k, v, slot_mapping)
         return q
 
+    def rope_attention(self, qkv: torch.Tensor, s: ModelShape, cos: torch.Tensor, sin: torch.Tensor,
+                       kv: tuple[torch.Tensor, torch.Tensor], attn: AttentionBatch, scale: float,
+                       buf: torch.Tensor | None = None, slots: LoraSlots | None = None,
+                       meta: LoraBatchMeta | None = None) -> torch.Tensor:
+        """Attention output [T, heads, d] from the fused q/k/v output: :meth:`rope_write_kv`, then
+        attention over the paged cache. For all-decode steps on the GPU one kernel does both (the
+        dispatch row ``rope_attention``), with q/k/v's LoRA update where ``rope_lora`` fuses it."""
+        if (self.fused and attn.all_decode and attn.decode_tables is not None
+                and dispatch.choose("decode_attention", qkv.device) == "mma"
+                and dispatch.choose("rope_attention", qkv.device) == "fused"
+                and (buf is None or self._takes_expand(qkv, "rope_lora"))):
+            from inlaid.kernels.triton.rope_attention import rope_decode_attention
+
+            lora = None if buf is None else (buf, slots.lora_b, meta.slot_of_token, slots.ranks)
+            return rope_decode_attention(qkv, s.num_heads, s.num_kv_heads, cos, sin, kv[0], kv[1],
+                                         attn.slot_mapping, attn.decode_tables, attn.decode_lens32,
+                                         attn.block_size, scale, s.sliding_window, lora)
+        q = self.rope_write_kv(qkv, s, cos, sin, kv, attn.slot_mapping, buf, slots, meta)
+        return paged_attention(q, kv[0], kv[1], attn, scale, s.sliding_window)
+
     def silu_mul(self, gate_up: torch.Tensor, buf: torch.Tensor | None = None,
                  slots: LoraSlots | None = None, meta: LoraBatchMeta | None = None) -> torch.Tensor:
         """silu(gate) * up from the fused [T, 2I] gate/up output. With ``buf`` (the projection's
@@ -265,8 +285,7 @@ class DecoderLayer(nn.Module):
         s, lin, ops = self.shape, self.linears, self.ops
         x, h = ops.add_norm(h, delta, self.input_norm, s.rms_norm_eps, pending)
         qkv, buf = lin["qkv"].base_and_shrink(x, lora)
-        q = ops.rope_write_kv(qkv, s, cos, sin, kv, attn.slot_mapping, buf, lin["qkv"].lora, lora)
-        o = paged_attention(q, kv[0], kv[1], attn, self.scale, s.sliding_window)
+        o = ops.rope_attention(qkv, s, cos, sin, kv, attn, self.scale, buf, lin["qkv"].lora, lora)
         o, pending = _pending(lin["o"], o.reshape(-1, self.q_width), lora)
         x, h = ops.add_norm(h, o, self.post_attention_norm, s.rms_norm_eps, pending)
         gate_up, buf = lin["gateup"].base_and_shrink(x, lora)

@@ -53,6 +53,10 @@ TABLE = (
     # decode-sized steps (the same trade as silu_lora)
     ("rope_lora", "fused", lambda f: f["cuda"] and f["has_triton"] and f["m"] <= 64),
     ("rope_lora", "separate", lambda f: True),
+    # RoPE + KV write (with q/k/v's expand where rope_lora fuses it) inside the mma decode attention
+    # kernel, for all-decode steps: one dependent launch a layer instead of two
+    ("rope_attention", "fused", lambda f: f["cuda"] and f["has_triton"]),
+    ("rope_attention", "separate", lambda f: True),
     # o's and down's LoRA expand inside the residual add + RMSNorm after them, programs per
     # (token, column block), for decode-sized steps (the same trade as silu_lora)
     ("norm_lora", "fused", lambda f: f["cuda"] and f["has_triton"] and f["m"] <= 64),

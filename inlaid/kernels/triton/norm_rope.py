@@ -322,6 +322,23 @@ def _rope_kv_lora_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, 
         tl.store(vc_ptr + dst + HALF, x2.to(dtype))
 
 
+def check_rope_lora(q: torch.Tensor, k: torch.Tensor, buf: torch.Tensor, lora_b: list[torch.Tensor],
+                    slot_of_token: torch.Tensor, ranks: torch.Tensor) -> None:
+    """The LoRA inputs of the fused q/k/v expand fit q [T, heads, D] and k [T, kv_heads, D]."""
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    num_loras, _, max_rank = lora_b[0].shape
+    if (len(lora_b) != 3 or buf.shape != (3, tokens, max_rank) or buf.dtype != torch.float32
+            or buf.stride(2) != 1 or lora_b[0].shape != (num_loras, heads * dim, max_rank)
+            or any(b.shape != (num_loras, kv_heads * dim, max_rank) for b in lora_b[1:])
+            or lora_b[1].stride() != lora_b[2].stride()
+            or any(b.stride(1) != max_rank or b.stride(2) != 1 or b.dtype != q.dtype for b in lora_b)
+            or slot_of_token.dtype != torch.int32 or slot_of_token.shape[0] < tokens
+            or ranks.shape != (num_loras,) or ranks.dtype != torch.int32):
+        raise ValueError("buf fp32 [3, T, R], B [L, heads * D, R] and two [L, kv_heads * D, R] with "
+                         "rows contiguous in q's dtype, int32 slot_of_token [>= T] and ranks [L] expected")
+
+
 def rope_write_kv_lora_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               slot_mapping: torch.Tensor, buf: torch.Tensor, lora_b: list[torch.Tensor],
@@ -336,18 +353,10 @@ def rope_write_kv_lora_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     KV head) reads its head's B rows, so the separate expand launch and its read-modify-write of
     the projection's output go away."""
     _check_rope(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    check_rope_lora(q, k, buf, lora_b, slot_of_token, ranks)
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
     num_loras, _, max_rank = lora_b[0].shape
-    if (len(lora_b) != 3 or buf.shape != (3, tokens, max_rank) or buf.dtype != torch.float32
-            or buf.stride(2) != 1 or lora_b[0].shape != (num_loras, heads * dim, max_rank)
-            or any(b.shape != (num_loras, kv_heads * dim, max_rank) for b in lora_b[1:])
-            or lora_b[1].stride() != lora_b[2].stride()
-            or any(b.stride(1) != max_rank or b.stride(2) != 1 or b.dtype != q.dtype for b in lora_b)
-            or slot_of_token.dtype != torch.int32 or slot_of_token.shape[0] < tokens
-            or ranks.shape != (num_loras,) or ranks.dtype != torch.int32):
-        raise ValueError("buf fp32 [3, T, R], B [L, heads * D, R] and two [L, kv_heads * D, R] with "
-                         "rows contiguous in q's dtype, int32 slot_of_token [>= T] and ranks [L] expected")
     if tokens:
         _rope_kv_lora_kernel[(tokens, heads + kv_heads)](
             q, k, v, cos, sin, k_cache, v_cache, slot_mapping, buf, lora_b[0], lora_b[1], lora_b[2],

@@ -99,40 +99,21 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _paged_decode_mma_kernel(
-    q_ptr,  # [B, H, D]
-    k_ptr, v_ptr,  # [num_slots, KVH, D] (slot = block * BLOCK_SIZE + offset)
-    out_ptr,  # [B, H, D]
-    tables_ptr,  # [B, max_blocks] int32
-    lens_ptr,  # [B] int32: context length incl. the new token
-    part_ptr,  # SPLITS > 1: fp32 [B, KVH, SPLITS, GROUPS, D + 4]: each split's acc, max and sum
-    count_ptr,  # SPLITS > 1: int32 [B * KVH], zero at launch and left at zero
-    scale, window,
-    stride_qb, stride_qh, stride_kslot, stride_kh, stride_ob, stride_oh, stride_tb,
-    GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    pdl_start(PDL)
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    length = tl.load(lens_ptr + b)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_h = tl.arange(0, BLOCK_H)
-    own = offs_h < GROUPS  # rows past the group are zero queries, never stored
-    heads = kvh * GROUPS + offs_h
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=own[:, None],
-                other=0.0)
-    if HAS_WINDOW:
-        first = tl.maximum(length - window, 0)
-    else:
-        first = 0
-    # this split's share of the tiles that hold context tokens (all of them when SPLITS == 1)
+def _split_range(first, length, split, TILE: tl.constexpr, SPLITS: tl.constexpr):
+    """The tiles [lo, hi) that split ``split`` of a (sequence, KV head) walks: its share of the
+    tiles holding context tokens [first, length) (all of them when SPLITS == 1)."""
     lo, hi = first // TILE, tl.cdiv(length, TILE)
     per = tl.cdiv(hi - lo, SPLITS)
     lo = lo + split * per
-    hi = tl.minimum(hi, lo + per)
+    return lo, tl.minimum(hi, lo + per)
+
+
+@triton.jit
+def _walk_mma(q, k_ptr, v_ptr, tables_ptr, b, kvh, length, first, lo, hi, scale, stride_kslot, stride_kh,
+              stride_tb, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_H: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax of q [BLOCK_H, HEAD_DIM] (the cache's dtype) over tiles [lo, hi) of sequence
+    b's K/V for KV head kvh: the unnormalised acc, the running max and the running sum."""
     m_i = tl.full([BLOCK_H], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
@@ -154,6 +135,17 @@ def _paged_decode_mma_kernel(
         acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _finish_mma(out_ptr, part_ptr, count_ptr, b, kvh, split, acc, m_i, l_i, stride_ob, stride_oh,
+                GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, SPLITS: tl.constexpr):
+    """Store the (sequence, KV head)'s query heads' output: this program's own result, or, with
+    several splits, the merged result by the last split to finish."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_h = tl.arange(0, BLOCK_H)
+    own = offs_h < GROUPS
     if SPLITS > 1:
         acc, l_i, done = _merge_splits(part_ptr, count_ptr, b * tl.num_programs(1) + kvh, split, acc, m_i,
                                        l_i, offs_h, offs_d, own, GROUPS, HEAD_DIM, SPLITS)
@@ -161,8 +153,46 @@ def _paged_decode_mma_kernel(
         done = True
     if done:
         out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+        heads = kvh * GROUPS + offs_h
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=own[:, None])
+
+
+@triton.jit
+def _paged_decode_mma_kernel(
+    q_ptr,  # [B, H, D]
+    k_ptr, v_ptr,  # [num_slots, KVH, D] (slot = block * BLOCK_SIZE + offset)
+    out_ptr,  # [B, H, D]
+    tables_ptr,  # [B, max_blocks] int32
+    lens_ptr,  # [B] int32: context length incl. the new token
+    part_ptr,  # SPLITS > 1: fp32 [B, KVH, SPLITS, GROUPS, D + 4]: each split's acc, max and sum
+    count_ptr,  # SPLITS > 1: int32 [B * KVH], zero at launch and left at zero
+    scale, window,
+    stride_qb, stride_qh, stride_kslot, stride_kh, stride_ob, stride_oh, stride_tb,
+    GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl_start(PDL)
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(lens_ptr + b)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = kvh * GROUPS + offs_h
+    # rows past the group are zero queries, never stored
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_h < GROUPS)[:, None], other=0.0)
+    if HAS_WINDOW:
+        first = tl.maximum(length - window, 0)
+    else:
+        first = 0
+    lo, hi = _split_range(first, length, split, TILE, SPLITS)
+    acc, m_i, l_i = _walk_mma(q, k_ptr, v_ptr, tables_ptr, b, kvh, length, first, lo, hi, scale, stride_kslot,
+                              stride_kh, stride_tb, BLOCK_SIZE, TILE, HEAD_DIM, BLOCK_H, IEEE)
+    _finish_mma(out_ptr, part_ptr, count_ptr, b, kvh, split, acc, m_i, l_i, stride_ob, stride_oh, GROUPS,
+                HEAD_DIM, BLOCK_H, SPLITS)
 
 
 @triton.jit
@@ -206,6 +236,34 @@ def _merge_splits(part_ptr, count_ptr, pair, split, acc, m_i, l_i, offs_h, offs_
     return acc, l_i, done
 
 
+def check_shapes(heads: int, kv_heads: int, dim: int, block_size: int, tile: int) -> None:
+    if dim & (dim - 1) or heads % kv_heads or block_size & (block_size - 1) or tile & (tile - 1):
+        raise ValueError(f"head_dim {dim}, block_size {block_size} and tile {tile} must be powers of 2 "
+                         f"and heads {heads} a multiple of kv_heads {kv_heads}")
+
+
+def mma_launch(batch: int, heads: int, kv_heads: int, dim: int, block_size: int, max_blocks: int, tile: int,
+               splits: int | None, sliding_window: int | None, out: torch.Tensor) -> tuple[tuple, tuple, dict]:
+    """What a launch of an mma decode kernel needs besides its tensors: its grid, its split buffers
+    (the partial results and the arrival counts; with one split, which never touches them, ``out``) and
+    its compile-time constants as keyword arguments. ``splits`` None picks them from the shapes
+    (:func:`decode_splits`)."""
+    tile = max(16, block_size, tile)
+    if splits is None:
+        splits = decode_splits(batch, kv_heads, max_blocks, block_size, tile)
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"splits must be a power of 2; got {splits}")
+    kwargs = dict(GROUPS=heads // kv_heads, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=dim,
+                  HAS_WINDOW=sliding_window is not None,
+                  BLOCK_H=max(16, triton.next_power_of_2(heads // kv_heads)), IEEE=out.dtype == torch.float32,
+                  SPLITS=splits, **pdl.triton_args(out.device))
+    buffers, device = (out, out), out.device
+    if splits > 1:
+        buffers = (persistent("decode_attention_parts", device, batch * heads * splits * (dim + 4), torch.float32),
+                   persistent("decode_attention_counts", device, batch * kv_heads, torch.int32))
+    return (batch, kv_heads, splits), buffers, kwargs
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                            scale: float, sliding_window: int | None = None,
@@ -219,36 +277,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     context; None picks them from the shapes (:func:`decode_splits`)."""
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
-    if dim & (dim - 1) or heads % kv_heads or block_size & (block_size - 1) or tile & (tile - 1):
-        raise ValueError(f"head_dim {dim}, block_size {block_size} and tile {tile} must be powers of 2 "
-                         f"and heads {heads} a multiple of kv_heads {kv_heads}")
+    check_shapes(heads, kv_heads, dim, block_size, tile)
     if k_cache.stride(2) != 1 or q.stride(2) != 1:
         raise ValueError("q and the caches must be contiguous in head_dim")
     if variant not in ("fma", "mma"):
         raise ValueError(f"variant must be 'fma' or 'mma', got {variant!r}")
-    if splits is not None and (splits < 1 or splits & (splits - 1) or (variant == "fma" and splits > 1)):
-        raise ValueError(f"splits must be a power of 2, and 1 for the fma variant; got {splits}")
+    if variant == "fma" and splits not in (None, 1):
+        raise ValueError(f"the fma variant takes no splits; got {splits}")
     out = torch.empty_like(q) if out is None else out
     args = (q, k_cache, v_cache, out, block_tables, context_lens)
     scalars = (scale, sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
                out.stride(0), out.stride(1), block_tables.stride(0))
-    groups = heads // kv_heads
     if variant == "mma":
-        tile = max(16, block_size, tile)
-        if splits is None:
-            splits = decode_splits(batch, kv_heads, block_tables.shape[1], block_size, tile)
-        part = count = out  # placeholders: the one-split kernel never touches them
-        if splits > 1:
-            part = persistent("decode_attention_parts", q.device, batch * heads * splits * (dim + 4),
-                              torch.float32)
-            count = persistent("decode_attention_counts", q.device, batch * kv_heads, torch.int32)
-        _paged_decode_mma_kernel[(batch, kv_heads, splits)](
-            *args, part, count, *scalars, GROUPS=groups, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=dim,
-            HAS_WINDOW=sliding_window is not None, BLOCK_H=max(16, triton.next_power_of_2(groups)),
-            IEEE=q.dtype == torch.float32, SPLITS=splits,
-            num_warps=num_warps, num_stages=num_stages, **pdl.triton_args(q.device))
+        grid, buffers, kwargs = mma_launch(batch, heads, kv_heads, dim, block_size, block_tables.shape[1], tile,
+                                           splits, sliding_window, out)
+        _paged_decode_mma_kernel[grid](*args, *buffers, *scalars, num_warps=num_warps, num_stages=num_stages,
+                                       **kwargs)
     else:
         _paged_decode_kernel[(batch, heads)](
-            *args, *scalars, GROUPS=groups, BLOCK_SIZE=block_size, TILE=max(block_size, tile), HEAD_DIM=dim,
-            HAS_WINDOW=sliding_window is not None, num_warps=num_warps, **pdl.triton_args(q.device))
+            *args, *scalars, GROUPS=heads // kv_heads, BLOCK_SIZE=block_size, TILE=max(block_size, tile),
+            HEAD_DIM=dim, HAS_WINDOW=sliding_window is not None, num_warps=num_warps,
+            **pdl.triton_args(q.device))
     return out
