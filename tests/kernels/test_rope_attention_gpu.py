@@ -6,9 +6,10 @@ Fresh random inputs: MHA and GQA, 1-8 splits per context, sliding windows, conte
 to several blocks, zero-length padding rows, and LoRA updates on q/k/v with mixed ranks and tokens
 without an adapter. Bounds:
 - against the separate kernels: the cache rows written and the outputs are the same values
-  (both round the same fp32 expressions to the cache dtype), up to the compiler's freedom to
-  contract a multiply-add differently in the two kernels: 1 ulp of the written rows' magnitude, and
-  2e-3 on the outputs (fp16; the walk and merge are the same code);
+  (both round the same fp32 expressions to the cache dtype, and the walk and merge are the same
+  code), up to the compiler's freedom to contract a multiply-add differently in the two kernels:
+  1 ulp of the written rows' magnitude, and on the outputs 2 ulps at magnitude 1 (fp16 2e-3,
+  bf16 1.6e-2; an H100 run saw 1 bf16 ulp, 0.0039) and 1e-5 for fp32;
 - against torch: the attention bounds of test_paged_attention_gpu.py (fp16 2e-3, bf16 2e-2, fp32
   1e-4: the fp32 kernels' dots are IEEE).
 The caches' other slots must be untouched and the output fully written (poisoned with NaN)."""
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+SEPARATE_BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
 
 def _case(heads, kv_heads, dim, block, dtype, lens, seed, rank=None, num_loras=3):
@@ -154,6 +156,9 @@ def test_fused_matches_separate_and_torch(heads, kv_heads, dim, block, window, s
         untouched[written] = False
         untouched[0] = False  # the padding row's sink slot: the separate kernel writes it, we need not
         assert torch.equal(cache[untouched], want[untouched])
-    assert (got.float() - want_out.float()).abs().max().item() < BOUND[torch.float16]
-    assert (got.float() - ref_out.float()).abs().max().item() < BOUND[dtype]
+    off_separate = (got.float() - want_out.float()).abs().max().item()
+    off_torch = (got.float() - ref_out.float()).abs().max().item()
+    print(f"max |fused - separate| {off_separate:.3g}, max |fused - torch| {off_torch:.3g}")
+    assert off_separate <= SEPARATE_BOUND[dtype]
+    assert off_torch < BOUND[dtype]
     assert torch.equal(got[-1], torch.zeros_like(got[-1]))  # padding row: zeros
