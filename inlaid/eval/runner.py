@@ -171,12 +171,15 @@ def load_examples(task: Task, data_dir: Path, limit: int | None, seed: int) -> l
 
 
 def check_model_source(source: str) -> None:
-    """Fail in a second, before anything loads, on a model path that does not exist."""
+    """Fail in a second, before anything loads, on a model path that does not exist or an inlaid
+    checkpoint whose config does not match its weights."""
+    from inlaid.quant.checkpoint import find_checkpoint
+
     path = Path(source).expanduser()
     is_hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and not path.exists()
-    if source == "default" or source.startswith("dummy:") or path.exists() or is_hub_id:
-        return
-    raise ModelLoadError(f"model not found: {source}")
+    if not (source == "default" or source.startswith("dummy:") or path.exists() or is_hub_id):
+        raise ModelLoadError(f"model not found: {source}")
+    find_checkpoint(source)
 
 
 def max_rank(adapters: dict[str, Path], source: str) -> int:

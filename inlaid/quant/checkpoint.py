@@ -28,10 +28,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from inlaid.config import QuantConfig
-from inlaid.errors import CheckpointError
+from inlaid.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantConfig
+from inlaid.errors import CheckpointError, ConfigError
 from inlaid.quant.hessian import AggregationState
-from inlaid.quant.primitives import PackedLinear, dequantize_linear
+from inlaid.quant.primitives import PACKED_FIELDS, PackedLinear, dequantize_linear, packed_shape_mismatch
 
 WEIGHTS = "model.safetensors"
 TASKS = "tasks.json"
@@ -145,8 +145,12 @@ class Checkpoint:
         return int(self.qconfig["bits"])
 
     def quant_config(self) -> QuantConfig:
-        settings = dict(self.inlaid["settings"])
-        return QuantConfig(**settings)
+        settings = self.inlaid.get("settings")
+        try:
+            return QuantConfig(**settings)
+        except (TypeError, ConfigError) as exc:  # a hand-edited block: unknown keys or bad values
+            raise CheckpointError(f"{self.path}/config.json: quantization_config.inlaid.settings is "
+                                  f"not valid ({exc})") from None
 
     def packed(self) -> dict[str, PackedLinear]:
         tensors = load_file(str(self.path / WEIGHTS))
@@ -160,12 +164,17 @@ class Checkpoint:
                     bias=tensors.get(f"{name}.bias"))
         return out
 
+    def adapter_dirs(self) -> dict[str, Path]:
+        """The task adapters the engine serves with this checkpoint: tasks with a stored adapter."""
+        dirs = {t["name"]: self.path / ADAPTERS_DIR / t["name"] for t in self.tasks}
+        return {name: path for name, path in dirs.items() if path.is_dir()}
+
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight as a dense fp32 tensor (quantized projections dequantized)."""
         dense = {}
         with safe_open(str(self.path / WEIGHTS), framework="pt") as fh:
             for key in fh.keys():
-                if not key.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                if not key.endswith(tuple(f".{f}" for f in PACKED_FIELDS)):
                     dense[key] = fh.get_tensor(key).float()
         for name, p in self.packed().items():
             dense[f"{name}.weight"] = dequantize_linear(p)
@@ -187,7 +196,9 @@ class Checkpoint:
 
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
+def read_checkpoint(path: Path, *, check_weights: bool = True) -> Checkpoint:
+    """``check_weights``: also check config.json's quantization fields against the stored tensors
+    (off only to ask whether a directory is an inlaid checkpoint at all)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
@@ -209,7 +220,59 @@ def read_checkpoint(path: Path) -> Checkpoint:
                               f"{qconfig['inlaid'].get('format_version')!r}")
     if not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path}: {WEIGHTS} is missing")
-    return Checkpoint(path=path, config=config, tasks=tasks)
+    ckpt = Checkpoint(path=path, config=config, tasks=tasks)
+    if check_weights:
+        _check_quantization(ckpt)
+    return ckpt
+
+
+def _check_quantization(ckpt: Checkpoint) -> None:
+    """config.json's bits and group_size against the stored tensors' shapes (read from the header
+    only) and against the settings add-task re-quantizes with, so a hand-edited field is one line
+    here instead of a shape error deep inside unpacking."""
+    config_file = f"{ckpt.path}/config.json"
+    qconfig, settings = ckpt.qconfig, ckpt.quant_config()
+    fields = {"bits": SUPPORTED_BITS, "group_size": SUPPORTED_GROUP_SIZES}
+    for key, allowed in fields.items():
+        value = qconfig.get(key)
+        if type(value) is not int or value not in allowed:
+            raise CheckpointError(f"{config_file}: quantization_config.{key} is {value!r}; expected one of "
+                                  f"{', '.join(map(str, allowed))}")
+    weights = ckpt.path / WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from None
+    for key in shapes:
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        missing = [f for f in PACKED_FIELDS if f"{name}.{f}" not in shapes]
+        if missing:
+            raise CheckpointError(f"{weights}: {name} has a qweight but no {missing[0]}")
+        problem = packed_shape_mismatch(ckpt.bits, {f: shapes[f"{name}.{f}"] for f in PACKED_FIELDS},
+                                        qconfig["group_size"])
+        if problem:
+            raise CheckpointError(f"{weights}: {name}.{problem} (bits and group_size from "
+                                  f"{config_file})")
+    for key in fields:  # the tensors agree with config.json; add-task re-quantizes with these
+        if qconfig[key] != getattr(settings, key):
+            raise CheckpointError(f"{config_file}: quantization_config.{key} is {qconfig[key]} but "
+                                  f"quantization_config.inlaid.settings.{key} is {getattr(settings, key)}")
+
+
+def find_checkpoint(source: str | Path) -> Checkpoint | None:
+    """The inlaid checkpoint ``source`` names, read and checked; None when it names anything else
+    (an fp16 directory, a .gguf, a hub id, ``default``), which the model loaders report on."""
+    config_file = Path(source).expanduser() / "config.json"
+    try:
+        qconfig = json.loads(config_file.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(qconfig, dict) or "inlaid" not in qconfig:
+        return None
+    return read_checkpoint(config_file.parent)
 
 
 def load_dense_model(path: Path, dtype: torch.dtype = torch.float32):

@@ -52,8 +52,8 @@ def check_out_dir(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
-        try:
-            read_checkpoint(out)
+        try:  # a checkpoint with broken weights may still be replaced
+            read_checkpoint(out, check_weights=False)
         except CheckpointError:
             raise ConfigError(f"{out_dir} is not an inlaid checkpoint: --overwrite only replaces "
                               "checkpoints; remove it yourself or pick another OUT_DIR") from None

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from inlaid.errors import CheckpointError
+
 # fp16 cannot hold a smaller positive scale; a zero scale would make the grid degenerate.
 _MIN_SCALE = 2.0**-24
+PACKED_FIELDS = ("qweight", "qzeros", "scales", "g_idx")  # a packed layer's tensors, bias aside
 
 
 def max_code(bits: int) -> int:
@@ -112,6 +115,38 @@ class LinearShape:
         return self.scales.shape[1]
 
 
+def packed_shape_mismatch(bits: int, shapes: dict[str, tuple[int, ...]],
+                          group_size: int | None = None) -> str | None:
+    """Why GPTQ v1 tensors of these ``shapes`` (qweight, qzeros, scales, g_idx) cannot hold
+    ``bits``-bit codes in groups of ``group_size`` (None: any grouping), or None when they can.
+    Shapes only, so a checkpoint is checked from its header before any tensor is read."""
+    scales, g_idx = tuple(shapes["scales"]), tuple(shapes["g_idx"])
+    if len(scales) != 2 or len(g_idx) != 1:
+        return f"scales is {list(scales)} and g_idx {list(g_idx)}, not [groups, out] and [in]"
+    (groups, out_f), (in_f,) = scales, g_idx
+    if in_f % 32 or out_f % 32:
+        return f"{out_f}x{in_f} is not a GPTQ layer (both sizes must be multiples of 32)"
+    expected = {"qweight": (in_f * bits // 32, out_f), "qzeros": (groups, out_f * bits // 32)}
+    if group_size is not None:
+        expected["scales"] = (1 if group_size == -1 else -(-in_f // group_size), out_f)
+    for field, want in expected.items():
+        got = tuple(shapes[field])
+        if got != want:
+            stored = _stored_bits(field, got, in_f, out_f)
+            held = f" ({stored}-bit codes)" if stored in (2, 3, 4, 8) and stored != bits else ""
+            grouping = {None: "", -1: " in one group"}.get(group_size, f" in groups of {group_size}")
+            return f"{field} is {list(got)}{held}, but {bits}-bit codes{grouping} take {list(want)}"
+    return None
+
+
+def _stored_bits(field: str, shape: tuple[int, ...], in_f: int, out_f: int) -> int | None:
+    """The bit width a packed tensor's shape implies, to name it in a mismatch."""
+    if len(shape) != 2 or field not in ("qweight", "qzeros"):
+        return None
+    words, codes = (shape[0], in_f) if field == "qweight" else (shape[1], out_f)
+    return words * 32 // codes if words * 32 % codes == 0 else None
+
+
 @dataclass
 class PackedLinear(LinearShape):
     """One quantized linear layer in the GPTQ v1 layout (tensors as stored in the checkpoint)."""
@@ -122,6 +157,13 @@ class PackedLinear(LinearShape):
     g_idx: torch.Tensor  # int32 [in]
     bits: int
     bias: torch.Tensor | None = None  # fp16 [out]
+
+    def __post_init__(self) -> None:
+        # Tensors that disagree with ``bits`` (a hand-edited config.json) would otherwise fail deep
+        # inside unpacking or a kernel with a shape error that names neither.
+        problem = packed_shape_mismatch(self.bits, {k: tuple(getattr(self, k).shape) for k in PACKED_FIELDS})
+        if problem:
+            raise CheckpointError(f"quantized weights do not match their bits ({self.bits}): {problem}")
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.qweight": self.qweight, f"{prefix}.qzeros": self.qzeros,

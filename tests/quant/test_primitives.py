@@ -103,3 +103,23 @@ def test_concat_packed_equals_stacked_weights(bits):
     assert torch.equal(dequantize_linear(fused), torch.cat(dense))
     assert torch.equal(fused.bias[64:96], torch.zeros(32, dtype=torch.float16))
     assert torch.equal(fused.bias[:64], parts[0].bias)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packed_linear_refuses_tensors_packed_at_other_bits(bits):
+    """A config that records the wrong bits gives a line naming both widths, not a shape error from
+    unpacking: the packed tensors' shapes say which width they hold."""
+    import dataclasses
+
+    from inlaid.errors import CheckpointError
+    from inlaid.quant.primitives import packed_shape_mismatch
+
+    _, codes, scales, zeros, g_idx = rtn_quantize(torch.randn(64, 96), bits, 32, sym=False)
+    p = pack_linear(codes, scales, zeros, g_idx, bits)
+    shapes = {k: tuple(getattr(p, k).shape) for k in ("qweight", "qzeros", "scales", "g_idx")}
+    assert packed_shape_mismatch(bits, shapes, group_size=32) is None
+    assert "groups of 64" in packed_shape_mismatch(bits, shapes, group_size=64)
+    for other in {2, 3, 4, 8} - {bits}:
+        with pytest.raises(CheckpointError, match=rf"qweight is \[{96 * bits // 32}, 64\] \({bits}-bit codes\), "
+                                                  rf"but {other}-bit codes take \[{96 * other // 32}, 64\]"):
+            dataclasses.replace(p, bits=other)
