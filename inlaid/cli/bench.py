@@ -102,8 +102,8 @@ class _Target:
         if self.bits not in (2, 3, 4, 8, 16):
             raise ConfigError(f"--bits {self.bits}: choose 2, 3, 4, 8 or 16")
         engine = EngineConfig(
-            model=self.model or _E.model, adapters=parse_adapters(self.adapter or []), device=self.device,
-            dtype=self.dtype, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+            model=self.model or _E.model, adapters=parse_adapters(self.adapter or [], self.model),
+            device=self.device, dtype=self.dtype, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens, policy=self.policy,
             max_tasks_per_step=self.max_tasks_per_step, num_kv_blocks=self.num_kv_blocks,
             dummy_bits=None if self.bits == 16 else self.bits, dummy_layers=self.dummy_layers,
@@ -435,10 +435,20 @@ def _origins(files: list[Path]):
             yield tag if path.name == "results.json" else f"{tag}/{path.stem}"
 
 
-def _script(name: str, args: list[str]) -> None:
+def _script(name: str, args: list[str], cpu_flags: tuple[str, ...] = ()) -> None:
+    """Run ``scripts/<name>`` with ``args``. It needs a GPU unless ``args`` ask for help or one of
+    ``cpu_flags`` (the script's modes that only read files): without one the scripts print a skip
+    note and return, which would exit 0 as if the benchmark had run."""
+    import torch
+
+    command = f"inlaid bench {name[6:-3]}"
     path = Path(__file__).resolve().parents[2] / "scripts" / name
     if not path.is_file():
-        raise ConfigError(f"scripts/{name} is not here: 'inlaid bench {name[6:-3]}' runs from a source checkout")
+        raise ConfigError(f"scripts/{name} is not here: '{command}' runs from a source checkout")
+    needs_gpu = not any(arg.partition("=")[0] in ("-h", "--help", *cpu_flags) for arg in args)
+    if needs_gpu and not torch.cuda.is_available():
+        cpu_modes = f" ({', '.join(cpu_flags)} runs without one)" if cpu_flags else ""
+        raise ConfigError(f"{command} needs a CUDA GPU and this machine has none{cpu_modes}")
     spec = importlib.util.spec_from_file_location(f"inlaid_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -456,7 +466,7 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 @app.command("kernels", context_settings=_PASS_THROUGH)
 def kernels_cmd(ctx: typer.Context) -> None:
     """Quantized matmul kernels vs fp16 cuBLAS (scripts/bench_kernels.py; its flags pass through; CUDA)."""
-    _script("bench_kernels.py", ctx.args)
+    _script("bench_kernels.py", ctx.args, cpu_flags=("--rank",))
 
 
 @app.command("lora", context_settings=_PASS_THROUGH)

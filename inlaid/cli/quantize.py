@@ -16,6 +16,22 @@ TaskOpt = Annotated[list[str], typer.Option(
 _D = QuantConfig()  # flag defaults come from the config, so the two cannot drift apart
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="Compute device (default: cuda when available, else cpu).")]
+# QuantConfig fields only calibration and the GPTQ solve read -> the flag that sets them off default
+_CALIBRATION_FLAGS = {"samples": "--samples", "seq_len": "--seq-len", "seed": "--seed", "damp_percent": "--damp",
+                      "desc_act": "--desc-act", "static_groups": "--static-groups", "aggregation": "--aggregation",
+                      "propagation": "--propagation", "with_adapters": "--without-adapters"}
+
+
+def _rtn_note(cfg: QuantConfig) -> str | None:
+    """A note naming the flags --method rtn ignores, when any was set: rtn never calibrates, and a
+    flag that silently does nothing reads as if it had been applied."""
+    if cfg.method != "rtn":
+        return None
+    ignored = [flag for key, flag in _CALIBRATION_FLAGS.items() if getattr(cfg, key) != getattr(_D, key)]
+    if not ignored:
+        return None
+    return (f"note: --method rtn rounds each weight on its own, without calibration data: "
+            f"{', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect")
 
 
 def _report(report) -> None:
@@ -54,6 +70,9 @@ def quantize_cmd(
                       aggregation=aggregation, propagation=propagation, with_adapters=with_adapters,
                       samples=samples, seq_len=seq_len, seed=seed)
     specs = [TaskSpec.parse(t) for t in task]
+    note = _rtn_note(cfg)
+    if note:
+        console.print(f"[yellow]{note}[/yellow]", soft_wrap=True)
     with RichReporter() as reporter:
         report = pipeline.quantize(base, out_dir, specs, cfg, device=device, overwrite=overwrite,
                                    reporter=reporter)

@@ -9,6 +9,7 @@ import typer
 
 from inlaid.engine.llm_engine import EngineConfig
 from inlaid.errors import ConfigError
+from inlaid.quant.checkpoint import find_checkpoint
 from inlaid.server.settings import ServerSettings
 
 _E = EngineConfig()  # flag defaults come from the configs, so the two cannot drift apart
@@ -29,8 +30,12 @@ def cuda_graph_options(mode: str) -> dict:
     return _GRAPHS[mode]
 
 
-def parse_adapters(specs: list[str]) -> dict[str, str]:
-    """``NAME=PATH`` flags -> {name: path}; one clear error per malformed flag."""
+def parse_adapters(specs: list[str], model: str | None = None) -> dict[str, str]:
+    """``NAME=PATH`` flags -> {name: path}; one clear error per malformed flag. When ``model`` is
+    an inlaid checkpoint it is read and checked here, before anything loads, and a NAME one of its
+    task adapters already has is refused: the engine would serve the flag's adapter in its place."""
+    checkpoint = find_checkpoint(model) if model else None
+    stored = checkpoint.adapter_dirs() if checkpoint else {}
     adapters: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -39,6 +44,9 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
             raise ConfigError(f"--adapter {spec!r}: expected NAME=PATH (e.g. sql=adapters/sql)")
         if name in adapters:
             raise ConfigError(f"--adapter {name!r} is given twice")
+        if name in stored:
+            raise ConfigError(f"--adapter {name!r}: {model} already serves its task {name!r} under that "
+                              "name; pick another name for this adapter")
         if not Path(path).expanduser().is_dir():
             raise ConfigError(f"--adapter {spec!r}: {path} is not a directory")
         adapters[name] = str(Path(path).expanduser())
@@ -104,7 +112,7 @@ def serve_cmd(
                               adapter_roots=tuple(str(r) for r in adapter_root or ()), max_queue=max_queue,
                               drain_timeout=drain_timeout)
     settings.resolved_adapter_roots()  # a missing root fails now, before the model loads
-    config = EngineConfig(model=model, adapters=parse_adapters(adapter or []), device=device, dtype=dtype,
+    config = EngineConfig(model=model, adapters=parse_adapters(adapter or [], model), device=device, dtype=dtype,
                           max_loras=max_loras, max_lora_rank=max_lora_rank, max_num_seqs=max_num_seqs,
                           max_model_len=max_model_len, policy=policy, num_kv_blocks=num_kv_blocks,
                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib,

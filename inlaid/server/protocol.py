@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from inlaid.engine.sequence import MAX_LOGPROBS
 
 SEED_RANGE = dict(ge=-(2 ** 63), le=2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+# Messages plus their content parts in one chat request: far more than chats send. Bodies are
+# validated on the event loop (~3 us an item), and 400k one-letter messages fit in the body limit:
+# unbounded, they held every other request, /health included, for over a second.
+MAX_CHAT_ITEMS = 4096
 
 
 class _Strict(BaseModel):
@@ -70,6 +75,21 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM extension
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _bounded(cls, messages):
+        """Counted on the raw list, before each message is validated (the cost being bounded)."""
+        if not isinstance(messages, list):
+            return messages  # the type check says what is wrong
+        items = len(messages)
+        if items <= MAX_CHAT_ITEMS:
+            items += sum(len(m["content"]) for m in messages
+                         if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if items > MAX_CHAT_ITEMS:
+            raise PydanticCustomError("too_long", "at most {limit} messages and content parts in one "
+                                      "request, got {items}", {"limit": MAX_CHAT_ITEMS, "items": items})
+        return messages
 
 
 class LoadLoraAdapterRequest(_Strict):

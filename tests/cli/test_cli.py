@@ -41,6 +41,26 @@ def test_options_reach_library(monkeypatch, tmp_path, tiny_tasks):
     assert [s.name for s in seen["specs"]] == ["sql"]
 
 
+@pytest.mark.parametrize("extra,note", [
+    (["--method", "rtn", "--samples", "7", "--aggregation", "max", "--without-adapters"],
+     "--samples, --aggregation, --without-adapters have no effect"),
+    (["--method", "rtn", "--seq-len", "64"], "--seq-len has no effect"),
+    (["--method", "rtn", "--bits", "3", "--asym"], None),  # rtn reads these
+    (["--samples", "7"], None),
+])
+def test_rtn_names_the_calibration_flags_it_ignores(monkeypatch, tmp_path, tiny_tasks, capsys, extra, note):
+    def fake_quantize(*args, **kwargs):
+        raise SystemExit(0)
+
+    monkeypatch.setattr("inlaid.quant.pipeline.quantize", fake_quantize)
+    assert run_cli(["quantize", "default", tmp_path / "o", "-t", task_arg(tiny_tasks, "sql"), *extra]) == 0
+    err = capsys.readouterr().err
+    if note is None:
+        assert "note:" not in err
+    else:
+        assert err.strip() == f"note: --method rtn rounds each weight on its own, without calibration data: {note}"
+
+
 def test_quantize_and_add_task_end_to_end(tmp_path, tiny_model, tiny_tasks, capsys):
     out = tmp_path / "ckpt"
     common = ["--group-size", "32", "--samples", "4", "--seq-len", "32"]

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from inlaid.server.app import create_app
 from inlaid.server.async_engine import AsyncEngine
+from inlaid.server.protocol import MAX_CHAT_ITEMS, ChatCompletionRequest
 from inlaid.server.settings import ServerSettings
 
 from .conftest import PROMPTS, greedy, make_engine, slow_steps
@@ -88,6 +89,9 @@ CASES = {
                         "messages"),
     "chat-too-long": (CHAT, {"messages": [{"role": "user", "content": "x" * MAX_MODEL_LEN}]}, 400,
                       "messages"),
+    "chat-too-many-messages": (CHAT, {"messages": USER * (MAX_CHAT_ITEMS + 1)}, 400, "messages"),
+    "chat-too-many-content-parts": (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]
+                                                         * MAX_CHAT_ITEMS}]}, 400, "messages"),
     "chat-max-tokens-too-long": (CHAT, {"messages": USER, "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
     "chat-max-completion-tokens-negative": (CHAT, {"messages": USER, "max_completion_tokens": -3}, 400,
                                             "max_completion_tokens"),
@@ -241,6 +245,27 @@ def test_prompts_are_tokenized_off_the_event_loop_and_the_first_that_does_not_fi
     response = result["r"]
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
     assert len(calls) == 1
+
+
+def test_a_huge_message_list_is_refused_before_its_messages_are_validated(server):
+    """400k messages fit in the body limit; validating each on the event loop held every other
+    request for seconds. They are counted first: a 400 naming the limit, the tokenizer never runs."""
+    state = server.app.state.inlaid
+    state.encode = lambda *a, **k: pytest.fail("a refused chat reached the tokenizer")
+    try:
+        response = server.client.post(CHAT, json={"messages": USER * 400_000})
+    finally:
+        del state.encode
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == "messages"
+    assert f"at most {MAX_CHAT_ITEMS} messages" in error["message"] and "400000" in error["message"]
+    # the limit counts messages and their content parts; as many as it allows still validate
+    parts = [{"type": "text", "text": "a"}] * (MAX_CHAT_ITEMS // 2 - 1)
+    assert len(ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": parts}] * 2})
+               .messages) == 2
+    response = server.client.post(CHAT, json={"messages": USER, "max_tokens": 4, "temperature": 0})
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] is not None
 
 
 def test_max_tokens_beyond_the_kv_cache_is_a_400_naming_it(served):

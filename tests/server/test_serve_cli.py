@@ -83,6 +83,27 @@ def test_missing_model_exits_1_with_one_line(capsys, tmp_path):
     assert len(err) == 1 and "not found" in err[0]
 
 
+def test_an_adapter_named_like_a_checkpoint_task_is_refused(capsys, monkeypatch, tmp_path, served, tiny_tasks):
+    """A checkpoint serves each task's adapter under the task's name; ``-a`` with that name would
+    silently serve the flag's adapter in its place."""
+    from inlaid.config import QuantConfig, TaskSpec
+    from inlaid.quant import pipeline
+
+    ckpt = tmp_path / "q"
+    pipeline.quantize(str(served.base), ckpt, [TaskSpec("sql", *tiny_tasks["sql"])],
+                      QuantConfig(group_size=32, method="rtn"))
+    seen = {}
+    monkeypatch.setattr("inlaid.server.launch.serve", lambda config, settings: seen.update(c=config))
+    other = served.adapters["math"]
+    for command in (["serve", ckpt], ["bench", "serve", "--model", ckpt]):
+        assert run_cli([*command, "-a", f"sql={other}"]) == 1, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--adapter 'sql'" in err[0] and "pick another name" in err[0], err
+    assert "c" not in seen
+    assert run_cli(["serve", ckpt, "-a", f"sql2={other}"]) == 0
+    assert seen["c"].adapters == {"sql2": str(other)}
+
+
 def test_port_in_use_or_bad_host_is_one_line_before_the_model_loads(capsys, served, monkeypatch):
     def no_engine(*args, **kwargs):
         raise AssertionError("the model loaded before the port was checked")
