@@ -122,6 +122,9 @@ def _resolve_model(source: str) -> tuple[Path, bool]:
     if config_file.is_file():
         qconfig = json.loads(config_file.read_text()).get("quantization_config") or {}
         if "inlaid" in qconfig:
+            from inlaid.quant.checkpoint import read_checkpoint
+
+            read_checkpoint(path)  # its config against its tensors: one line here, not a shape error later
             return path, True
         if qconfig:
             raise ModelLoadError(f"{path}: quantized checkpoints of other tools ({qconfig.get('quant_method')})"

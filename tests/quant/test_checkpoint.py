@@ -82,12 +82,14 @@ def test_commands_print_one_line_and_exit_1(checkpoint, tmp_path, tiny_tasks, ca
         assert re.search(needle, err[0]), (args, err)
 
 
-def test_the_engine_refuses_packed_tensors_that_do_not_fit_bits(checkpoint, tmp_path):
-    """The offline engine reads the weights itself: PackedLinear checks its tensors against bits."""
+@pytest.mark.parametrize("case", list(EDITS))
+def test_the_engine_refuses_the_mismatch(checkpoint, tmp_path, case):
+    """The offline engine (LLM / LLMEngine) reads the weights itself; it checks the checkpoint first."""
     from inlaid.engine.llm_engine import LLMEngine
 
-    out = edited(checkpoint, tmp_path, {"bits": 8})
-    with pytest.raises(CheckpointError, match=r"qweight is \[16, 64\] \(4-bit codes\), but 8-bit codes"):
+    changes, needle = EDITS[case]
+    out = edited(checkpoint, tmp_path, changes)
+    with pytest.raises(CheckpointError, match=needle):
         LLMEngine(model=str(out), num_kv_blocks=16, device="cpu")
 
 
