@@ -71,6 +71,9 @@ class BenchConfig:
         # baseline would fail after the main run had taken all its time
         if self.url is None and not is_dummy and hf and not self.engine.adapters:
             raise ConfigError(f"--baseline {hf[0]} on a real model needs its adapters (--adapter NAME=DIR)")
+        if self.url is None and not is_dummy and hf and self.fp16_model is None and _is_checkpoint(self.engine.model):
+            raise ConfigError(f"--baseline {hf[0]} runs HF transformers, which cannot load the inlaid checkpoint "
+                              f"{self.engine.model}: give its unquantized base with --fp16-model")
         if self.hf_max_requests is not None and self.hf_max_requests < 1:
             raise ConfigError("--hf-max-requests must be at least 1")
         check_slo_target("--ttft-slo", self.ttft_slo_s)
@@ -250,6 +253,12 @@ def _http_result(config: BenchConfig, workload: Workload, variant: str, tick, pa
     wall = max((t.finish_s for t in timelines), default=0.0)
     return RunResult(name=variant, target="http", params=params, summary=_summary(config, timelines),
                      requests=_request_rows(timelines), wall_s=wall, device=config.url)
+
+
+def _is_checkpoint(model: str) -> bool:
+    from inlaid.quant.checkpoint import find_checkpoint
+
+    return find_checkpoint(model) is not None
 
 
 def hf_options(config: BenchConfig, variant: str) -> baselines.HfOptions:

@@ -225,6 +225,23 @@ def test_hf_peft_baseline_on_a_real_model_needs_adapters(tiny_model, tmp_path):
     BenchConfig(engine=EngineConfig(model="dummy:tiny"), baselines=("hf-peft",))  # dummy adapters are built
 
 
+def test_hf_peft_baseline_on_a_checkpoint_needs_the_fp16_base(tiny_model, tiny_tasks, tmp_path):
+    """HF transformers cannot load an inlaid checkpoint: refused before the main run, not after it."""
+    from inlaid.bench.runner import BenchConfig
+    from inlaid.config import QuantConfig, TaskSpec
+    from inlaid.engine.llm_engine import EngineConfig
+    from inlaid.errors import ConfigError
+    from inlaid.quant import pipeline
+
+    adapter, data = tiny_tasks["sql"]
+    ckpt = tmp_path / "q"
+    pipeline.quantize(str(tiny_model), ckpt, [TaskSpec("sql", adapter, data)], QuantConfig(group_size=32, method="rtn"))
+    engine = EngineConfig(model=str(ckpt), adapters={"other": str(adapter)})
+    with pytest.raises(ConfigError, match="cannot load the inlaid checkpoint .* --fp16-model"):
+        BenchConfig(engine=engine, baselines=("hf-peft",))
+    BenchConfig(engine=engine, baselines=("hf-peft",), fp16_model=str(tiny_model))
+
+
 def test_compare_checks_out_and_reference_first(serve_dir, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
