@@ -46,14 +46,13 @@ def _case(heads, kv_heads, dim, block, dtype, lens, seed, rank=None, num_loras=3
         tables.append(table)
         slots.append(table[(n - 1) // block] * block + (n - 1) % block if n else 0)
     width = max(len(t) for t in tables)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    angles = torch.rand(batch, dim // 2, generator=gen) * 50
     c = dict(
-        qkv=torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype),
-        cos=None, sin=None, caches=caches, slots=torch.tensor(slots, dtype=torch.int64),
+        qkv=qkv, cos=torch.cat([angles.cos()] * 2, 1).to(dtype), sin=torch.cat([angles.sin()] * 2, 1).to(dtype),
+        caches=caches, slots=torch.tensor(slots, dtype=torch.int64),
         tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
         lens=torch.tensor(lens, dtype=torch.int32), raw_tables=tables)
-    angles = torch.rand(batch, dim // 2, generator=gen) * 50
-    c["cos"] = torch.cat([angles.cos()] * 2, 1).to(dtype)
-    c["sin"] = torch.cat([angles.sin()] * 2, 1).to(dtype)
     if rank is not None:
         ranks = torch.tensor([rank, max(1, rank // 2), rank][:num_loras], dtype=torch.int32)
         lora_b = [torch.randn(num_loras, n * dim, rank, generator=gen).mul(0.1).to(dtype)

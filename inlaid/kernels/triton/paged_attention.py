@@ -257,10 +257,11 @@ def mma_launch(batch: int, heads: int, kv_heads: int, dim: int, block_size: int,
                   HAS_WINDOW=sliding_window is not None,
                   BLOCK_H=max(16, triton.next_power_of_2(heads // kv_heads)), IEEE=out.dtype == torch.float32,
                   SPLITS=splits, **pdl.triton_args(out.device))
-    buffers, device = (out, out), out.device
+    buffers = (out, out)
     if splits > 1:
-        buffers = (persistent("decode_attention_parts", device, batch * heads * splits * (dim + 4), torch.float32),
-                   persistent("decode_attention_counts", device, batch * kv_heads, torch.int32))
+        buffers = (persistent("decode_attention_parts", out.device, batch * heads * splits * (dim + 4),
+                              torch.float32),
+                   persistent("decode_attention_counts", out.device, batch * kv_heads, torch.int32))
     return (batch, kv_heads, splits), buffers, kwargs
 
 

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from inlaid.kernels.triton.norm_rope import (_adapter_of, _check_rope, _cos_sin, _lora_head, _rope_halves,
-                                             check_rope_lora)
+from inlaid.kernels.triton.norm_rope import (_adapter_of, _check_rope, _cos_sin, _lora_head, _plus_lora,
+                                             _rope_halves, check_rope_lora)
 from inlaid.kernels.triton.paged_attention import _finish_mma, _split_range, _walk_mma, check_shapes, mma_launch
 from inlaid.kernels.triton.pdl import start as pdl_start
 
@@ -37,14 +37,14 @@ def _head_halves(x_ptr, buf_row, b_ptr, col0, rank, stride_bn, c1, c2, s1, s2, L
     """One head of the new token, as the separate kernels leave it: the projection's row at
     ``x_ptr`` plus its LoRA update rounded to the activation dtype (LORA), rotated (ROTATE), and
     rounded again: two halves in the activation dtype."""
-    offs = tl.arange(0, HALF)
-    dtype = x_ptr.dtype.element_ty
-    x1 = tl.load(x_ptr + offs).to(tl.float32)
-    x2 = tl.load(x_ptr + HALF + offs).to(tl.float32)
     if LORA:
         d1, d2 = _lora_head(buf_row, b_ptr, col0, rank, stride_bn, HALF, BLOCK_R)
-        x1 = (x1 + d1).to(dtype).to(tl.float32)
-        x2 = (x2 + d2).to(dtype).to(tl.float32)
+        x1, x2 = _plus_lora(x_ptr, d1, d2, HALF)
+    else:
+        offs = tl.arange(0, HALF)
+        x1 = tl.load(x_ptr + offs).to(tl.float32)
+        x2 = tl.load(x_ptr + HALF + offs).to(tl.float32)
+    dtype = x_ptr.dtype.element_ty
     if ROTATE:
         x1, x2 = _rope_halves(x1, x2, c1, c2, s1, s2)
     return x1.to(dtype), x2.to(dtype)
