@@ -16,7 +16,9 @@ never overlap, so they can share it):
   an empty chunk, so the grid is fixed.
 
 Inputs are copied into static buffers before a replay, without waiting for the GPU
-(``inlaid.kernels.transfer``). Rows past a step's tokens are padding: token 0, position 0, adapter
+(``inlaid.kernels.transfer``); so is each bucket's grouping of tokens by adapter slot
+(``LoraBatchMeta.prepare_host``, one per bucket: its views are what the captured LoRA kernels read),
+computed on the host, where the slots are known, instead of by ~25 captured kernels per step. Rows past a step's tokens are padding: token 0, position 0, adapter
 slot -1, K/V written to one spare sink block past the real cache, in no attention chunk; their
 outputs are dropped. Everything a kernel's launch depends on (grids, shapes, backend choices by M)
 is fixed by the bucket, never by the step, so a captured launch is right for every step it serves.
@@ -30,6 +32,7 @@ import torch
 
 from inlaid.engine.attention import AttentionBatch, kv_slots, pad_rows
 from inlaid.engine.scheduler import StepPlan
+from inlaid.kernels.lora import LoraBatchMeta
 from inlaid.kernels.prefill_tiles import tile_bound, tile_lists
 from inlaid.kernels.transfer import to_device
 
@@ -44,6 +47,17 @@ class _Graphs:
         self.runner, self.buckets = runner, buckets
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        meta = runner.lora_meta  # each bucket's token grouping, b tokens (a decode step's are sequences)
+        self.metas = ({} if meta is None else
+                      {b: LoraBatchMeta(b, meta.max_loras, meta.device, meta.block_m) for b in buckets})
+
+    def _lora(self, b: int) -> LoraBatchMeta | None:
+        return self.metas.get(b)
+
+    def _group(self, b: int, token_slot: list[int]) -> None:
+        """Bucket b's LoRA grouping for a step's token slots (padding rows: none), before its replay."""
+        if self.metas:
+            self.metas[b].prepare_host(token_slot + [-1] * (b - len(token_slot)))
 
     def _forward(self, b: int) -> torch.Tensor:
         raise NotImplementedError
@@ -51,6 +65,7 @@ class _Graphs:
     def capture(self, pool=None):
         """Capture every bucket; returns the pool, for the next set to share."""
         for b in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
+            self._group(b, [])
             self._forward(b)  # warm-up: compiles kernels, builds backend state outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -87,17 +102,14 @@ class DecodeGraphs(_Graphs):
         self.rows64 = torch.zeros(3, n, dtype=torch.int64, device=dev)
         self.input_ids, self.positions, self.slot_mapping = self.rows64
         self.slot_mapping.fill_(runner.sink_slot)
-        self.rows32 = torch.zeros(2, n, dtype=torch.int32, device=dev)
-        self.lens, self.token_slot = self.rows32
-        self.token_slot.fill_(-1)
+        self.lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(n, max(max_blocks_per_seq, 1), dtype=torch.int32, device=dev)
 
     def _forward(self, b: int) -> torch.Tensor:
         r = self.runner
         attn = AttentionBatch(self.slot_mapping[:b], decode_tables=self.tables[:b],
                               decode_lens32=self.lens[:b], block_size=r.block_size, all_decode=True)
-        lora = r.lora_meta.prepare(self.token_slot[:b]) if r.lora_meta is not None else None
-        hidden = r.model(self.input_ids[:b], self.positions[:b], attn, r.kv_caches, lora)
+        hidden = r.model(self.input_ids[:b], self.positions[:b], attn, r.kv_caches, self._lora(b))
         return r.model.logits(hidden)
 
     def accepts(self, plan: StepPlan) -> bool:
@@ -121,10 +133,12 @@ class DecodeGraphs(_Graphs):
         to_device([inputs.ids + [0] * pad, pos + [0] * pad, slots + [r.sink_slot] * pad], torch.int64, dev,
                   out=self.rows64)
         inputs.patch(self.input_ids)
-        to_device([lens + [0] * pad, adapter_slots + [-1] * pad], torch.int32, dev, out=self.rows32)
+        to_device(lens + [0] * pad, torch.int32, dev, out=self.lens)
         padded = pad_rows(tables)
         to_device(padded, torch.int32, dev, out=self.tables[:n, :len(padded[0])])
-        return self.replay(self.bucket(n), n)  # the captured step re-groups token_slot for LoRA itself
+        b = self.bucket(n)
+        self._group(b, adapter_slots)
+        return self.replay(b, n)
 
 
 class MixedGraphs(_Graphs):
@@ -137,7 +151,6 @@ class MixedGraphs(_Graphs):
         self.rows64 = torch.zeros(3, t, dtype=torch.int64, device=dev)  # ids, positions, KV slots
         self.input_ids, self.positions, self.slot_mapping = self.rows64
         self.slot_mapping.fill_(runner.sink_slot)
-        self.token_slot = torch.full((t,), -1, dtype=torch.int32, device=dev)
         # chunk c's first row, tokens, start position; chunk s is empty: padding tiles point at it
         self.chunks = torch.zeros(3, s + 1, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(s + 1, max(max_blocks_per_seq, 1), dtype=torch.int32, device=dev)
@@ -152,8 +165,7 @@ class MixedGraphs(_Graphs):
         r = self.runner
         attn = AttentionBatch(self.slot_mapping[:b], prefill_tables=self.tables, prefill_meta=self.chunks,
                               prefill_tiles=self.tiles[:, :self.tile_bound(b)], block_size=r.block_size)
-        lora = r.lora_meta.prepare(self.token_slot[:b]) if r.lora_meta is not None else None
-        hidden = r.model(self.input_ids[:b], self.positions[:b], attn, r.kv_caches, lora)
+        hidden = r.model(self.input_ids[:b], self.positions[:b], attn, r.kv_caches, self._lora(b))
         return r.model.logits(hidden[self.sample_rows[:min(self.max_seqs, b)]])
 
     def accepts(self, plan: StepPlan) -> bool:
@@ -183,7 +195,7 @@ class MixedGraphs(_Graphs):
         to_device([inputs.ids + [0] * pad, pos + [0] * pad, slots + [r.sink_slot] * pad], torch.int64, dev,
                   out=self.rows64[:, :b])
         inputs.patch(self.input_ids)
-        to_device(token_slot + [-1] * pad, torch.int32, dev, out=self.token_slot[:b])
+        self._group(b, token_slot)
         empty = self.max_seqs - len(tables) + 1
         to_device([part + [0] * empty for part in chunks], torch.int32, dev, out=self.chunks)
         padded = pad_rows(tables)

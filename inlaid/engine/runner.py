@@ -92,8 +92,7 @@ class ModelRunner:
             attn = build_batch(pieces, self.block_size, device)
             lora = None
             if self.lora_meta is not None:
-                lora = self.lora_meta.prepare(torch.tensor([0] * lens[0] + [-1] * (total - lens[0]),
-                                                           dtype=torch.int32, device=device))
+                lora = self.lora_meta.prepare_host([0] * lens[0] + [-1] * (total - lens[0]))
             positions = torch.cat([torch.arange(n, device=device) for n in lens])
             hidden = self.model(torch.zeros(total, dtype=torch.int64, device=device), positions, attn,
                                 self.kv_caches, lora)
@@ -215,7 +214,7 @@ class ModelRunner:
         attn = build_batch(pieces, self.block_size, device)
         lora = None
         if self.lora_meta is not None and slot_of:
-            lora = self.lora_meta.prepare(to_device(token_slot, torch.int32, device))
+            lora = self.lora_meta.prepare_host(token_slot)
         ids = self._token_inputs(plan).to(device)
         hidden = self.model(ids, to_device(positions, torch.int64, device), attn, self.kv_caches, lora)
         logits = None

@@ -9,7 +9,9 @@ q/k/v: 3 of unequal widths under GQA; gate/up: 2). Per slice s:
   time scales with real ranks); ``scalings``: float32 [max_loras].
 
 Per step, ``token_slot`` int32 [T] names each token's slot (−1: no adapter). :class:`LoraBatchMeta`
-groups tokens by slot into preallocated buffers without host synchronisation (CUDA-graph safe).
+groups tokens by slot into preallocated buffers: on the host from a list (``prepare_host``, what the
+engine does: one copy, no kernel), or on the device from a tensor without host synchronisation
+(``prepare``: torch ops a CUDA graph can capture).
 
 ``lora_shrink`` returns ``buf`` [num_slices, T, max_rank] in fp32 (float64 for float64 inputs):
 ``buf[s, t, :r] = scaling[slot] * x[t] @ lora_a[s][slot, :r].T`` with r = ranks[slot]; every other
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from inlaid.kernels import dispatch
+from inlaid.kernels.transfer import to_device
 
 MAX_SLICES = 3  # fused q/k/v; the Triton kernels take one pointer per slice
 
@@ -49,6 +53,11 @@ class LoraBatchMeta:
     tiles covers any grouping: sum over groups of ceil(count / block_m) <= min(T, ceil(T / block_m)
     + min(max_loras, T)). (A grid over token tiles x groups would launch the product instead: most of
     it programs that only find out they have nothing to do.)
+
+    All of them are views of one int32 buffer, so that :meth:`prepare_host` fills them with one
+    host-to-device copy. The engine groups each step's tokens that way: the host knows every
+    token's slot anyway, and grouping them on the device took ~25 small dependent kernels (two
+    sorts, two searchsorted, gathers) at the head of every decode step.
     """
 
     def __init__(self, max_tokens: int, max_loras: int, device: torch.device | str = "cpu",
@@ -57,20 +66,17 @@ class LoraBatchMeta:
             raise ValueError(f"max_tokens, max_loras >= 1 and block_m a power of 2 needed, got "
                              f"{max_tokens}, {max_loras}, {block_m}")
         self.max_tokens, self.max_loras, self.block_m = max_tokens, max_loras, block_m
-        i32 = dict(dtype=torch.int32, device=device)
-        self.sorted_token_ids = torch.zeros(max_tokens, **i32)
-        self.device = self.sorted_token_ids.device  # "cuda" resolved to "cuda:0": compares equal to x's
-        self.active_slots = torch.full((max_loras,), -1, **i32)
-        self.num_tokens = torch.zeros(max_loras, **i32)
-        self.token_start = torch.zeros(max_loras, **i32)
-        self.num_tokens_total = 0
         max_tiles = self.tile_bound(max_tokens)
-        self.tile_slot = torch.full((max_tiles,), -1, **i32)
-        self.tile_start = torch.zeros(max_tiles, **i32)
-        self.tile_rows = torch.zeros(max_tiles, **i32)
-        self.slot_of_token = torch.zeros(max_tokens, **i32)
+        self._sizes = (max_tokens, max_tokens, max_loras, max_loras, max_loras, max_tiles, max_tiles, max_tiles)
+        self._packed = torch.zeros(sum(self._sizes), dtype=torch.int32, device=device)
+        self.device = self._packed.device  # "cuda" resolved to "cuda:0": compares equal to x's
+        (self.sorted_token_ids, self.slot_of_token, self.active_slots, self.num_tokens, self.token_start,
+         self.tile_slot, self.tile_start, self.tile_rows) = self._packed.split(self._sizes)
+        self.active_slots.fill_(-1)
+        self.tile_slot.fill_(-1)
+        self.num_tokens_total = 0
         # Group boundaries: searchsorted of 0..max_loras in the sorted keys (absent key = max_loras).
-        self._bounds_query = torch.arange(max_loras + 1, **i32)
+        self._bounds_query = torch.arange(max_loras + 1, dtype=torch.int32, device=self.device)
         self._tile_index = torch.arange(max_tiles, dtype=torch.int64, device=self.device)
 
     def tile_bound(self, num_tokens: int) -> int:
@@ -106,6 +112,37 @@ class LoraBatchMeta:
         self.num_tokens_total = num
         self._fill_tiles(counts[slot_order])
         return self
+
+    def prepare_host(self, token_slot: Sequence[int]) -> LoraBatchMeta:
+        """:meth:`prepare` of ``token_slot`` given on the host: the same buffer contents, computed
+        here and written with one copy that does not wait for the GPU (``transfer.to_device``:
+        queued behind the work that may still read the last step's values)."""
+        to_device(self.host_values(token_slot), torch.int32, self.device, out=self._packed)
+        self.num_tokens_total = len(token_slot)
+        return self
+
+    def host_values(self, token_slot: Sequence[int]) -> np.ndarray:
+        """The packed buffer as :meth:`prepare` leaves it for ``token_slot`` (numpy int32)."""
+        num, loras, block_m = len(token_slot), self.max_loras, self.block_m
+        if num > self.max_tokens:
+            raise ValueError(f"token_slot must have at most {self.max_tokens} entries, got {num}")
+        key = np.full(self.max_tokens, loras, dtype=np.int64)  # absent: sorts after every real slot
+        given = np.asarray(token_slot, dtype=np.int64).reshape(num)
+        key[:num] = np.where((given >= 0) & (given < loras), given, loras)
+        counts = np.bincount(key, minlength=loras + 1)[:loras]
+        starts = np.cumsum(counts) - counts
+        active = np.flatnonzero(counts)  # ascending slots, the groups' order
+        groups = np.zeros((3, loras), dtype=np.int64)  # active_slots, num_tokens, token_start
+        groups[0].fill(-1)
+        groups[:, :active.size] = active, counts[active], starts[active]
+        tiles = np.zeros((3, self._sizes[-1]), dtype=np.int64)  # tile_slot, tile_start, tile_rows
+        tiles[0].fill(-1)
+        per_group = -(-counts[active] // block_m)
+        group = np.repeat(np.arange(active.size), per_group)  # each tile's group, in order
+        first_row = (np.arange(group.size) - (np.cumsum(per_group) - per_group)[group]) * block_m
+        tiles[:, :group.size] = (active[group], starts[active][group] + first_row,
+                                 np.minimum(counts[active][group] - first_row, block_m))
+        return np.concatenate([np.argsort(key, kind="stable"), key, groups.ravel(), tiles.ravel()]).astype(np.int32)
 
     def _fill_tiles(self, counts: torch.Tensor) -> None:
         """Tile i belongs to the group whose running tile count first exceeds i."""

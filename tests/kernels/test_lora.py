@@ -90,6 +90,26 @@ def test_meta_invariants(pattern, num_tokens, max_tokens, num_loras, block_m):
     check_meta(LoraBatchMeta(max_tokens, num_loras, block_m=block_m).prepare(slots), slots)
 
 
+@pytest.mark.parametrize("pattern", ["distinct", "uniform", "identical", "mixed", "none"])
+@pytest.mark.parametrize("num_tokens,max_tokens,num_loras,block_m", [
+    (1, 1, 1, 16), (13, 16, 4, 4), (37, 64, 7, 2), (50, 50, 50, 16), (40, 40, 3, 1), (0, 8, 3, 16)])
+def test_host_grouping_equals_the_device_ops(pattern, num_tokens, max_tokens, num_loras, block_m):
+    """prepare_host (numpy, the engine's path) leaves every buffer as prepare (torch ops) does,
+    out-of-range slots included, after a different step has filled them."""
+    slots = make_slots(pattern, num_tokens, num_loras, seed=num_tokens + block_m)
+    if num_tokens > 2:
+        slots[0], slots[2] = num_loras + 3, -7  # out of range: no adapter
+    stale = make_slots("distinct", max_tokens, num_loras, seed=99)
+    on_device = LoraBatchMeta(max_tokens, num_loras, block_m=block_m).prepare(stale).prepare(slots)
+    on_host = LoraBatchMeta(max_tokens, num_loras, block_m=block_m).prepare_host(stale.tolist())
+    on_host.prepare_host(slots.tolist())
+    assert torch.equal(on_host._packed, on_device._packed)
+    assert on_host.num_tokens_total == on_device.num_tokens_total == num_tokens
+    check_meta(on_host, slots)
+    with pytest.raises(ValueError):
+        on_host.prepare_host([0] * (max_tokens + 1))
+
+
 @pytest.mark.parametrize("block_m", [1, 2, 4, 16])
 def test_tile_bound_is_tight_for_its_worst_case(block_m):
     """Groups of block_m + 1 tokens waste the most tiles; the bound must still hold."""
