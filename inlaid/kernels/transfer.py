@@ -11,18 +11,22 @@ that makes them, and an event to wait for those copies alone.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device | str,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """``values`` (a list, or nested lists of equal length) as a ``dtype`` tensor on ``device``;
-    with ``out`` (a device tensor of that shape and dtype) written into it instead."""
+    """``values`` (a list, nested lists of equal length, or a numpy array) as a ``dtype`` tensor on
+    ``device``; with ``out`` (a device tensor of that shape and dtype) written into it instead."""
     device = torch.device(device)
     if device.type != "cuda":
-        host = torch.tensor(values, dtype=dtype)
+        host = torch.as_tensor(values, dtype=dtype)
         return host.to(device) if out is None else out.copy_(host)
-    host = torch.tensor(values, dtype=dtype, pin_memory=True)
+    if isinstance(values, np.ndarray):  # torch.tensor cannot pin what it builds from numpy
+        host = torch.from_numpy(values).to(dtype).pin_memory()
+    else:
+        host = torch.tensor(values, dtype=dtype, pin_memory=True)
     if out is None:
         return host.to(device, non_blocking=True)
     return out.copy_(host, non_blocking=True)
