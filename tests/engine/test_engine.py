@@ -458,3 +458,33 @@ def test_kv_blocks_and_adapter_slots_share_one_memory_budget(tiny_model):
     with pytest.raises(ConfigError, match="adapter slots"):
         engine(4, gib=3.5 * slot / 2**30)
 
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    None, {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "dynamic", "factor": 2.0}], ids=["default", "linear", "llama3", "yarn", "dynamic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rows_equal_transformers_call(rope_scaling, dtype):
+    """A step's cos/sin come from a table made once (one gather a step instead of transformers'
+    kernels); its rows are bit-identical to transformers' call on any batch of positions. Dynamic
+    scaling, whose frequencies follow the batch, keeps the call."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from inlaid.engine.model import CausalLM
+
+    from ..conftest import tiny_config
+
+    config = tiny_config(**({"rope_scaling": rope_scaling} if rope_scaling else {}))
+    model = SimpleNamespace(rope=LlamaRotaryEmbedding(config=config), device=torch.device("cpu"), dtype=dtype)
+    model.rope_table = CausalLM._rope_table(model, config.max_position_embeddings)
+    assert (model.rope_table is None) == (rope_scaling is not None and rope_scaling["rope_type"] == "dynamic")
+    probe = torch.empty(0, dtype=dtype)
+    for positions in (torch.tensor([0, 5, 5, 200, 31, 255]), torch.randperm(256)[:40], torch.tensor([7])):
+        cos, sin = CausalLM.rope_cos_sin(model, positions)
+        want_cos, want_sin = model.rope(probe, positions[None, :])
+        assert cos.dtype == dtype and torch.equal(cos, want_cos[0]) and torch.equal(sin, want_sin[0])
