@@ -131,7 +131,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         field = ".".join(str(p) for p in err.get("loc", ()) if not _is_type_tag(p))
         top = field.split(".")[0]
         param = param or (top or None)
-        if top in _UNION_HINTS:  # one line for the field, not one per union member
+        if top in _UNION_HINTS and err.get("type") != "too_long":  # one line for the field, not one per member
             if top not in seen:
                 parts.append(f"{top}: must be {_UNION_HINTS[top]}")
         elif len(parts) < 3:

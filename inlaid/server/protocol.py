@@ -21,6 +21,9 @@ SEED_RANGE = dict(ge=-(2 ** 63), le=2 ** 64 - 1)  # what torch.Generator.manual_
 # validated on the event loop (~3 us an item), and 400k one-letter messages fit in the body limit:
 # unbounded, they held every other request, /health included, for over a second.
 MAX_CHAT_ITEMS = 4096
+# Token ids plus strings in one completion request's prompt: twice a 128K context. A 400k-id prompt
+# took 100-170 ms to validate (this repo's CPU), and a 32 MiB body holds ~5M ids.
+MAX_PROMPT_ITEMS = 1 << 18
 
 
 class _Strict(BaseModel):
@@ -55,6 +58,20 @@ class CompletionRequest(GenerationRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _bounded(cls, prompt):
+        """Counted on the raw value, before its items are validated (the cost being bounded)."""
+        if not isinstance(prompt, list):
+            return prompt  # a string, or a wrong type the type check names
+        items = len(prompt)
+        if items <= MAX_PROMPT_ITEMS:
+            items += sum(len(p) for p in prompt if isinstance(p, list))
+        if items > MAX_PROMPT_ITEMS:
+            raise PydanticCustomError("too_long", "at most {limit} token ids and strings in one request's "
+                                      "prompt, got {items}", {"limit": MAX_PROMPT_ITEMS, "items": items})
+        return prompt
 
 
 class ContentPart(_Strict):

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from inlaid.server.app import create_app
 from inlaid.server.async_engine import AsyncEngine
-from inlaid.server.protocol import MAX_CHAT_ITEMS, ChatCompletionRequest
+from inlaid.server.protocol import MAX_CHAT_ITEMS, MAX_PROMPT_ITEMS, ChatCompletionRequest, CompletionRequest
 from inlaid.server.settings import ServerSettings
 
 from .conftest import PROMPTS, greedy, make_engine, slow_steps
@@ -266,6 +266,26 @@ def test_a_huge_message_list_is_refused_before_its_messages_are_validated(server
                .messages) == 2
     response = server.client.post(CHAT, json={"messages": USER, "max_tokens": 4, "temperature": 0})
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_a_huge_token_id_prompt_is_refused_before_its_ids_are_validated(server):
+    """Token ids fit in the body limit by the million; validating them held the event loop. The
+    prompt's items are counted first (ids, strings, the ids of every listed prompt): a 400 naming
+    the limit, the tokenizer never runs. As many as the limit allows still validate."""
+    state = server.app.state.inlaid
+    state.encode = lambda *a, **k: pytest.fail("a refused prompt reached the tokenizer")
+    try:
+        for prompt in ([1] * 400_000, [[1] * (MAX_PROMPT_ITEMS // 2), [2] * (MAX_PROMPT_ITEMS // 2)]):
+            response = server.client.post(C, json={"prompt": prompt, "max_tokens": 1})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "prompt" and f"at most {MAX_PROMPT_ITEMS} token ids" in error["message"]
+    finally:
+        del state.encode
+    assert "400000" in server.client.post(C, json={"prompt": [1] * 400_000}).json()["error"]["message"]
+    allowed = [[1] * (MAX_PROMPT_ITEMS // 2 - 1)] * 2
+    assert CompletionRequest.model_validate({"prompt": allowed}).prompt == allowed
+    assert CompletionRequest.model_validate({"prompt": ["a"] * MAX_PROMPT_ITEMS}).prompt[0] == "a"
 
 
 def test_max_tokens_beyond_the_kv_cache_is_a_400_naming_it(served):
