@@ -183,11 +183,12 @@ class LLMEngine:
             check_architecture(hf_config)
             weights = load_weights(path, quantized=self.is_checkpoint)
         self.model_path, self.hf_config = path, hf_config
-        self.model = CausalLM(hf_config, weights, device, DTYPES[dtype_name], cfg.max_loras,
-                              cfg.max_lora_rank, dequantize=cfg.dequantize_on_cpu and device.type == "cpu")
-        del weights
         self.max_model_len = min(cfg.max_model_len or hf_config.max_position_embeddings,
                                  hf_config.max_position_embeddings)
+        self.model = CausalLM(hf_config, weights, device, DTYPES[dtype_name], cfg.max_loras,
+                              cfg.max_lora_rank, dequantize=cfg.dequantize_on_cpu and device.type == "cpu",
+                              max_positions=self.max_model_len)
+        del weights
         self.adapters = AdapterManager(self.model, cfg.max_loras, cfg.max_lora_rank)
         for name, adapter_path in self._initial_adapters().items():
             self.adapters.register(name, adapter_path)

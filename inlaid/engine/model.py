@@ -297,7 +297,8 @@ class CausalLM(nn.Module):
     """Forward over a flat batch of tokens: embeddings -> decoder layers -> final norm."""
 
     def __init__(self, config, weights: LoadedWeights, device="cpu", dtype=torch.float32,
-                 max_loras: int = 0, max_lora_rank: int = 0, dequantize: bool | None = None):
+                 max_loras: int = 0, max_lora_rank: int = 0, dequantize: bool | None = None,
+                 max_positions: int | None = None):
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -321,7 +322,8 @@ class CausalLM(nn.Module):
         self.lm_head = tensor("lm_head.weight") if "lm_head.weight" in d else self.embed  # tied
         # transformers computes cos/sin (and any rope_scaling: llama3, yarn, linear, ...) from the config
         self.rope = LlamaRotaryEmbedding(config=config).to(self.device)
-        self.rope_table = self._rope_table(config.max_position_embeddings)
+        # sized by the engine's context: a 1M-position config serving 32K keeps a 32K table
+        self.rope_table = self._rope_table(max_positions or config.max_position_embeddings)
         self.lora_slots: list[dict[str, LoraSlots]] = []  # per layer: views into lora_banks
         self.lora_banks: dict[str, LoraBank] = {}  # per fused group: every layer's slots
         layers = []
@@ -403,8 +405,8 @@ class CausalLM(nn.Module):
         return torch.stack([cos[0], sin[0]], 1)
 
     def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T, head_dim] of ``positions`` [T] (each below max_position_embeddings, as the
-        engine's max_model_len is)."""
+        """cos/sin [T, head_dim] of ``positions`` [T], each below ``max_positions`` (the engine's
+        max_model_len)."""
         if self.rope_table is not None:
             rows = self.rope_table[positions]
             return rows[:, 0], rows[:, 1]

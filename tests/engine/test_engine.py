@@ -231,6 +231,7 @@ def test_bad_requests_raise_clear_errors(llama):
     base, adapter = llama
     llm = LLM(str(base), {"a": str(adapter)}, max_loras=1, max_lora_rank=4, num_kv_blocks=64,
               max_model_len=32)
+    assert llm.engine.model.rope_table.shape[0] == 32  # RoPE rows for the engine's context, not the config's
     with pytest.raises(AdapterError, match="not registered"):
         llm.generate("hi", GREEDY, "nope")
     with pytest.raises(RequestError, match="context length"):
