@@ -17,13 +17,13 @@ never overlap, so they can share it):
 
 Inputs are copied into static buffers before a replay, without waiting for the GPU
 (``inlaid.kernels.transfer``); so is each bucket's grouping of tokens by adapter slot
-(``LoraBatchMeta.prepare_host``, one per bucket: its views are what the captured LoRA kernels read),
-computed on the host, where the slots are known, instead of by ~25 captured kernels per step. Rows past a step's tokens are padding: token 0, position 0, adapter
-slot -1, K/V written to one spare sink block past the real cache, in no attention chunk; their
-outputs are dropped. Everything a kernel's launch depends on (grids, shapes, backend choices by M)
-is fixed by the bucket, never by the step, so a captured launch is right for every step it serves.
-Steps that want prompt logprobs (all rows' logits) and steps larger than the largest bucket run
-eagerly.
+(``LoraBatchMeta.prepare_host``, one per bucket: its views are what the captured LoRA kernels
+read), computed on the host, where the slots are known, instead of by captured sorts and gathers.
+Rows past a step's tokens are padding: token 0, position 0, adapter slot -1, K/V written to one
+spare sink block past the real cache, in no attention chunk; their outputs are dropped.
+Everything a kernel's launch depends on (grids, shapes, backend choices by M) is fixed by the
+bucket, never by the step, so a captured launch is right for every step it serves. Steps that want
+prompt logprobs (all rows' logits) and steps larger than the largest bucket run eagerly.
 """
 
 from __future__ import annotations
@@ -50,9 +50,6 @@ class _Graphs:
         meta = runner.lora_meta  # each bucket's token grouping, b tokens (a decode step's are sequences)
         self.metas = ({} if meta is None else
                       {b: LoraBatchMeta(b, meta.max_loras, meta.device, meta.block_m) for b in buckets})
-
-    def _lora(self, b: int) -> LoraBatchMeta | None:
-        return self.metas.get(b)
 
     def _group(self, b: int, token_slot: list[int]) -> None:
         """Bucket b's LoRA grouping for a step's token slots (padding rows: none), before its replay."""
@@ -109,7 +106,7 @@ class DecodeGraphs(_Graphs):
         r = self.runner
         attn = AttentionBatch(self.slot_mapping[:b], decode_tables=self.tables[:b],
                               decode_lens32=self.lens[:b], block_size=r.block_size, all_decode=True)
-        hidden = r.model(self.input_ids[:b], self.positions[:b], attn, r.kv_caches, self._lora(b))
+        hidden = r.model(self.input_ids[:b], self.positions[:b], attn, r.kv_caches, self.metas.get(b))
         return r.model.logits(hidden)
 
     def accepts(self, plan: StepPlan) -> bool:
@@ -165,7 +162,7 @@ class MixedGraphs(_Graphs):
         r = self.runner
         attn = AttentionBatch(self.slot_mapping[:b], prefill_tables=self.tables, prefill_meta=self.chunks,
                               prefill_tiles=self.tiles[:, :self.tile_bound(b)], block_size=r.block_size)
-        hidden = r.model(self.input_ids[:b], self.positions[:b], attn, r.kv_caches, self._lora(b))
+        hidden = r.model(self.input_ids[:b], self.positions[:b], attn, r.kv_caches, self.metas.get(b))
         return r.model.logits(hidden[self.sample_rows[:min(self.max_seqs, b)]])
 
     def accepts(self, plan: StepPlan) -> bool:

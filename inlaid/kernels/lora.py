@@ -56,8 +56,8 @@ class LoraBatchMeta:
 
     All of them are views of one int32 buffer, so that :meth:`prepare_host` fills them with one
     host-to-device copy. The engine groups each step's tokens that way: the host knows every
-    token's slot anyway, and grouping them on the device took ~25 small dependent kernels (two
-    sorts, two searchsorted, gathers) at the head of every decode step.
+    token's slot anyway, and grouping them on the device took dozens of small dependent kernels
+    (two sorts, two searchsorted, masks and gathers) at the head of every decode step.
     """
 
     def __init__(self, max_tokens: int, max_loras: int, device: torch.device | str = "cpu",

@@ -26,6 +26,14 @@ MAX_CHAT_ITEMS = 4096
 MAX_PROMPT_ITEMS = 1 << 18
 
 
+def _bound(items: int, limit: int, what: str) -> None:
+    """The raw-count bound of a field (its items counted before they are validated): a
+    ``too_long`` error naming the limit, which the server's error mapper passes through."""
+    if items > limit:
+        raise PydanticCustomError("too_long", "at most {limit} " + what + ", got {items}",
+                                  {"limit": limit, "items": items})
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -68,9 +76,7 @@ class CompletionRequest(GenerationRequest):
         items = len(prompt)
         if items <= MAX_PROMPT_ITEMS:
             items += sum(len(p) for p in prompt if isinstance(p, list))
-        if items > MAX_PROMPT_ITEMS:
-            raise PydanticCustomError("too_long", "at most {limit} token ids and strings in one request's "
-                                      "prompt, got {items}", {"limit": MAX_PROMPT_ITEMS, "items": items})
+        _bound(items, MAX_PROMPT_ITEMS, "token ids and strings in one request's prompt")
         return prompt
 
 
@@ -103,9 +109,7 @@ class ChatCompletionRequest(GenerationRequest):
         if items <= MAX_CHAT_ITEMS:
             items += sum(len(m["content"]) for m in messages
                          if isinstance(m, dict) and isinstance(m.get("content"), list))
-        if items > MAX_CHAT_ITEMS:
-            raise PydanticCustomError("too_long", "at most {limit} messages and content parts in one "
-                                      "request, got {items}", {"limit": MAX_CHAT_ITEMS, "items": items})
+        _bound(items, MAX_CHAT_ITEMS, "messages and content parts in one request")
         return messages
 
 
