@@ -23,7 +23,9 @@
 5. ``--profile B [--profile-adapters A]`` (instead of 1-4): where a batch-B decode step's time goes
    (request r on adapter r mod A, default 100). Kernel GPU time per step by kernel (torch.profiler
    over eager steps; graph replays run the same kernels) against the step's wall time with and
-   without CUDA graphs, so host overhead and launch gaps show up too.
+   without CUDA graphs, so host overhead and launch gaps show up too. Then the step's wall time
+   split over the kernels on its critical chain (scripts/timeline.py: under PDL and the LoRA side
+   branch the kernel times above overlap), from a chrome trace left in --out as trace_MODE_bB.json.
 """
 
 from __future__ import annotations
@@ -107,8 +109,10 @@ def model_bytes(engine) -> tuple[int, int]:
 def decode_speed(out: dict, batches: list[int], eager: bool) -> None:
     mode = "eager" if eager else "graphs"
     t0 = time.perf_counter()
+    # the graphs engine also runs the matched workload (batch 32) whatever the batches timed
+    seqs = max(batches) if eager else max(*batches, 32)
     llm = LLM("dummy:llama-2-7b", dummy_adapters=100, dummy_rank=16, max_loras=128, max_lora_rank=16,
-              max_num_seqs=max(batches), max_num_batched_tokens=8192, device="cuda", enforce_eager=eager)
+              max_num_seqs=seqs, max_num_batched_tokens=8192, device="cuda", enforce_eager=eager)
     log(f"[{mode}] engine start-up (weights, adapters, warm-up, graph capture): "
         f"{time.perf_counter() - t0:.1f} s")
     engine = llm.engine
@@ -173,6 +177,9 @@ def _time_decode(engine, batch: int, max_tokens: int, gen: torch.Generator, adap
         if all_decode:
             times.append(time.perf_counter() - t0)
             contexts.append(ctx)
+    if not times:
+        raise RuntimeError(f"no step ran all {batch} requests in decode: max_num_seqs "
+                           f"{engine.config.max_num_seqs} < {batch}?")
     steady = times[3:] or times
     return statistics.median(steady), statistics.fmean(contexts)
 
@@ -227,7 +234,7 @@ def _add_decode_batch(engine, batch: int, max_tokens: int, gen: torch.Generator,
         engine.step()  # prefill until every sequence decodes
 
 
-def profile(out: dict, batch: int, adapters: int = 100, steps: int = 8) -> None:
+def profile(out: dict, batch: int, out_dir: Path, adapters: int = 100, steps: int = 8) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -256,8 +263,9 @@ def profile(out: dict, batch: int, adapters: int = 100, steps: int = 8) -> None:
         log(f"[profile {mode}] batch {batch}: wall {wall * 1e3:.2f} ms/step, kernel time "
             f"{busy:.2f} ms/step, {sum(v['per_step'] for v in top.values()):.0f} kernels/step")
         _print_top(top, 30)
+        charged = _timeline(prof, steps, out_dir / f"trace_{mode}_b{batch}.json")
         out.setdefault("profile", []).append({"mode": mode, "batch": batch, "wall_ms": wall * 1e3,
-                                              "kernel_ms": busy, "kernels": top})
+                                              "kernel_ms": busy, "kernels": top, "charged_ms": charged})
         while engine.has_unfinished_requests():
             engine.step()
         for prompts, length in ((1, 128), (8, 128), (8, 512)):  # eager too: the graphs' gain
@@ -292,6 +300,19 @@ def _host_gap(engine, batch: int, steps: int, wall: float) -> None:
     log(f"[profile graphs] batch {batch}: replay alone {replay * 1e3:.2f} ms; step(finished_only) "
         f"async {' / '.join(f'{t * 1e3:.2f}' for t in took[True])} ms, "
         f"sync {' / '.join(f'{t * 1e3:.2f}' for t in took[False])} ms; step() {wall * 1e3:.2f} ms")
+
+
+def _timeline(prof, steps: int, path: Path) -> dict:
+    """The steps' wall time split over the main chain's kernels and gaps (scripts/timeline.py);
+    the chrome trace stays in ``path`` for a closer look."""
+    import timeline
+
+    prof.export_chrome_trace(str(path))
+    intervals = timeline.kernels_from_trace(json.loads(path.read_text()))
+    for line in timeline.table(intervals, steps):
+        log("  " + line)
+    span, charged = timeline.exposed(intervals)
+    return {"span_ms": span / steps / 1e3, **{k: v / steps / 1e3 for k, v in charged.items()}}
 
 
 def _kernel_table(prof, steps: int) -> tuple[float, dict]:
@@ -416,7 +437,7 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        profile(results, args.profile, args.profile_adapters)
+        profile(results, args.profile, args.out, args.profile_adapters)
         (args.out / "gpu_profile.json").write_text(json.dumps(results, indent=2))
         return
     batches = [int(b) for b in args.batches.split(",")]
