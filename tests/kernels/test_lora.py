@@ -1,7 +1,8 @@
 """Multi-LoRA shrink/expand references and the per-step metadata (CPU, float64).
 
 Oracle: ``lora_apply_ref``, a per-token loop that never looks at the grouping metadata. Adapter rows
-and columns past each slot's real rank are poisoned with NaN: an op that reads them fails."""
+and columns past each slot's real rank are poisoned (``poison_past_rank``): an op that reads them
+fails."""
 
 import pytest
 import torch
@@ -12,9 +13,21 @@ from inlaid.kernels.lora import (LoraBatchMeta, lora_apply_ref, lora_backend, lo
 RANKS = (1, 8, 16, 64)
 
 
+def poison_past_rank(a_or_b: torch.Tensor, rank: int, dim: int) -> None:
+    """Poison one slot's A rows (dim 0 of [R, in]) or B columns (dim 1 of [out, R]) past ``rank``.
+    B's columns up to the rank's multiple of 8 get a large finite value: the Triton epilogues may
+    read them (16-byte loads, ``inlaid.kernels.triton.rank_mask``) as long as they add nothing,
+    times the shrink's zeros; NaN past that, and past the rank in A, which nothing may read."""
+    past = a_or_b.narrow(dim, rank, a_or_b.shape[dim] - rank)
+    past.fill_(float("nan"))
+    if dim == 1:
+        r8 = min(-(-rank // 8) * 8, a_or_b.shape[1])
+        a_or_b[:, rank:r8] = 1e3
+
+
 def make_adapters(num_loras, in_features, widths, max_rank=64, dtype=torch.float64, device="cpu",
                   seed=0):
-    """Per-slice A [L, R, in] and B [L, out_s, R], ranks drawn from RANKS, NaN past each rank."""
+    """Per-slice A [L, R, in] and B [L, out_s, R], ranks drawn from RANKS, poisoned past each rank."""
     gen = torch.Generator().manual_seed(seed)
     ranks = torch.tensor([RANKS[i % len(RANKS)] for i in torch.randperm(num_loras, generator=gen)],
                          dtype=torch.int32)
@@ -25,8 +38,8 @@ def make_adapters(num_loras, in_features, widths, max_rank=64, dtype=torch.float
         a = torch.randn(num_loras, max_rank, in_features, generator=gen) / in_features ** 0.5
         b = torch.randn(num_loras, width, max_rank, generator=gen) / 4
         for slot, r in enumerate(ranks.tolist()):
-            a[slot, r:] = float("nan")
-            b[slot, :, r:] = float("nan")
+            poison_past_rank(a[slot], r, 0)
+            poison_past_rank(b[slot], r, 1)
         lora_a.append(a.to(device, dtype))
         lora_b.append(b.to(device, dtype))
     return lora_a, lora_b, ranks.to(device), scalings.to(device)

@@ -3,8 +3,9 @@
 Bounds: shrink ||buf - ref|| / ||ref|| < 1e-3 (fp16/bf16 inputs are exact in the fp32-accumulating
 dot); shrink + expand, on the added part, ||(y - y0) - delta_ref|| / ||delta_ref|| < 1e-2 (tf32 dot on
 the fp32 buf, then one rounding to fp16/bf16). The oracle runs on the same rounded inputs upcast to
-float64. Adapter entries past each slot's rank are NaN, so a kernel that reads them fails; rows of
-tokens without an adapter (and y columns outside the slices) must stay bit-identical."""
+float64. Adapter entries past each slot's rank are poisoned (test_lora.poison_past_rank), so a kernel
+that reads them, or adds them, fails; rows of tokens without an adapter (and y columns outside the
+slices) must stay bit-identical."""
 
 import importlib.util
 

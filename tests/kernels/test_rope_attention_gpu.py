@@ -23,6 +23,8 @@ import torch
 from inlaid.engine.attention import build_batch, paged_attention, write_kv
 from inlaid.engine.model import apply_rope
 
+from .test_lora import poison_past_rank
+
 # TRITON_INTERPRET=1 runs the kernels in Triton's CPU interpreter instead (slow; for development)
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 pytestmark = [pytest.mark.gpu,
@@ -57,9 +59,9 @@ def _case(heads, kv_heads, dim, block, dtype, lens, seed, rank=None, num_loras=3
         ranks = torch.tensor([rank, max(1, rank // 2), rank][:num_loras], dtype=torch.int32)
         lora_b = [torch.randn(num_loras, n * dim, rank, generator=gen).mul(0.1).to(dtype)
                   for n in (heads, kv_heads, kv_heads)]
-        for i, r in enumerate(ranks.tolist()):  # columns past a slot's rank are never read: poison them
+        for i, r in enumerate(ranks.tolist()):  # columns past a slot's rank add nothing: poison them
             for b in lora_b:
-                b[i, :, r:] = float("nan")
+                poison_past_rank(b[i], r, 1)
         buf = torch.randn(3, batch, rank, generator=gen)
         slot_of_token = torch.randint(0, num_loras + 1, (batch,), generator=gen).to(torch.int32)  # L: none
         c["lora"] = (buf, lora_b, slot_of_token, ranks)
@@ -127,7 +129,7 @@ def _torch(c, heads, kv_heads, dim, block, scale, window):
 @pytest.mark.parametrize("window", [None, 24])
 @pytest.mark.parametrize("splits", [1, 2, 8])
 @pytest.mark.parametrize("dtype,rank", [(torch.float16, None), (torch.float16, 16), (torch.bfloat16, 8),
-                                        (torch.float32, 16)])
+                                        (torch.float32, 16), (torch.float16, 12)])
 def test_fused_matches_separate_and_torch(heads, kv_heads, dim, block, window, splits, dtype, rank):
     from inlaid.kernels.triton.rope_attention import rope_decode_attention
 

@@ -20,6 +20,7 @@ import triton.language as tl
 from inlaid.kernels import pdl
 from inlaid.kernels.lora import MAX_SLICES, LoraBatchMeta, check_step, default_offsets
 from inlaid.kernels.triton.pdl import start as pdl_start
+from inlaid.kernels.triton.rank_mask import rank_mask
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def _lora_expand_kernel(
     stride_bl0, stride_bl1, stride_bl2,  # slot stride of each slice's B
     num_n_tiles,
     stride_ss, stride_sm, stride_sk, stride_bn, stride_bk, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAX_R: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     pid = tl.program_id(0)
@@ -79,8 +80,8 @@ def _lora_expand_kernel(
         mask_k = offs_k < rank  # columns past the real rank are never read
         st = tl.load(s_rows + offs_k[None, :] * stride_sk, mask=mask_m[:, None] & mask_k[None, :],
                      other=0.0)
-        bt = tl.load(b_cols + offs_k[:, None] * stride_bk, mask=mask_k[:, None] & mask_n[None, :],
-                     other=0.0)
+        bt = tl.load(b_cols + offs_k[:, None] * stride_bk,
+                     mask=rank_mask(offs_k, rank, MAX_R)[:, None] & mask_n[None, :], other=0.0)
         acc += tl.dot(st, bt.to(tl.float32))
 
     tl.store(y, (old.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
@@ -150,6 +151,6 @@ def lora_expand_triton(buf: torch.Tensor, lora_b: Sequence[torch.Tensor], meta: 
         num_n_tiles,
         buf.stride(0), buf.stride(1), buf.stride(2), b[0].stride(1), b[0].stride(2),
         y.stride(0), y.stride(1),
-        BLOCK_M=meta.block_m, **cfg, **pdl.triton_args(y.device),
+        BLOCK_M=meta.block_m, MAX_R=max_rank, **cfg, **pdl.triton_args(y.device),
     )
     return y

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from inlaid.kernels import pdl
 from inlaid.kernels.triton.pdl import start as pdl_start
+from inlaid.kernels.triton.rank_mask import rank_mask
 from inlaid.kernels.triton.scratch import persistent
 
 
@@ -86,7 +87,7 @@ def add_rms_norm_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 def _add_rms_norm_lora_kernel(h_ptr, d_ptr, hout_ptr, w_ptr, out_ptr, buf_ptr, b_ptr, slot_ptr, ranks_ptr,
                               count_ptr, n_cols, num_loras, eps, stride_h, stride_d, stride_ho, stride_o,
                               stride_bt, stride_bl, stride_bn, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
-                              ROW: tl.constexpr, PDL: tl.constexpr):
+                              MAX_R: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -96,7 +97,7 @@ def _add_rms_norm_lora_kernel(h_ptr, d_ptr, hout_ptr, w_ptr, out_ptr, buf_ptr, b
     mask_r = offs_r < rank
     hb = tl.load(buf_ptr + row * stride_bt + offs_r, mask=mask_r, other=0.0)
     b = tl.load(b_ptr + slot * stride_bl + offs[:, None] * stride_bn + offs_r[None, :],
-                mask=mask[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                mask=mask[:, None] & rank_mask(offs_r, rank, MAX_R)[None, :], other=0.0).to(tl.float32)
     dtype = hout_ptr.dtype.element_ty
     # the projection's output rounds once, base + update (as lora_expand leaves it), then the
     # residual add rounds (as h + delta does)
@@ -152,7 +153,7 @@ def add_rms_norm_lora_triton(h: torch.Tensor, delta: torch.Tensor, weight: torch
             persistent("norm_rows", h.device, tokens, torch.int32), hidden, num_loras, eps, h.stride(0),
             delta.stride(0), new_h.stride(0), out.stride(0), buf.stride(1), lora_b.stride(0),
             lora_b.stride(1),
-            BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(max_rank)), ROW=row,
+            BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(max_rank)), MAX_R=max_rank, ROW=row,
             num_warps=4 if row <= 4096 else 8, **pdl.triton_args(h.device))
     return out, new_h
 
@@ -258,7 +259,8 @@ def _adapter_of(slot_ptr, ranks_ptr, t, num_loras):
 
 
 @triton.jit
-def _lora_head(buf_ptr, b_ptr, col0, rank, stride_bn, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+def _lora_head(buf_ptr, b_ptr, col0, rank, stride_bn, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+               MAX_R: tl.constexpr):
     """One token's LoRA update of one head, columns [col0, col0 + 2 HALF): its shrink row (fp32,
     at ``buf_ptr``) times its slot's B rows (at ``b_ptr``, ``stride_bn`` apart), as two fp32
     halves. Rank 0 (no adapter) masks every load: zeros, no bytes."""
@@ -267,8 +269,9 @@ def _lora_head(buf_ptr, b_ptr, col0, rank, stride_bn, HALF: tl.constexpr, BLOCK_
     mask_r = offs_r < rank
     h = tl.load(buf_ptr + offs_r, mask=mask_r, other=0.0)
     rows = b_ptr + (col0 + offs)[:, None] * stride_bn + offs_r[None, :]
-    b1 = tl.load(rows, mask=mask_r[None, :], other=0.0).to(tl.float32)
-    b2 = tl.load(rows + HALF * stride_bn, mask=mask_r[None, :], other=0.0).to(tl.float32)
+    cols = rank_mask(offs_r, rank, MAX_R)[None, :]
+    b1 = tl.load(rows, mask=cols, other=0.0).to(tl.float32)
+    b2 = tl.load(rows + HALF * stride_bn, mask=cols, other=0.0).to(tl.float32)
     return tl.sum(b1 * h[None, :], axis=1), tl.sum(b2 * h[None, :], axis=1)
 
 
@@ -288,7 +291,7 @@ def _rope_kv_lora_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, 
                          bq_ptr, bk_ptr, bv_ptr, lora_slot_ptr, ranks_ptr, heads, num_loras,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
                          stride_cs, stride_ch, stride_bs, stride_bt, stride_bql, stride_bkl, stride_bn,
-                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                         HALF: tl.constexpr, BLOCK_R: tl.constexpr, MAX_R: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     t = tl.program_id(0)
     unit = tl.program_id(1)  # a query head, or (from ``heads`` on) a KV head's K and V rows
@@ -299,7 +302,7 @@ def _rope_kv_lora_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, 
     dtype = q_ptr.dtype.element_ty
     if unit < heads:
         d1, d2 = _lora_head(row, bq_ptr + lora_slot * stride_bql, unit * 2 * HALF, rank, stride_bn,
-                            HALF, BLOCK_R)
+                            HALF, BLOCK_R, MAX_R)
         ptr = q_ptr + t * stride_qt + unit * stride_qh
         x1, x2 = _plus_lora(ptr, d1, d2, HALF)
         lo, hi = _rope_halves(x1, x2, c1, c2, s1, s2)
@@ -310,13 +313,13 @@ def _rope_kv_lora_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, 
         col0 = kvh * 2 * HALF
         dst = tl.load(slot_ptr + t).to(tl.int64) * stride_cs + kvh * stride_ch + offs
         d1, d2 = _lora_head(row + stride_bs, bk_ptr + lora_slot * stride_bkl, col0, rank, stride_bn,
-                            HALF, BLOCK_R)
+                            HALF, BLOCK_R, MAX_R)
         x1, x2 = _plus_lora(k_ptr + t * stride_kt + kvh * stride_kh, d1, d2, HALF)
         lo, hi = _rope_halves(x1, x2, c1, c2, s1, s2)
         tl.store(kc_ptr + dst, lo.to(dtype))
         tl.store(kc_ptr + dst + HALF, hi.to(dtype))
         d1, d2 = _lora_head(row + 2 * stride_bs, bv_ptr + lora_slot * stride_bkl, col0, rank,
-                            stride_bn, HALF, BLOCK_R)
+                            stride_bn, HALF, BLOCK_R, MAX_R)
         x1, x2 = _plus_lora(v_ptr + t * stride_vt + kvh * stride_vh, d1, d2, HALF)
         tl.store(vc_ptr + dst, x1.to(dtype))
         tl.store(vc_ptr + dst + HALF, x2.to(dtype))
@@ -364,7 +367,8 @@ def rope_write_kv_lora_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             k_cache.stride(0), k_cache.stride(1), buf.stride(0), buf.stride(1), lora_b[0].stride(0),
             lora_b[1].stride(0), max_rank, HALF=dim // 2,
-            BLOCK_R=max(16, triton.next_power_of_2(max_rank)), num_warps=2, **pdl.triton_args(q.device))
+            BLOCK_R=max(16, triton.next_power_of_2(max_rank)), MAX_R=max_rank, num_warps=2,
+            **pdl.triton_args(q.device))
     return q
 
 
@@ -412,7 +416,7 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _silu_mul_lora_kernel(x_ptr, out_ptr, buf_ptr, bg_ptr, bu_ptr, slot_ptr, ranks_ptr, n_cols,
                           num_loras, stride_x, stride_o, stride_bs, stride_bt, stride_bl, stride_bn,
-                          BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, MAX_R: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     row = tl.program_id(0)
     gate, up, offs, mask = _gate_up(x_ptr, row, stride_x, n_cols, BLOCK)
@@ -422,7 +426,7 @@ def _silu_mul_lora_kernel(x_ptr, out_ptr, buf_ptr, bg_ptr, bu_ptr, slot_ptr, ran
     h_gate = tl.load(buf_ptr + row * stride_bt + offs_r, mask=mask_r, other=0.0)
     h_up = tl.load(buf_ptr + stride_bs + row * stride_bt + offs_r, mask=mask_r, other=0.0)
     b_off = slot * stride_bl + offs[:, None] * stride_bn + offs_r[None, :]
-    b_mask = mask[:, None] & mask_r[None, :]
+    b_mask = mask[:, None] & rank_mask(offs_r, rank, MAX_R)[None, :]
     b_gate = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
     b_up = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
     # the projection's output rounds to the activation dtype once, base + update (as lora_expand
@@ -461,5 +465,5 @@ def silu_mul_lora_triton(gate_up: torch.Tensor, buf: torch.Tensor, lora_b: list[
             gate_up, out, buf, lora_b[0], lora_b[1], slot_of_token, ranks, inter, num_loras,
             gate_up.stride(0), out.stride(0), buf.stride(0), buf.stride(1), lora_b[0].stride(0),
             lora_b[0].stride(1), BLOCK=block, BLOCK_R=max(16, triton.next_power_of_2(max_rank)),
-            num_warps=4, **pdl.triton_args(gate_up.device))
+            MAX_R=max_rank, num_warps=4, **pdl.triton_args(gate_up.device))
     return out

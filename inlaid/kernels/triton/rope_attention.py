@@ -33,12 +33,12 @@ from inlaid.kernels.triton.pdl import start as pdl_start
 
 @triton.jit
 def _head_halves(x_ptr, buf_row, b_ptr, col0, rank, stride_bn, c1, c2, s1, s2, LORA: tl.constexpr,
-                 ROTATE: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+                 ROTATE: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr, MAX_R: tl.constexpr):
     """One head of the new token, as the separate kernels leave it: the projection's row at
     ``x_ptr`` plus its LoRA update rounded to the activation dtype (LORA), rotated (ROTATE), and
     rounded again: two halves in the activation dtype."""
     if LORA:
-        d1, d2 = _lora_head(buf_row, b_ptr, col0, rank, stride_bn, HALF, BLOCK_R)
+        d1, d2 = _lora_head(buf_row, b_ptr, col0, rank, stride_bn, HALF, BLOCK_R, MAX_R)
         x1, x2 = _plus_lora(x_ptr, d1, d2, HALF)
     else:
         offs = tl.arange(0, HALF)
@@ -65,7 +65,7 @@ def _rope_decode_mma_kernel(
     stride_bs, stride_bt, stride_bql, stride_bkl, stride_bn,
     GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
-    LORA: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+    LORA: tl.constexpr, BLOCK_R: tl.constexpr, MAX_R: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     b = tl.program_id(0)
@@ -88,7 +88,7 @@ def _rope_decode_mma_kernel(
     for g in tl.static_range(GROUPS):
         head = kvh * GROUPS + g
         lo, hi = _head_halves(x + head * HEAD_DIM, row, bq_ptr + lora_slot * stride_bql, head * HEAD_DIM, rank,
-                              stride_bn, c1, c2, s1, s2, LORA, True, HALF, BLOCK_R)
+                              stride_bn, c1, c2, s1, s2, LORA, True, HALF, BLOCK_R, MAX_R)
         q_row = tl.reshape(tl.permute(tl.join(lo, hi), (1, 0)), (HEAD_DIM,))  # [lo, hi]
         q = tl.where(offs_h[:, None] == g, q_row[None, :], q)
 
@@ -104,11 +104,11 @@ def _rope_decode_mma_kernel(
         col0 = kvh * HEAD_DIM
         k_row = x + (kv_heads * GROUPS + kvh) * HEAD_DIM
         k1, k2 = _head_halves(k_row, row + stride_bs, bk_ptr + lora_slot * stride_bkl, col0, rank, stride_bn,
-                              c1, c2, s1, s2, LORA, True, HALF, BLOCK_R)
+                              c1, c2, s1, s2, LORA, True, HALF, BLOCK_R, MAX_R)
         tl.store(k_ptr + dst, k1)
         tl.store(k_ptr + dst + HALF, k2)
         v1, v2 = _head_halves(k_row + kv_heads * HEAD_DIM, row + 2 * stride_bs, bv_ptr + lora_slot * stride_bkl,
-                              col0, rank, stride_bn, c1, c2, s1, s2, LORA, False, HALF, BLOCK_R)
+                              col0, rank, stride_bn, c1, c2, s1, s2, LORA, False, HALF, BLOCK_R, MAX_R)
         tl.store(v_ptr + dst, v1)
         tl.store(v_ptr + dst + HALF, v2)
     # the walk below reads the new token's K/V back from the cache: the barrier orders every
@@ -150,13 +150,14 @@ def rope_decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: tor
         check_rope_lora(q, k, buf, lora_b, slot_of_token, ranks)
         lora_args = (buf, *lora_b, slot_of_token, ranks, lora_b[0].shape[0])
         lora_strides = (buf.stride(0), buf.stride(1), lora_b[0].stride(0), lora_b[1].stride(0), lora_b[0].stride(1))
-        block_r = max(16, triton.next_power_of_2(lora_b[0].shape[2]))
+        max_r = lora_b[0].shape[2]
+        block_r = max(16, triton.next_power_of_2(max_r))
     else:  # placeholders: LORA=False compiles every use away
-        lora_args, lora_strides, block_r = (qkv,) * 6 + (0,), (0,) * 5, 16
+        lora_args, lora_strides, block_r, max_r = (qkv,) * 6 + (0,), (0,) * 5, 16, 16
     if tokens:
         _rope_decode_mma_kernel[grid](
             qkv, cos, sin, k_cache, v_cache, slot_mapping, out, block_tables, context_lens, *buffers, *lora_args,
             scale, sliding_window or 0, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
             out.stride(0), out.stride(1), block_tables.stride(0), *lora_strides,
-            LORA=lora is not None, BLOCK_R=block_r, num_warps=num_warps, num_stages=num_stages, **kwargs)
+            LORA=lora is not None, BLOCK_R=block_r, MAX_R=max_r, num_warps=num_warps, num_stages=num_stages, **kwargs)
     return out
