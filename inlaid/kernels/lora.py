@@ -5,8 +5,10 @@ q/k/v: 3 of unequal widths under GQA; gate/up: 2). Per slice s:
 
 - ``lora_a[s]``: [max_loras, max_rank, in_features], fp16/bf16
 - ``lora_b[s]``: [max_loras, out_s, max_rank], same dtype
-- ``ranks``: int32 [max_loras], real rank per slot (rows/columns at or past it are never read, so
-  time scales with real ranks); ``scalings``: float32 [max_loras].
+- ``ranks``: int32 [max_loras], real rank per slot (A rows at or past it are never read, nor B
+  columns past its multiple of 8, so time scales with real ranks; B columns between the rank and
+  that multiple must be finite: they meet zeros, ``inlaid.kernels.triton.rank_mask``);
+  ``scalings``: float32 [max_loras].
 
 Per step, ``token_slot`` int32 [T] names each token's slot (−1: no adapter). :class:`LoraBatchMeta`
 groups tokens by slot into preallocated buffers: on the host from a list (``prepare_host``, what the

@@ -77,7 +77,7 @@ def _lora_expand_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, rank, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < rank  # columns past the real rank are never read
+        mask_k = offs_k < rank  # the shrink's entries past the real rank are never read (zeros)
         st = tl.load(s_rows + offs_k[None, :] * stride_sk, mask=mask_m[:, None] & mask_k[None, :],
                      other=0.0)
         bt = tl.load(b_cols + offs_k[:, None] * stride_bk,
