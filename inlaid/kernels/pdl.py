@@ -16,7 +16,10 @@ The contract every kernel launched with PDL keeps (the Triton kernels through
   on the stream is complete too, so stream order holds for all the kernel does after the wait. The
   only reads allowed before it are of tensors nothing writes during a forward pass: the CUDA GEMM
   loads its first weight tiles there (weights change only between steps, in ``swap_layer``, which
-  a torch kernel - launched without PDL, so fully ordered - always separates from the GEMM);
+  a torch kernel - launched without PDL, so fully ordered - always separates from the GEMM), and
+  the SiLU and add + norm LoRA epilogues their token's adapter slot, rank and B rows (the step's
+  token -> slot map and the slots are copied in before the forward pass, so those copies complete
+  before its first kernel starts, and every later kernel starts after that one);
 - it lets its own dependents launch (``griddepcontrol.launch_dependents``): the CUDA GEMM right
   after its wait, the Triton kernels before it, as their first instruction. Either way the next
   kernel gets SMs as this grid's blocks retire and waits for it in turn. The earlier trigger changes

@@ -28,6 +28,8 @@ import triton.language as tl
 
 from inlaid.kernels import pdl
 from inlaid.kernels.triton.pdl import start as pdl_start
+from inlaid.kernels.triton.pdl import trigger as pdl_trigger
+from inlaid.kernels.triton.pdl import wait as pdl_wait
 from inlaid.kernels.triton.rank_mask import rank_mask
 from inlaid.kernels.triton.scratch import persistent
 
@@ -88,16 +90,18 @@ def _add_rms_norm_lora_kernel(h_ptr, d_ptr, hout_ptr, w_ptr, out_ptr, buf_ptr, b
                               count_ptr, n_cols, num_loras, eps, stride_h, stride_d, stride_ho, stride_o,
                               stride_bt, stride_bl, stride_bn, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
                               MAX_R: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
+    pdl_trigger(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
+    # before the wait (see _silu_mul_lora_kernel): the token's adapter and its B rows
     slot, rank = _adapter_of(slot_ptr, ranks_ptr, row, num_loras)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
-    hb = tl.load(buf_ptr + row * stride_bt + offs_r, mask=mask_r, other=0.0)
     b = tl.load(b_ptr + slot * stride_bl + offs[:, None] * stride_bn + offs_r[None, :],
                 mask=mask[:, None] & rank_mask(offs_r, rank, MAX_R)[None, :], other=0.0).to(tl.float32)
+    pdl_wait(PDL)
+    hb = tl.load(buf_ptr + row * stride_bt + offs_r, mask=mask_r, other=0.0)
     dtype = hout_ptr.dtype.element_ty
     # the projection's output rounds once, base + update (as lora_expand leaves it), then the
     # residual add rounds (as h + delta does)
@@ -417,18 +421,25 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 def _silu_mul_lora_kernel(x_ptr, out_ptr, buf_ptr, bg_ptr, bu_ptr, slot_ptr, ranks_ptr, n_cols,
                           num_loras, stride_x, stride_o, stride_bs, stride_bt, stride_bl, stride_bn,
                           BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, MAX_R: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
+    pdl_trigger(PDL)
     row = tl.program_id(0)
-    gate, up, offs, mask = _gate_up(x_ptr, row, stride_x, n_cols, BLOCK)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    # Before the wait, what no kernel of the forward pass writes (inlaid.kernels.pdl): the token's
+    # adapter slot and rank (step inputs) and its B rows, so the slot -> rank -> B chain of loads
+    # runs while the GEMM ahead does. On an H100, side by side: matched step 4.76-4.77 -> 4.67 ms
+    # (docs/results/serving.md). With 2-byte B loads (before rank_mask) the same move was 5% slower.
     slot, rank = _adapter_of(slot_ptr, ranks_ptr, row, num_loras)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
-    h_gate = tl.load(buf_ptr + row * stride_bt + offs_r, mask=mask_r, other=0.0)
-    h_up = tl.load(buf_ptr + stride_bs + row * stride_bt + offs_r, mask=mask_r, other=0.0)
     b_off = slot * stride_bl + offs[:, None] * stride_bn + offs_r[None, :]
     b_mask = mask[:, None] & rank_mask(offs_r, rank, MAX_R)[None, :]
     b_gate = tl.load(bg_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
     b_up = tl.load(bu_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
+    pdl_wait(PDL)
+    gate, up, _, _ = _gate_up(x_ptr, row, stride_x, n_cols, BLOCK)
+    h_gate = tl.load(buf_ptr + row * stride_bt + offs_r, mask=mask_r, other=0.0)
+    h_up = tl.load(buf_ptr + stride_bs + row * stride_bt + offs_r, mask=mask_r, other=0.0)
     # the projection's output rounds to the activation dtype once, base + update (as lora_expand
     # leaves it), then the epilogue above
     dtype = out_ptr.dtype.element_ty

@@ -24,3 +24,19 @@ def start(PDL: tl.constexpr):
     if PDL:
         _launch_dependents()
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def trigger(PDL: tl.constexpr):
+    """``start``'s first half, for a kernel that reads something before its wait: the first
+    statement, then those reads (only of what no kernel of the forward pass writes:
+    ``inlaid.kernels.pdl``), then :func:`wait`."""
+    if PDL:
+        _launch_dependents()
+
+
+@triton.jit
+def wait(PDL: tl.constexpr):
+    """``start``'s second half: wait for the grids ahead."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
