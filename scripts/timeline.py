@@ -35,7 +35,10 @@ def kernels_from_trace(trace: dict) -> list[Interval]:
     return out
 
 
-SIDE = ("FillFunctor", "_lora_shrink_kernel")  # the engine's LoRA shrink branch (inlaid.kernels.qlinear)
+# The engine's LoRA shrink branch (inlaid.kernels.qlinear): the shrink and the fill that zeroes its
+# output. The pattern takes every torch fill; in a decode step the shrinks' are the only ones (4 a
+# layer in the profile), elsewhere check the trace before reading a fill's charge.
+SIDE = ("FillFunctor", "_lora_shrink_kernel")
 
 
 def exposed(intervals: Iterable[Interval], side: Sequence[str] = SIDE) -> tuple[float, dict[str, float]]:
@@ -48,9 +51,14 @@ def exposed(intervals: Iterable[Interval], side: Sequence[str] = SIDE) -> tuple[
         raise ValueError("no main-chain kernel intervals")
     ours.sort(key=lambda iv: (iv[2], iv[1]))
     theirs.sort(key=lambda iv: iv[2])
+    # the earliest start among the kernels from i on (in order of end): a stretch is a gap only
+    # up to there, since a kernel ending later may have started before the one at i
+    starts = [iv[1] for iv in ours]
+    for i in range(len(starts) - 2, -1, -1):
+        starts[i] = min(starts[i], starts[i + 1])
     charged: dict[str, float] = defaultdict(float)
-    first = frontier = min(iv[1] for iv in ours)
-    for name, start, end in ours:
+    first = frontier = starts[0]
+    for (name, _, end), start in zip(ours, starts):
         if start > frontier:
             waited = [iv[0] for iv in theirs if frontier < iv[2] <= start]
             charged["gap: " + (waited[-1] if waited else "idle")] += start - frontier

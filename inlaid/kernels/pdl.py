@@ -19,7 +19,9 @@ The contract every kernel launched with PDL keeps (the Triton kernels through
   a torch kernel - launched without PDL, so fully ordered - always separates from the GEMM), and
   the SiLU and add + norm LoRA epilogues their token's adapter slot, rank and B rows (the step's
   token -> slot map and the slots are copied in before the forward pass, so those copies complete
-  before its first kernel starts, and every later kernel starts after that one);
+  before its first kernel starts, and every later kernel starts after that one; the adapter
+  manager's prefetch copies on its own stream only ever fill slots no token of a step in flight
+  uses, which the reads after the wait relied on already);
 - it lets its own dependents launch (``griddepcontrol.launch_dependents``): the CUDA GEMM right
   after its wait, the Triton kernels before it, as their first instruction. Either way the next
   kernel gets SMs as this grid's blocks retire and waits for it in turn. The earlier trigger changes
@@ -61,6 +63,7 @@ def enabled(device: torch.device) -> bool:
 
 
 def triton_args(device: torch.device) -> dict:
-    """Launch arguments of a Triton kernel that calls ``inlaid.kernels.triton.pdl.start(PDL)``:
-    its ``PDL`` constexpr, and Triton's ``launch_pdl`` option when it is on."""
+    """Launch arguments of a Triton kernel that calls ``inlaid.kernels.triton.pdl.start(PDL)`` (or
+    its two halves, ``trigger`` and ``wait``): its ``PDL`` constexpr, and Triton's ``launch_pdl``
+    option when it is on."""
     return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}

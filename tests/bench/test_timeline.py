@@ -30,6 +30,14 @@ def test_charges_add_up_to_the_span_and_follow_the_main_chain():
     assert sum(charged.values()) == pytest.approx(span)
 
 
+def test_no_gap_while_a_later_ending_kernel_runs():
+    # b starts after the norm ends, but the GEMM (ending last) started before: no idle stretch
+    intervals = [("norm", 0.0, 10.0), ("gemm", 8.0, 40.0), ("b", 20.0, 25.0)]
+    span, charged = timeline.exposed(intervals)
+    assert span == 40.0
+    assert charged == {"norm": 10.0, "b": 15.0, "gemm": 15.0}
+
+
 def test_reads_kernels_from_a_chrome_trace():
     trace = {"traceEvents": [
         {"ph": "X", "cat": "kernel", "name": "a", "ts": 5, "dur": 10, "tid": "stream 7"},
@@ -41,6 +49,7 @@ def test_reads_kernels_from_a_chrome_trace():
     assert sorted(intervals) == [("Memcpy HtoD", 0.0, 2.0), ("a", 5.0, 15.0), ("b", 6.0, 7.0)]
     lines = timeline.table(intervals, steps=1)
     assert "0.015 ms/step" in lines[0]
-    # by end: the copy 0 -> 2, idle 2 -> 6, b 6 -> 7, a (started at 5, under the idle stretch) 7 -> 15
+    # by end: the copy 0 -> 2, idle 2 -> 5 (a starts at 5: no gap after that), b 5 -> 7, a 7 -> 15
     assert any("53.3%" in line and line.endswith("  a") for line in lines[1:])
-    assert any("26.7%" in line and line.endswith("gap: idle") for line in lines[1:])
+    assert any("20.0%" in line and line.endswith("gap: idle") for line in lines[1:])
+    assert any("13.3%" in line and line.endswith("  b") for line in lines[1:])

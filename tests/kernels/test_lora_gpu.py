@@ -207,7 +207,7 @@ def test_silu_mul_with_the_expand_fused_matches_the_oracle(dtype, pattern, num_t
     """The decode path of gate/up: silu(gate) * up with the LoRA update expanded inside the kernel,
     against the float64 oracle's gate/up (base + update) through silu-and-mul in float64; bound
     rel < 1e-2 on the adapter rows (the update dominates them: y is small). Rows without an adapter
-    are bit-identical to the plain kernel's, and NaN past the ranks is never read."""
+    are bit-identical to the plain kernel's, and the poison past the ranks adds nothing."""
     from inlaid.kernels.triton.norm_rope import silu_mul_lora_triton, silu_mul_triton
 
     inter, num_loras = 1000, 8  # not a multiple of the 128-column block
@@ -233,7 +233,7 @@ def test_rope_with_the_expand_fused_matches_the_oracle(dtype, pattern, num_token
     """The decode path of q/k/v: RoPE and the KV-cache write with the LoRA update expanded inside
     the kernel, against the float64 oracle's q/k/v (base + update) rotated in float64; bound rel <
     1e-2 on the adapter rows. Rows without an adapter are bit-identical to the plain kernel's, NaN
-    past the ranks is never read, and cache slots outside the step stay untouched (NaN)."""
+    past the ranks adds nothing, and cache slots outside the step stay untouched (NaN)."""
     from inlaid.engine.model import apply_rope
     from inlaid.kernels.triton.norm_rope import rope_write_kv_lora_triton, rope_write_kv_triton
 
@@ -282,7 +282,7 @@ def test_add_norm_with_the_expand_fused_matches_the_oracle(dtype, pattern, num_t
     expanded inside the kernel, against the float64 oracle (h + base + update, and that normalised,
     in float64); bound rel < 1e-2 on the adapter rows (h and y are small next to the update). Rows
     without an adapter: the new residual stream is bit-identical to the plain kernel's and the
-    normalised row agrees with it to 2 ulps. NaN past the ranks is never read, ``delta`` is left as
+    normalised row agrees with it to 2 ulps. The poison past the ranks adds nothing, ``delta`` is left as
     it was, and a second launch (the arrival counters reset themselves) gives the same result."""
     from inlaid.kernels.triton.norm_rope import add_rms_norm_lora_triton, add_rms_norm_triton
 

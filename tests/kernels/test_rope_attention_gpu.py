@@ -64,8 +64,21 @@ def _case(heads, kv_heads, dim, block, dtype, lens, seed, rank=None, num_loras=3
                 poison_past_rank(b[i], r, 1)
         buf = torch.randn(3, batch, rank, generator=gen)
         slot_of_token = torch.randint(0, num_loras + 1, (batch,), generator=gen).to(torch.int32)  # L: none
+        slot_of_token[0] = num_loras - 1  # the last slot, whose last B row ends each tensor
         c["lora"] = (buf, lora_b, slot_of_token, ranks)
-    return {k: _to(v) for k, v in c.items()}
+    c = {k: _to(v) for k, v in c.items()}
+    if rank is not None:  # NaN right after each B: a read past a row of B's own width fails
+        buf, lora_b, slot_of_token, ranks = c["lora"]
+        c["lora"] = (buf, [_nan_tail(b) for b in lora_b], slot_of_token, ranks)
+    return c
+
+
+def _nan_tail(t):
+    """``t`` copied into the front of a buffer whose 16 elements after it are NaN."""
+    flat = torch.full((t.numel() + 16,), float("nan"), dtype=t.dtype, device=t.device)
+    out = flat[:t.numel()].view(t.shape)
+    out.copy_(t)
+    return out
 
 
 def _to(v):
