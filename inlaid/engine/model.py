@@ -393,8 +393,9 @@ class CausalLM(nn.Module):
 
     def _rope_table(self, length: int) -> torch.Tensor | None:
         """cos and sin of every position below ``length``, [length, 2, head_dim], from transformers'
-        own call: a step then gathers its rows in one kernel instead of running that call's ~5-9
-        (on the GPU each a dependent launch at the head of every decode step). Each row depends on
+        own call: a step then gathers its rows in one kernel instead of running that call's chain of
+        small ones (cast, position x frequency product, cat, cos, sin, scaling, casts: on the GPU
+        each a dependent launch at the head of every decode step). Each row depends on
         its position alone (one fp32 product per frequency, then cos/sin), so the rows equal what the
         call gives for any batch of positions. Not for dynamic or longrope scaling, whose
         frequencies follow the batch's longest position: those keep the call."""
