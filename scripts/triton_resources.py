@@ -56,8 +56,8 @@ def main() -> None:
         consts = dict(GROUPS=1, BLOCK_SIZE=16, TILE=tile, HEAD_DIM=128, HAS_WINDOW=False, BLOCK_H=16, IEEE=False,
                       SPLITS=1, PDL=True)
         kernels = [("paged mma", paged_attention._paged_decode_mma_kernel, consts),
-                   ("rope mma", rope_attention._rope_decode_mma_kernel, dict(consts, LORA=False, BLOCK_R=16)),
-                   ("rope mma + LoRA", rope_attention._rope_decode_mma_kernel, dict(consts, LORA=True, BLOCK_R=16))]
+                   ("rope mma", rope_attention._rope_decode_mma_kernel, dict(consts, LORA=False, BLOCK_R=16, MAX_R=16)),
+                   ("rope mma + LoRA", rope_attention._rope_decode_mma_kernel, dict(consts, LORA=True, BLOCK_R=16, MAX_R=16))]
         for label, fn, constexprs in kernels:
             signature = {n: "constexpr" if n in constexprs else
                          POINTER_TYPES.get(n, "*fp16" if n.endswith("_ptr") else "i32") for n in fn.arg_names}

@@ -1,5 +1,6 @@
 """How many programs the paged decode attention kernel (``inlaid.kernels.triton.paged_attention``,
-mma variant) gives each (sequence, KV head): Triton-free, so CPU tests can check it.
+mma variant) gives each (sequence, KV head), and the launch each program gets: Triton-free, so CPU
+tests can check the rules.
 
 One program per pair walks the whole context. At batch 1 of Llama-2-7B that is 32 programs on 132
 SMs: a long context leaves most of the GPU idle. Splitting each context over several programs
@@ -33,3 +34,30 @@ def decode_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int, t
     while splits < MAX_SPLITS and batch * kv_heads * splits < SPLIT_TARGET and 2 * splits <= tiles:
         splits *= 2
     return splits
+
+
+# The mma kernels' launch: (loop tile, pipeline stages, register cap; 0 = none), 4 warps either way.
+DEFAULT_LAUNCH = (64, 3, 0)
+COMPACT_LAUNCH = (32, 2, 64)
+# Programs an SM holds at the default launch: with Llama-2-7B's heads (head_dim 128) the kernels
+# take 106-124 registers a thread, so registers allow 4 (scripts/triton_resources.py, compiled for
+# sm_90); the compact launch takes 64 registers without spilling and ~21 KB of shared memory: 8.
+DEFAULT_RESIDENT = 4
+
+
+def decode_launch(programs: int, sms: int | None) -> tuple[int, int, int]:
+    """(tile, stages, register cap) of an mma decode kernel's grid of ``programs`` (sequences x KV
+    heads x splits, the splits taken at the default tile) on a GPU of ``sms`` SMs (None: not a
+    GPU, the default launch).
+
+    A grid wider than the SMs hold at the default launch runs in two waves, each as long as a
+    whole program (a short context is mostly the program's fixed latency: q, the LoRA update, the
+    cache write, the first tiles), so there the compact launch, which holds twice the programs,
+    runs it in one. On an H100 (docs/results/gpu_ab_attention_launch_*.log), batch 32 of
+    Llama-2-7B (1,024 programs; 528 fit at the default launch) took 4.87-4.91 ms a decode step
+    instead of 5.01-5.02 and the step over 8 adapters 4.45-4.49 instead of 4.65; at batch 8 (256
+    programs, one wave either way) the compact launch was slower, 3.12-3.20 ms against 2.96, and
+    at batch 1 2.77-2.82 against 2.72-2.73: its 32-token tiles make twice the loop steps."""
+    if sms is not None and programs > DEFAULT_RESIDENT * sms:
+        return COMPACT_LAUNCH
+    return DEFAULT_LAUNCH

@@ -17,11 +17,12 @@ The contract every kernel launched with PDL keeps (the Triton kernels through
   only reads allowed before it are of tensors nothing writes during a forward pass: the CUDA GEMM
   loads its first weight tiles there (weights change only between steps, in ``swap_layer``, which
   a torch kernel - launched without PDL, so fully ordered - always separates from the GEMM), and
-  the SiLU and add + norm LoRA epilogues their token's adapter slot, rank and B rows (the step's
-  token -> slot map and the slots are copied in before the forward pass, so those copies complete
-  before its first kernel starts, and every later kernel starts after that one; the adapter
-  manager's prefetch copies on its own stream only ever fill slots no token of a step in flight
-  uses, which the reads after the wait relied on already);
+  the SiLU and add + norm LoRA epilogues their token's adapter slot, rank and B rows, the fused
+  RoPE + decode attention its sequence's context length and adapter slot and rank (the step's
+  token -> slot map, the slots and the decode lengths are copied in or computed before the forward
+  pass, so they are complete before its first kernel starts, and every later kernel starts after
+  that one; the adapter manager's prefetch copies on its own stream only ever fill slots no token
+  of a step in flight uses, which the reads after the wait relied on already);
 - it lets its own dependents launch (``griddepcontrol.launch_dependents``): the CUDA GEMM right
   after its wait, the Triton kernels before it, as their first instruction. Either way the next
   kernel gets SMs as this grid's blocks retire and waits for it in turn. The earlier trigger changes

@@ -21,3 +21,16 @@ def test_no_more_splits_than_tiles_of_the_longest_context():
     assert decode_splits(1, 8, 8, 16, 64) == 2  # 128 tokens: two tiles
     assert decode_splits(1, 8, 12, 16, 64) == 2  # 192 tokens: three tiles, splits stay a power of 2
     assert decode_splits(1, 8, 0, 16, 64) == 1
+
+
+def test_launch_is_compact_only_past_one_wave_of_the_default():
+    from inlaid.kernels.decode_splits import COMPACT_LAUNCH, DEFAULT_LAUNCH, DEFAULT_RESIDENT, decode_launch
+
+    sms = 132  # an H100: 528 programs at the default launch
+    assert decode_launch(32 * 32, sms) == COMPACT_LAUNCH  # batch 32 of Llama-2-7B: two waves otherwise
+    assert decode_launch(DEFAULT_RESIDENT * sms + 1, sms) == COMPACT_LAUNCH
+    assert decode_launch(DEFAULT_RESIDENT * sms, sms) == DEFAULT_LAUNCH  # one wave already
+    assert decode_launch(8 * 32, sms) == DEFAULT_LAUNCH
+    assert decode_launch(10 ** 6, None) == DEFAULT_LAUNCH  # not a GPU (the interpreter)
+    tile, stages, maxnreg = COMPACT_LAUNCH
+    assert tile & (tile - 1) == 0 and tile >= 16 and stages >= 1 and maxnreg > 0

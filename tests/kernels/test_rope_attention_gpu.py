@@ -144,10 +144,31 @@ def _torch(c, heads, kv_heads, dim, block, scale, window):
 @pytest.mark.parametrize("dtype,rank", [(torch.float16, None), (torch.float16, 16), (torch.bfloat16, 8),
                                         (torch.float32, 16), (torch.float16, 12)])
 def test_fused_matches_separate_and_torch(heads, kv_heads, dim, block, window, splits, dtype, rank):
-    from inlaid.kernels.triton.rope_attention import rope_decode_attention
-
     if DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter gets bf16 dots wrong (the unfused mma kernel too)")
+    _check_fused(heads, kv_heads, dim, block, window, splits, dtype, rank)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,block", [(32, 32, 128, 16), (8, 2, 64, 16)])
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("dtype,rank", [(torch.float16, 16), (torch.float16, None), (torch.float32, 12)])
+def test_compact_launch_matches_separate_and_torch(monkeypatch, heads, kv_heads, dim, block, window, splits,
+                                                   dtype, rank):
+    """The launch that wide grids get (decode_launch: 32-token tiles, 2 stages, registers capped at
+    64), forced for these small grids: the same bounds."""
+    from inlaid.kernels import decode_splits
+    from inlaid.kernels.triton import paged_attention
+
+    monkeypatch.setattr(decode_splits, "DEFAULT_RESIDENT", -1)  # every grid "past one wave"
+    monkeypatch.setattr(paged_attention, "_sms", lambda device: 132)  # the interpreter too
+    assert decode_splits.decode_launch(1, 132) == decode_splits.COMPACT_LAUNCH
+    _check_fused(heads, kv_heads, dim, block, window, splits, dtype, rank)
+
+
+def _check_fused(heads, kv_heads, dim, block, window, splits, dtype, rank):
+    from inlaid.kernels.triton.rope_attention import rope_decode_attention
+
     lens = [1, 7, block, block + 1, 200, 63, 0]  # the last row is graph padding: context 0
     c = _case(heads, kv_heads, dim, block, dtype, lens, seed=heads + dim + splits + (rank or 0), rank=rank)
     scale = dim ** -0.5

@@ -29,12 +29,14 @@ zeros.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from inlaid.kernels import pdl
-from inlaid.kernels.decode_splits import decode_splits
+from inlaid.kernels.decode_splits import DEFAULT_LAUNCH, decode_launch, decode_splits
 from inlaid.kernels.triton.pdl import start as pdl_start
 from inlaid.kernels.triton.scratch import persistent
 
@@ -242,21 +244,37 @@ def check_shapes(heads: int, kv_heads: int, dim: int, block_size: int, tile: int
                          f"and heads {heads} a multiple of kv_heads {kv_heads}")
 
 
-def mma_launch(batch: int, heads: int, kv_heads: int, dim: int, block_size: int, max_blocks: int, tile: int,
-               splits: int | None, sliding_window: int | None, out: torch.Tensor) -> tuple[tuple, tuple, dict]:
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def mma_launch(batch: int, heads: int, kv_heads: int, dim: int, block_size: int, max_blocks: int,
+               tile: int | None, splits: int | None, sliding_window: int | None, out: torch.Tensor,
+               num_stages: int | None = None) -> tuple[tuple, tuple, dict]:
     """What a launch of an mma decode kernel needs besides its tensors: its grid, its split buffers
     (the partial results and the arrival counts; with one split, which never touches them, ``out``) and
-    its compile-time constants as keyword arguments. ``splits`` None picks them from the shapes
-    (:func:`decode_splits`)."""
-    tile = max(16, block_size, tile)
+    its compile-time constants and launch options as keyword arguments. ``splits`` None picks them
+    from the shapes (:func:`decode_splits`); ``tile`` and ``num_stages`` None pick the launch
+    (:func:`decode_launch`: the default one, or a compact one where the grid would not fit the
+    GPU in one wave); a given ``tile`` gets ``num_stages`` (default 3) and no register cap."""
+    default_tile, default_stages, _ = DEFAULT_LAUNCH
     if splits is None:
-        splits = decode_splits(batch, kv_heads, max_blocks, block_size, tile)
+        splits = decode_splits(batch, kv_heads, max_blocks, block_size, max(16, block_size, tile or default_tile))
     if splits < 1 or splits & (splits - 1):
         raise ValueError(f"splits must be a power of 2; got {splits}")
+    maxnreg = 0
+    if tile is None and num_stages is None:
+        tile, num_stages, maxnreg = decode_launch(batch * kv_heads * splits, _sms(out.device))
+    tile = max(16, block_size, tile or default_tile)
     kwargs = dict(GROUPS=heads // kv_heads, BLOCK_SIZE=block_size, TILE=tile, HEAD_DIM=dim,
                   HAS_WINDOW=sliding_window is not None,
                   BLOCK_H=max(16, triton.next_power_of_2(heads // kv_heads)), IEEE=out.dtype == torch.float32,
-                  SPLITS=splits, **pdl.triton_args(out.device))
+                  SPLITS=splits, num_stages=num_stages or default_stages, **pdl.triton_args(out.device))
+    if maxnreg:
+        kwargs["maxnreg"] = maxnreg
     buffers = (out, out)
     if splits > 1:
         buffers = (persistent("decode_attention_parts", out.device, batch * heads * splits * (dim + 4),
@@ -268,17 +286,18 @@ def mma_launch(batch: int, heads: int, kv_heads: int, dim: int, block_size: int,
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
                            scale: float, sliding_window: int | None = None,
-                           out: torch.Tensor | None = None, tile: int = 64,
-                           num_warps: int = 4, variant: str = "mma", num_stages: int = 3,
+                           out: torch.Tensor | None = None, tile: int | None = None,
+                           num_warps: int = 4, variant: str = "mma", num_stages: int | None = None,
                            splits: int | None = None) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D]. ``block_tables`` int32 [B, max_blocks], ``context_lens`` int32 [B];
     ``tile``: tokens per loop step (a power of 2; at least one block); ``num_warps`` per program;
     ``variant`` "fma" (one program per query head) or "mma" (one per KV head, tensor cores);
     ``splits`` (mma only, a power of 2): programs per (sequence, KV head), each over a share of the
-    context; None picks them from the shapes (:func:`decode_splits`)."""
+    context; None picks them from the shapes (:func:`decode_splits`); ``tile`` and ``num_stages``
+    None (mma) pick the launch from the grid (:func:`mma_launch`)."""
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
-    check_shapes(heads, kv_heads, dim, block_size, tile)
+    check_shapes(heads, kv_heads, dim, block_size, tile or DEFAULT_LAUNCH[0])
     if k_cache.stride(2) != 1 or q.stride(2) != 1:
         raise ValueError("q and the caches must be contiguous in head_dim")
     if variant not in ("fma", "mma"):
@@ -291,12 +310,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                out.stride(0), out.stride(1), block_tables.stride(0))
     if variant == "mma":
         grid, buffers, kwargs = mma_launch(batch, heads, kv_heads, dim, block_size, block_tables.shape[1], tile,
-                                           splits, sliding_window, out)
-        _paged_decode_mma_kernel[grid](*args, *buffers, *scalars, num_warps=num_warps, num_stages=num_stages,
-                                       **kwargs)
+                                           splits, sliding_window, out, num_stages)
+        _paged_decode_mma_kernel[grid](*args, *buffers, *scalars, num_warps=num_warps, **kwargs)
     else:
         _paged_decode_kernel[(batch, heads)](
-            *args, *scalars, GROUPS=heads // kv_heads, BLOCK_SIZE=block_size, TILE=max(block_size, tile),
+            *args, *scalars, GROUPS=heads // kv_heads, BLOCK_SIZE=block_size,
+            TILE=max(block_size, tile or DEFAULT_LAUNCH[0]),
             HEAD_DIM=dim, HAS_WINDOW=sliding_window is not None, num_warps=num_warps,
             **pdl.triton_args(q.device))
     return out

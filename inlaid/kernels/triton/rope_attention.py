@@ -25,10 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+from inlaid.kernels.decode_splits import DEFAULT_LAUNCH
 from inlaid.kernels.triton.norm_rope import (_adapter_of, _check_rope, _cos_sin, _lora_head, _plus_lora,
                                              _rope_halves, check_rope_lora)
 from inlaid.kernels.triton.paged_attention import _finish_mma, _split_range, _walk_mma, check_shapes, mma_launch
-from inlaid.kernels.triton.pdl import start as pdl_start
+from inlaid.kernels.triton.pdl import trigger as pdl_trigger
+from inlaid.kernels.triton.pdl import wait as pdl_wait
 
 
 @triton.jit
@@ -67,18 +69,23 @@ def _rope_decode_mma_kernel(
     HAS_WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
     LORA: tl.constexpr, BLOCK_R: tl.constexpr, MAX_R: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_start(PDL)
+    pdl_trigger(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     kv_heads = tl.num_programs(1)
     HALF: tl.constexpr = HEAD_DIM // 2
+    # Before the wait, step inputs no kernel of the forward pass writes (inlaid.kernels.pdl): the
+    # context length and the token's adapter slot and rank, whose dependent loads then run under
+    # the q/k/v GEMM ahead; after the wait the B rows, the shrink row and the projection's row all
+    # load at once.
     length = tl.load(lens_ptr + b)
-    c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, b, stride_c, HALF)
     if LORA:
         lora_slot, rank = _adapter_of(lora_slot_ptr, ranks_ptr, b, num_loras)
     else:
         lora_slot, rank = 0, 0
+    pdl_wait(PDL)
+    c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, b, stride_c, HALF)
     row = buf_ptr + b * stride_bt
     x = qkv_ptr + b * stride_t
 
@@ -125,17 +132,18 @@ def rope_decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: tor
                           block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, scale: float,
                           sliding_window: int | None = None,
                           lora: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None,
-                          out: torch.Tensor | None = None, tile: int = 64, num_warps: int = 4,
-                          num_stages: int = 3, splits: int | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, tile: int | None = None, num_warps: int = 4,
+                          num_stages: int | None = None, splits: int | None = None) -> torch.Tensor:
     """Attention of one new token per sequence, from the fused q/k/v output ``qkv`` [B, (heads +
     2 kv_heads) D]: the same as ``norm_rope.rope_write_kv_triton`` (with ``lora``:
     ``rope_write_kv_lora_triton``, ``lora`` = (buf, lora_b, slot_of_token, ranks) as it takes
     them) on qkv's q/k/v views followed by ``paged_attention.paged_decode_attention`` (the mma
     variant), in one launch. Returns [B, heads, D]; k/v get written into the caches at
-    ``slot_mapping``; ``qkv`` is not modified."""
+    ``slot_mapping``; ``qkv`` is not modified. ``tile``, ``num_stages`` and ``splits`` None pick
+    the launch from the shapes, as paged_decode_attention does."""
     tokens, width = qkv.shape
     dim = width // (heads + 2 * kv_heads)
-    check_shapes(heads, kv_heads, dim, block_size, tile)
+    check_shapes(heads, kv_heads, dim, block_size, tile or DEFAULT_LAUNCH[0])
     if qkv.stride(1) != 1 or width != (heads + 2 * kv_heads) * dim:
         raise ValueError(f"qkv [T, (heads + 2 kv_heads) D] with contiguous rows expected, got {tuple(qkv.shape)}")
     q, k, v = (t.reshape(tokens, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], 1))
@@ -144,7 +152,7 @@ def rope_decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: tor
         raise ValueError("one block table and one context length per decode token expected")
     out = q.new_empty(q.shape) if out is None else out
     grid, buffers, kwargs = mma_launch(tokens, heads, kv_heads, dim, block_size, block_tables.shape[1], tile,
-                                       splits, sliding_window, out)
+                                       splits, sliding_window, out, num_stages)
     if lora is not None:
         buf, lora_b, slot_of_token, ranks = lora
         check_rope_lora(q, k, buf, lora_b, slot_of_token, ranks)
@@ -159,5 +167,5 @@ def rope_decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: tor
             qkv, cos, sin, k_cache, v_cache, slot_mapping, out, block_tables, context_lens, *buffers, *lora_args,
             scale, sliding_window or 0, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
             out.stride(0), out.stride(1), block_tables.stride(0), *lora_strides,
-            LORA=lora is not None, BLOCK_R=block_r, MAX_R=max_r, num_warps=num_warps, num_stages=num_stages, **kwargs)
+            LORA=lora is not None, BLOCK_R=block_r, MAX_R=max_r, num_warps=num_warps, **kwargs)
     return out
