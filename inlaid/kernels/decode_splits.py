@@ -57,7 +57,10 @@ def decode_launch(programs: int, sms: int | None) -> tuple[int, int, int]:
     Llama-2-7B (1,024 programs; 528 fit at the default launch) took 4.87-4.91 ms a decode step
     instead of 5.01-5.02 and the step over 8 adapters 4.45-4.49 instead of 4.65; at batch 8 (256
     programs, one wave either way) the compact launch was slower, 3.12-3.20 ms against 2.96, and
-    at batch 1 2.77-2.82 against 2.72-2.73: its 32-token tiles make twice the loop steps."""
+    at batch 1 2.77-2.82 against 2.72-2.73: its 32-token tiles make twice the loop steps. With
+    this rule against the default launch everywhere: batch 64 (two waves even compact) 10.19-10.22
+    ms against 10.33-10.39, batch 128 a tie (16.42-16.52 against 16.47-16.49), batch 16 (512
+    programs: the default launch) a tie."""
     if sms is not None and programs > DEFAULT_RESIDENT * sms:
         return COMPACT_LAUNCH
     return DEFAULT_LAUNCH
