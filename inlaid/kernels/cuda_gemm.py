@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from inlaid.kernels import pdl
+from inlaid.kernels import dispatch, pdl
 from inlaid.kernels.quant_matmul import PreparedQuant, SplitKState
 from inlaid.quant.primitives import unpack_rows
 
@@ -213,9 +213,6 @@ def enabled() -> bool:
     return os.environ.get("INLAID_CUDA_GEMM", "1") != "0"
 
 
-_SMS: dict[int, int] = {}
-
-
 # A launch config: (nw 16-column tiles per warp, unroll super tiles per step, split K ways, kernel).
 # Kernels: REGISTERS (nw 1 or 2, unroll 2 or 4); PIPELINED, a 4-deep cp.async ring in shared memory
 # feeding mma.sync (nw 1, 2 or 4 (not above M = 32), unroll 1 or 2); WGMMA, the same ring feeding
@@ -338,9 +335,7 @@ def quant_matmul_cuda(x: torch.Tensor, p: PreparedQuant, config: Config | None =
     if x.data_ptr() % 16:  # the kernel reads x in 16-byte vectors (an offset view can be misaligned)
         x = x.clone()
     dev = x.device.index or 0
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    nw, unroll, split, kernel = config or default_config(m, n, k, _SMS[dev], has_wgmma(dev))
+    nw, unroll, split, kernel = config or default_config(m, n, k, dispatch.sm_count(dev), has_wgmma(dev))
     y = out if out is not None else torch.empty((m, n), device=x.device, dtype=torch.float16)
     if not y.is_contiguous() or y.shape != (m, n) or y.dtype != torch.float16 or y.device != x.device:
         raise ValueError(f"out must be a contiguous fp16 [{m}, {n}] tensor on {x.device}")

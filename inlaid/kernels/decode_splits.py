@@ -41,7 +41,8 @@ DEFAULT_LAUNCH = (64, 3, 0)
 COMPACT_LAUNCH = (32, 2, 64)
 # Programs an SM holds at the default launch: with Llama-2-7B's heads (head_dim 128) the kernels
 # take 106-124 registers a thread, so registers allow 4 (scripts/triton_resources.py, compiled for
-# sm_90); the compact launch takes 64 registers without spilling and ~21 KB of shared memory: 8.
+# sm_90); the compact launch fits 64 registers (no spill with LoRA, 8 bytes of stack without) and
+# ~21 KB of shared memory: 8.
 DEFAULT_RESIDENT = 4
 
 

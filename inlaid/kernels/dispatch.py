@@ -86,6 +86,12 @@ def has_module(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """SMs of CUDA device ``index``: the launch rules (GEMM splits, attention waves) ask per call."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
 def _log_once(op: str, backend: str, reason: str) -> None:
     log.info("%s: using the %s backend (%s)", op, backend, reason)
 

@@ -29,13 +29,11 @@ zeros.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from inlaid.kernels import pdl
+from inlaid.kernels import dispatch, pdl
 from inlaid.kernels.decode_splits import DEFAULT_LAUNCH, decode_launch, decode_splits
 from inlaid.kernels.triton.pdl import start as pdl_start
 from inlaid.kernels.triton.scratch import persistent
@@ -244,11 +242,8 @@ def check_shapes(heads: int, kv_heads: int, dim: int, block_size: int, tile: int
                          f"and heads {heads} a multiple of kv_heads {kv_heads}")
 
 
-@functools.lru_cache(maxsize=None)
 def _sms(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return dispatch.sm_count(device.index or 0) if device.type == "cuda" else None
 
 
 def mma_launch(batch: int, heads: int, kv_heads: int, dim: int, block_size: int, max_blocks: int,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from inlaid.kernels import dispatch
 from inlaid.kernels.quant_matmul import PreparedQuant, split_k_state
 
 
@@ -200,7 +201,6 @@ def _config(m: int, n: int, k: int, sms: int) -> dict:
 # Kernel variants a config switches on (docs/results/kernels.md measures each): SWAP_AB computes
 # y^T = W x^T, MAGIC dequantizes fp16 without int-to-float conversions.
 _VARIANT = dict(SWAP_AB=0, MAGIC=0)
-_SMS: dict[int, int] = {}
 
 
 def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None = None,
@@ -215,10 +215,8 @@ def quant_matmul_triton(x: torch.Tensor, p: PreparedQuant, config: dict | None =
         raise ValueError("qweight and g_idx must be int32")
     m, k = x.shape
     n = p.out_features
-    dev = x.device.index or 0
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    cfg = {**_VARIANT, **(config if config is not None else _config(m, n, k, _SMS[dev]))}
+    sms = dispatch.sm_count(x.device.index or 0)
+    cfg = {**_VARIANT, **(config if config is not None else _config(m, n, k, sms))}
     if x.dtype != torch.float16:
         cfg["MAGIC"] = 0  # the 1024.0 mantissa trick is fp16's; bf16 converts
     group_size = p.group_size
